@@ -1,0 +1,101 @@
+"""Render the dataset card (README.md with Hub YAML metadata) from the template in data_cards/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from bsafe_data.recipe import Recipe
+
+CARD_DIRS = (Path(__file__).parent / "data_cards", Path(__file__).parent.parent / "data_cards")
+
+
+def _template_dir() -> Path:
+    for folder in CARD_DIRS:
+        if (folder / "dataset_card.md.j2").is_file():
+            return folder
+    raise FileNotFoundError("data_cards/dataset_card.md.j2 is missing from the installation")
+
+
+def size_category(rows: int) -> str:
+    """The Hub's size_categories bucket for a row count."""
+    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if rows < bound:
+            return label
+    return "1M<n<10M"
+
+
+def card_metadata(recipe: Recipe, files: dict[str, dict[str, list[str]]], total_rows: int) -> dict[str, Any]:
+    """The YAML header: license, tags, task categories, configs with data_files globs."""
+    configs = []
+    for name, splits in files.items():
+        if not splits:
+            continue
+        folder = "data" if name == "default" else name
+        entry: dict[str, Any] = {
+            "config_name": name,
+            "data_files": [{"split": s, "path": f"{folder}/{s}-*.parquet"} for s in splits],
+        }
+        if name == "default":
+            entry["default"] = True
+        configs.append(entry)
+    meta: dict[str, Any] = {
+        "license": recipe.output.license,
+        "language": ["en"],
+        "pretty_name": recipe.output.pretty_name or recipe.name,
+        "task_categories": ["text-generation"],
+        "size_categories": [size_category(total_rows)],
+        "tags": ["safety", "synthetic", "backtracking", "alignment", "red-teaming", "bsafe-data"],
+        "configs": configs,
+    }
+    if recipe.publish.gated != "none":
+        meta["extra_gated_prompt"] = recipe.publish.extra_gated_prompt or (
+            "This dataset contains harmful text for safety research. Agree to use it only for that."
+        )
+        if recipe.publish.extra_gated_fields:
+            meta["extra_gated_fields"] = dict(recipe.publish.extra_gated_fields)
+    return meta
+
+
+def render_card(
+    recipe: Recipe,
+    manifest: dict[str, Any],
+    files: dict[str, dict[str, list[str]]],
+    examples: list[dict[str, Any]],
+    plots: list[str],
+    stats: Any,
+) -> str:
+    """The README.md text of the dataset folder."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_template_dir())),
+        autoescape=False,  # Markdown; untrusted text is escaped explicitly with |e
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    funnel = manifest["funnel"]
+    meta = card_metadata(recipe, files, funnel["kept"] + funnel["rejected"])
+    tokens = manifest["control_tokens"]
+    categories = list(recipe.sampling.categories)
+    x_atoms = [t for t in tokens if not any(c in t for c in categories)] or tokens
+    cat_atoms = [t for t in tokens if t not in x_atoms] or tokens
+    kept = max(1, funnel["kept"])
+    return env.get_template("dataset_card.md.j2").render(
+        yaml_header=yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
+        pretty_name=meta["pretty_name"],
+        description=recipe.description or "A backtracking safety dataset built with bsafe-data.",
+        recipe=recipe,
+        manifest=manifest,
+        funnel=funnel,
+        counts=manifest["counts"],
+        categories=sorted(stats.categories.items(), key=lambda kv: -kv[1]),
+        clean_pct=100.0 * funnel["kept_by_kind"].get("clean", 0) / kept,
+        control_example=recipe.control.format.format(category="c", x="X"),
+        category_atom_example=cat_atoms[0] if cat_atoms else "",
+        first_x_atom=x_atoms[0] if x_atoms else "",
+        last_x_atom=x_atoms[-1] if x_atoms else "",
+        examples=examples,
+        plots=plots,
+    )

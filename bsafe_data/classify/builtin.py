@@ -1,0 +1,52 @@
+"""The embedded offline classifier: a trained profanity/offence model plus personal-data regexes.
+
+Independent of the builtin generator's bank: ``alt-profanity-check`` is a linear SVM trained on
+public offensive-language data (it ships its model in the wheel), and the regexes detect the shapes
+of personal data (emails, phone numbers, SSNs, card numbers), not bank strings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from bsafe_data.classify.base import Score
+
+_PII_PATTERNS: dict[str, re.Pattern[str]] = {
+    "pii:email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
+    "pii:phone": re.compile(r"(?<!\d)(?:\+?1[ .-]?)?\(?\d{3}\)?[ .-]\d{3}[ .-]\d{4}(?!\d)"),
+    "pii:ssn": re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)"),
+    "pii:card": re.compile(r"(?<!\d)(?:\d{4}[ -]){3}\d{4}(?!\d)"),
+}
+
+
+def pii_categories(text: str) -> list[str]:
+    """The personal-data kinds found in ``text``."""
+    return [name for name, pattern in _PII_PATTERNS.items() if pattern.search(text)]
+
+
+class BuiltinClassifier:
+    """Offence probability from alt-profanity-check; personal data found counts as unsafe (1.0)."""
+
+    def __init__(self, name: str = "builtin", threshold: float = 0.5):
+        self.name = name
+        self.threshold = threshold
+
+    def score_batch(self, texts: Sequence[str]) -> list[Score]:
+        """Score every text; empty texts are safe with score 0."""
+        from profanity_check import predict_prob
+
+        texts = list(texts)
+        probs = predict_prob(texts) if texts else []
+        out = []
+        for text, prob in zip(texts, probs):
+            if not text.strip():
+                out.append(Score(self.name, "safe", 0.0))
+                continue
+            cats = pii_categories(text)
+            score = max(float(prob), 1.0 if cats else 0.0)
+            if prob >= self.threshold:
+                cats = ["offensive", *cats]
+            label = "unsafe" if score >= self.threshold else "safe"
+            out.append(Score(self.name, label, round(score, 6), tuple(cats)))
+        return out

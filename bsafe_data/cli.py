@@ -1,0 +1,212 @@
+"""The ``bsafe-data`` command line: parses arguments and prints; the library does the work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from bsafe_data.recipe import Recipe, RecipeError, load_recipe, recipe_json_schema
+from bsafe_data.rows import row_json_schema
+
+app = typer.Typer(
+    help="Build, verify and publish backtracking safety training data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field: a.b=value (value parsed as YAML). Repeatable."),
+]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+
+SEGMENT_STYLES = {
+    "prefix": "default",
+    "steering": "bold yellow",
+    "violation": "bold white on red",
+    "control": "bold black on cyan",
+    "continuation": "green",
+}
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(Text(message, style="red"))
+    return typer.Exit(code)
+
+
+def _load(recipe_path: Path, overrides: list[str] | None) -> Recipe:
+    try:
+        return load_recipe(recipe_path, overrides or [])
+    except RecipeError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
+    """Check a recipe; list every problem with its field path and YAML line (exit 2 if any)."""
+    loaded = _load(recipe, set_)
+    out.print(f"[green]ok[/green] {recipe}: recipe {loaded.name!r} {loaded.version} (sha256 {loaded.sha256()[:12]})")
+
+
+@app.command()
+def schema(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the schema files.")] = Path("schemas"),
+    check: Annotated[bool, typer.Option(help="Exit 1 if the files on disk are stale.")] = False,
+) -> None:
+    """Write schemas/recipe.schema.json and schemas/row.schema.json from the models."""
+    wanted = {
+        "recipe.schema.json": json.dumps(recipe_json_schema(), indent=2) + "\n",
+        "row.schema.json": json.dumps(row_json_schema(), indent=2) + "\n",
+    }
+    stale = [n for n, t in wanted.items() if not (out_dir / n).exists() or (out_dir / n).read_text() != t]
+    if check:
+        if stale:
+            raise _fail(f"stale schema files: {', '.join(stale)} (run `bsafe-data schema`)", 1)
+        out.print("schemas are up to date")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in wanted.items():
+        (out_dir / name).write_text(text)
+        out.print(f"wrote {out_dir / name}")
+
+
+@app.command()
+def build(
+    recipe: RecipeArg,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: recipe output.dir).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N source rows.", min=1)] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Replace the recipe's sources with one corpus (path or HF dataset id).")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="LLM response cache folder.")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Build a dataset folder from a recipe (resumes a killed run from its finished chunks)."""
+    from bsafe_data.pipeline import BuildError
+    from bsafe_data.pipeline import build as run_build
+    from bsafe_data.sources import SourceError, spec_from_cli
+
+    loaded = _load(recipe, set_)
+    if source:
+        try:
+            loaded.sources = [spec_from_cli(source)]
+        except SourceError as exc:
+            raise _fail(str(exc)) from None
+    target = out_dir or Path(loaded.output.dir.format(name=loaded.name))
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} rows/s · kept {task.fields[kept]} · rejected {task.fields[rejected]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("building", total=limit, rate="-", kept=0, rejected=0)
+
+        def on_progress(info: dict) -> None:
+            elapsed = progress.tasks[task].elapsed or 1e-9
+            progress.update(
+                task,
+                completed=info["source_rows"],
+                rate=f"{info['source_rows'] / elapsed:,.0f}",
+                kept=info["kept"],
+                rejected=info["rejected"],
+            )
+
+        try:
+            result = run_build(loaded, target, limit=limit, cache_dir=cache_dir, progress=on_progress)
+        except BuildError as exc:
+            raise _fail(f"build failed: {exc}", 1) from None
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:  # noqa: ANN001 - BuildResult, imported lazily
+    funnel = result.funnel
+    table = Table(title=f"built {result.out_dir}", show_header=True)
+    table.add_column("stage")
+    table.add_column("rows", justify="right")
+    table.add_row("source rows", str(funnel["source_rows"]))
+    table.add_row("rows considered", str(funnel["rows"]))
+    table.add_row("[green]kept[/green]", str(funnel["kept"]))
+    for kind, n in funnel["kept_by_kind"].items():
+        table.add_row(f"  kept {kind}", str(n))
+    table.add_row("[red]rejected[/red]", str(funnel["rejected"]))
+    for reason, n in funnel["rejected_by_reason"].items():
+        table.add_row(f"  {reason}", str(n))
+    out.print(table)
+    total = result.timings.get("total", 0) or 1e-9
+    resumed = f", {result.resumed_chunks} chunk(s) resumed" if result.resumed_chunks else ""
+    out.print(f"{funnel['source_rows'] / total:,.0f} source rows/s over {total:.1f} s{resumed}")
+
+
+@app.command()
+def show(
+    folder: Annotated[Path, typer.Argument(help="A built dataset folder.")],
+    n: Annotated[int, typer.Option("--n", help="How many rows.", min=1)] = 3,
+    config: Annotated[str, typer.Option(help="default or rejected.")] = "default",
+    split: Annotated[str, typer.Option(help="train or test.")] = "train",
+    kind: Annotated[str | None, typer.Option(help="Only rows of this kind (injected/clean).")] = None,
+) -> None:
+    """Print rows with the segments coloured (violation, control and continuation distinct)."""
+    import pyarrow.parquet as pq
+
+    sub = "data" if config == "default" else config
+    files = sorted((folder / sub).glob(f"{split}-*.parquet"))
+    if not files:
+        raise _fail(f"no {config}/{split} parquet files under {folder}")
+    shown = 0
+    for path in files:
+        for row in pq.read_table(path).to_pylist():
+            if kind and row["kind"] != kind:
+                continue
+            _print_row(row)
+            shown += 1
+            if shown >= n:
+                return
+
+
+def _print_row(row: dict) -> None:
+    header = Text(f"── {row['id']} · {row['kind']}", style="bold")
+    if row.get("injection"):
+        inj = row["injection"]
+        x = ", ".join(f"{b['tokenizer']}={b['tokens']}" for b in row["backtrack"])
+        header.append(f" · {inj['category']} · pos {inj['relative_position']:.2f} · X {x}")
+    if row.get("reasons"):
+        header.append(f" · reasons {', '.join(row['reasons'])}", style="red")
+    out.print(header)
+    for turn in row["context"]:
+        out.print(Text(f"{turn['role']}: ", style="dim") + Text(turn["content"]))
+    stream = Text("assistant: ", style="dim")
+    for seg in row["segments"]:
+        stream.append(seg["text"], style=SEGMENT_STYLES.get(seg["kind"], "default"))  # Text: no markup parsing
+    out.print(stream)
+    out.print()
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (publishing, cache)."""
+    try:
+        from bsafe_data.publish.cli import push_command
+    except ImportError:
+        return
+    app.command("push")(push_command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    """Entry point for ``python -m bsafe_data``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    app()

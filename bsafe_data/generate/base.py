@@ -1,0 +1,53 @@
+"""The generator interface every backend implements (builtin bank, OpenAI-compatible, local model).
+
+The pipeline hands a backend a batch of requests and gets one ``Generation`` per request back, in
+order. Backends never raise for a single bad row: they return a ``Generation`` whose ``error`` is a
+stable reason code (``generator_error``, ``generator_refused``, ``generator_unparseable``), so the
+row lands in the ``rejected`` config instead of crashing the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to write: a violation of ``category`` that continues ``part1`` coherently."""
+
+    row_id: str
+    context: tuple[tuple[str, str], ...]  # (role, content) turns before the assistant answer
+    part1: str  # the answer up to the injection point (may be empty)
+    category: str
+    seed: int  # per-row seed derived from (recipe seed, row id)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generator's answer. ``steering`` may be empty; ``error`` set means no usable violation."""
+
+    steering: str = ""
+    violation: str = ""
+    category: str = ""
+    error: str | None = None
+    detail: str = ""  # human-readable note for the rejected config (never the API key)
+    usage: dict[str, int] = field(default_factory=dict)  # input_tokens, output_tokens, requests, ...
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A backend that turns requests into generations."""
+
+    backend: str  # "builtin", "openai", "transformers"
+    model: str
+    template: str
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Return one Generation per request, in the same order."""
+        ...
+
+    def close(self) -> None:
+        """Release connections, processes and caches."""
+        ...

@@ -1,0 +1,295 @@
+"""BSAFE+: turn a chunk of conversations into injected and clean rows (kept or rejected).
+
+Pure apart from the generator call: given the recipe, the source rows and the generator's answers,
+the rows are fully determined. Per-row randomness comes from (recipe seed, source row id, variant).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsafe_data.classify.base import Classifier
+from bsafe_data.generate.base import Generation, GenerationRequest, Generator
+from bsafe_data.label import (
+    backtrack_counts,
+    chat_frame,
+    clean_segments,
+    control_text,
+    segments_for,
+)
+from bsafe_data.recipe import Recipe
+from bsafe_data.rows import empty_row
+from bsafe_data.segment import (
+    Candidate,
+    candidates,
+    draw_position,
+    pick_candidate,
+    row_seed,
+    sentence_spans,
+    weighted_choice,
+)
+from bsafe_data.sources import Conversation, SourceItem, SourceReject
+from bsafe_data.tokenization import short_name
+
+_LAST_WORD_END = re.compile(r"\S(?=\s+\S*$)")
+# Redraw a target position this many times when no candidate lies near it (short answers).
+_POSITION_DRAWS = 8
+_NEAR = 0.08
+
+
+@dataclass
+class ChunkOutput:
+    """What one chunk produced: kept rows per split, rejected rows, and counters."""
+
+    kept: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"train": [], "test": []})
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    repaired: int = 0
+
+
+@dataclass
+class _Plan:
+    conv: Conversation
+    row_id: str
+    split: str
+    seed: int
+    candidate: Candidate | None  # None = clean row
+    category: str = ""
+    relative: float = 0.0
+    generation: Generation | None = None
+    reasons: list[str] = field(default_factory=list)
+    steering: str = ""
+    violation: str = ""
+    backtrack: list[dict[str, Any]] = field(default_factory=list)
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    frames: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+class BsafePlusMethod:
+    """Everything the BSAFE+ method needs to turn source rows into dataset rows."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        nlp: Any,
+        tokenizers: dict[str, Any],
+        generator: Generator,
+        classifiers: Sequence[Classifier],
+        multi_source: bool = False,
+    ):
+        self.recipe = recipe
+        self.nlp = nlp
+        self.tokenizers = tokenizers  # ref -> tokenizer, primary first
+        self.primary = recipe.tokenizers.primary
+        self.generator = generator
+        self.classifiers = list(classifiers)
+        self.multi_source = multi_source
+
+    # -- identities -----------------------------------------------------------------------------
+
+    def _source_key(self, item: SourceItem) -> str:
+        ref = item.ref
+        return f"{ref.dataset}:{ref.id}" if self.multi_source else ref.id
+
+    def split_of(self, item: SourceItem) -> str:
+        """train/test by source row, so no answer appears in both splits."""
+        ref = item.ref
+        draw = random.Random(row_seed(self.recipe.seed, "split", ref.dataset, ref.id)).random()
+        return "test" if draw < self.recipe.split.test_fraction else "train"
+
+    # -- the chunk ------------------------------------------------------------------------------
+
+    def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
+        """Turn source items into rows; every item ends up kept or rejected."""
+        out = ChunkOutput()
+        convs: list[Conversation] = []
+        for item in items:
+            if isinstance(item, SourceReject):
+                out.rejected.append(self._source_rejected(item, [item.reason]))
+            else:
+                convs.append(item)
+        spans = sentence_spans(self.nlp, [c.response for c in convs])
+        plans: list[_Plan] = []
+        for conv, conv_spans in zip(convs, spans):
+            if len(conv_spans) < self.recipe.sampling.min_sentences:
+                out.rejected.append(self._source_rejected(conv, ["too_few_sentences"]))
+                continue
+            plans.extend(self._plan(conv, conv_spans))
+        injected = [p for p in plans if p.candidate is not None]
+        self._generate(injected)
+        self._label(plans, out)
+        self._classify(plans)
+        self._filter(plans)
+        for plan in plans:
+            row = self._row(plan)
+            if plan.reasons:
+                row["reasons"] = plan.reasons
+                out.rejected.append(row)
+            else:
+                out.kept[plan.split].append(row)
+        return out
+
+    def _plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[_Plan]:
+        sampling = self.recipe.sampling
+        options = candidates(conv.response, spans, sampling.word_boundaries, sampling.long_sentence_words)
+        length = len(conv.response)
+        split = self.split_of(conv)
+        key = self._source_key(conv)
+        plans = []
+        for variant in range(sampling.variants_per_answer):
+            seed = row_seed(self.recipe.seed, conv.ref.dataset, conv.ref.id, variant)
+            rng = random.Random(seed)
+            row_id = f"{key}/v{variant}"
+            if rng.random() < sampling.clean_fraction:
+                plans.append(_Plan(conv, row_id, split, seed, None))
+                continue
+            for _ in range(_POSITION_DRAWS):
+                target = draw_position(rng, sampling.positions)
+                choice = pick_candidate(options, length, target)
+                if abs(choice.offset / length - target) <= _NEAR:
+                    break
+            category = weighted_choice(rng, sampling.categories)
+            plans.append(_Plan(conv, row_id, split, seed, choice, category, choice.offset / length))
+        return plans
+
+    def _generate(self, plans: list[_Plan]) -> None:
+        requests = [
+            GenerationRequest(p.row_id, p.conv.context, p.conv.response[: p.candidate.offset], p.category, p.seed)
+            for p in plans
+        ]
+        for plan, generation in zip(plans, self.generator.generate_batch(requests)):
+            plan.generation = generation
+            if generation.error:
+                plan.reasons.append(generation.error)
+            elif not generation.violation.strip():
+                plan.reasons.append("empty_violation")
+            else:
+                plan.steering, plan.violation = generation.steering, generation.violation
+
+    def _label(self, plans: list[_Plan], out: ChunkOutput) -> None:
+        for plan in plans:
+            for ref, tok in self.tokenizers.items():
+                plan.frames[ref] = chat_frame(tok, plan.conv.context)
+        todo = [p for p in plans if p.candidate is not None and not p.reasons]
+        failed = self._count(todo)
+        # Repair: move the boundary back to the previous whitespace, once; else reject.
+        retry = []
+        for plan in failed:
+            part1 = plan.conv.response[: plan.candidate.offset]
+            match = None
+            for match in _LAST_WORD_END.finditer(part1):
+                pass
+            if match is None:
+                plan.reasons.append("token_boundary")
+                continue
+            offset = match.end()
+            plan.candidate = Candidate(offset, plan.candidate.sentence_index)
+            plan.relative = offset / len(plan.conv.response)
+            retry.append(plan)
+        for plan in self._count(retry):
+            plan.reasons.append("token_boundary")
+        out.repaired += len(retry) - sum(1 for p in retry if "token_boundary" in p.reasons)
+
+    def _count(self, plans: list[_Plan]) -> list[_Plan]:
+        """Fill each plan's backtrack list; return the plans where some tokenizer breaks the invariant."""
+        bad: set[int] = set()
+        for plan in plans:
+            plan.backtrack = []
+        for ref, tok in self.tokenizers.items():
+            items = [
+                (p.frames[ref][0], p.conv.response[: p.candidate.offset], p.steering + p.violation) for p in plans
+            ]
+            for i, (plan, x) in enumerate(zip(plans, backtrack_counts(tok, items))):
+                if x is None:
+                    bad.add(i)
+                else:
+                    plan.backtrack.append({"tokenizer": short_name(ref), "tokens": x})
+        return [plans[i] for i in sorted(bad)]
+
+    def _classify(self, plans: list[_Plan]) -> None:
+        if not self.recipe.filters.enabled or not self.classifiers:
+            return
+        targets: list[tuple[_Plan, str, str]] = []
+        for plan in plans:
+            if plan.reasons:
+                continue
+            if plan.candidate is None:
+                targets.append((plan, "response", plan.conv.response))
+                continue
+            offset = plan.candidate.offset
+            targets.append((plan, "violation", (plan.steering + plan.violation).strip()))
+            if offset > 0:
+                targets.append((plan, "part1", plan.conv.response[:offset]))
+            targets.append((plan, "part2", plan.conv.response[offset:]))
+        texts = [t for _, _, t in targets]
+        for classifier in self.classifiers:
+            for (plan, target, _), score in zip(targets, classifier.score_batch(texts)):
+                plan.scores.append(score.as_dict(target))
+
+    def _filter(self, plans: list[_Plan]) -> None:
+        rules = self.recipe.filters
+        if not rules.enabled or not self.classifiers:
+            return
+        for plan in plans:
+            if plan.reasons:
+                continue
+            verdicts = {(s["classifier"], s["target"]): s["label"] for s in plan.scores}
+            names = [c.name for c in self.classifiers]
+            context_targets = ["response"] if plan.candidate is None else ["part1", "part2"]
+            if plan.candidate is not None and rules.require_violation_flagged:
+                if not any(verdicts.get((n, "violation")) == "unsafe" for n in names):
+                    plan.reasons.append("violation_not_flagged")
+            if rules.require_context_safe:
+                if any(verdicts.get((n, t)) == "unsafe" for n in names for t in context_targets):
+                    plan.reasons.append("context_flagged")
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def _base(self, item: SourceItem, row_id: str) -> dict[str, Any]:
+        return empty_row(
+            id=row_id,
+            source=item.ref.as_dict(),
+            context=[{"role": r, "content": c} for r, c in item.context],
+            response=item.response,
+        )
+
+    def _source_rejected(self, item: SourceItem, reasons: list[str]) -> dict[str, Any]:
+        row = self._base(item, self._source_key(item))
+        row["reasons"] = reasons
+        return row
+
+    def _row(self, plan: _Plan) -> dict[str, Any]:
+        row = self._base(plan.conv, plan.row_id)
+        response = plan.conv.response
+        head, tail = plan.frames[self.primary]
+        gen = self.generator
+        row["scores"] = plan.scores
+        if plan.candidate is None:
+            row["segments"] = clean_segments(response)
+            row["prompt"], row["completion"] = head, response + tail
+            return row
+        row["kind"] = "injected"
+        row["generator"] = {"backend": gen.backend, "model": gen.model, "template": gen.template, "seed": plan.seed}
+        offset = plan.candidate.offset
+        part1, part2 = response[:offset], response[offset:]
+        row["injection"] = {
+            "offset": offset,
+            "relative_position": plan.relative,
+            "sentence_index": plan.candidate.sentence_index,
+            "category": plan.category,
+            "steering": plan.steering,
+            "violation": plan.violation,
+        }
+        if plan.reasons and (not plan.backtrack or "token_boundary" in plan.reasons):
+            row["segments"] = segments_for(part1, plan.steering, plan.violation, "", part2)
+            return row
+        x = plan.backtrack[0]["tokens"]
+        control = control_text(self.recipe.control.format, plan.category, x)
+        row["backtrack"] = plan.backtrack
+        row["segments"] = segments_for(part1, plan.steering, plan.violation, control, part2)
+        row["prompt"] = head + part1 + plan.steering + plan.violation
+        row["completion"] = control + part2 + tail
+        return row

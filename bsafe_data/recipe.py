@@ -1,0 +1,369 @@
+"""Recipe models: what a build does, as pydantic models loaded from YAML.
+
+The JSON Schema in ``schemas/recipe.schema.json`` is generated from these models
+(``bsafe-data schema``), never written by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: RLBF's 18 categories: the default taxonomy.
+RLBF_CATEGORIES: tuple[str, ...] = (
+    "Dangerous Content",
+    "Harassment",
+    "Hate Speech",
+    "Sexually Explicit",
+    "Under 18",
+    "Toxic",
+    "Profanity",
+    "Death Harm & Tragedy",
+    "Violent",
+    "Firearms & Weapons",
+    "Public Safety",
+    "Health",
+    "Religion & Belief",
+    "Illicit Drugs",
+    "War & Conflict",
+    "Politics",
+    "Finance",
+    "Legal",
+)
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are errors, so typos in recipes never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FieldMapping(Strict):
+    """Which source columns hold the conversation. ``None`` means auto-detect."""
+
+    messages: str | None = Field(None, description="column with a list of {role, content} messages")
+    conversations: str | None = Field(None, description="column with ShareGPT {from, value} turns")
+    prompt: str | None = Field(None, description="column with the user prompt")
+    response: str | None = Field(None, description="column with the assistant answer")
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    system: str | None = Field(None, description="optional column with a system prompt")
+    id: str | None = Field(None, description="column with a stable row id (default: row index)")
+
+
+class SourceSpec(Strict):
+    """One corpus: a local file or a Hugging Face dataset id."""
+
+    path: str | None = Field(
+        None,
+        description="local .jsonl/.json/.parquet/.csv file, or 'builtin:everyday_chat' for the bundled corpus",
+    )
+    hf: str | None = Field(None, description="Hugging Face dataset id (read through `datasets`)")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    config: str | None = Field(None, description="dataset config name (hf only)")
+    split: str = "train"
+    revision: str | None = Field(None, description="pinned revision (hf only; recorded in each row)")
+    streaming: bool = Field(True, description="stream hf datasets instead of downloading them whole")
+    mapping: FieldMapping = Field(default_factory=FieldMapping)
+    limit: int | None = Field(None, ge=1, description="read at most this many rows of this source")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceSpec:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of `path` or `hf`")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Human-readable identity recorded in ``source.dataset``."""
+        return self.hf or self.path or ""
+
+
+class SplitSpec(Strict):
+    """Train/test split by source row, so no answer appears in both splits."""
+
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class PositionSpec(Strict):
+    """Distribution of the relative injection position over the answer (0 = start, 1 = end)."""
+
+    distribution: Literal["uniform", "beta"] = "uniform"
+    a: float = Field(1.0, gt=0)
+    b: float = Field(1.0, gt=0)
+
+
+class SamplingSpec(Strict):
+    """Where, how often and what to inject."""
+
+    positions: PositionSpec = Field(default_factory=PositionSpec)
+    variants_per_answer: int = Field(1, ge=1, le=64, description="rows produced per source answer")
+    clean_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of rows left without injection")
+    min_sentences: int = Field(2, ge=1, description="answers with fewer sentences are rejected")
+    word_boundaries: bool = Field(True, description="also inject at word boundaries inside long sentences")
+    long_sentence_words: int = Field(16, ge=4, description="sentences with more words count as long")
+    categories: dict[str, float] = Field(
+        default_factory=lambda: dict.fromkeys(RLBF_CATEGORIES, 1.0),
+        description="category -> sampling weight",
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("at least one category is needed")
+        bad = [k for k, w in value.items() if w < 0]
+        if bad:
+            raise ValueError(f"negative weights for {bad}")
+        if sum(value.values()) <= 0:
+            raise ValueError("category weights sum to zero")
+        return value
+
+
+class SegmentationSpec(Strict):
+    """spaCy pipeline for sentence boundaries."""
+
+    spacy_model: str = Field("blank:en", description="'blank:LANG' (+ sentencizer) or an installed pipeline")
+
+
+class GeneratorSpec(Strict):
+    """The LLM (or the builtin offline generator) that writes violations."""
+
+    provider: Literal["builtin", "openai", "transformers"] = "builtin"
+    model: str = Field("builtin-bank-v1", description="model name sent to the endpoint")
+    template: str = Field("continue_violation", description="prompt template name (Jinja file)")
+    base_url: str | None = Field(None, description="endpoint; default $OPENAI_BASE_URL")
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the API key")
+    temperature: float = Field(0.9, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = Field(None, description="sampling seed sent to the endpoint (default: per row)")
+    max_concurrency: int = Field(64, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    refusal_retries: int = Field(2, ge=0, description="re-asks with another seed after a refusal")
+    prices: dict[str, float] | None = Field(
+        None, description="USD per 1M tokens: {'input': .., 'output': ..}"
+    )
+
+
+class ControlSpec(Strict):
+    """The control signal inserted after the violation."""
+
+    format: str = Field(
+        "[CATEGORY {category}][BACKTRACK_BY_{x}]",
+        description="Python format string with {category} and {x}",
+    )
+
+    @field_validator("format")
+    @classmethod
+    def _has_x(cls, value: str) -> str:
+        if "{x}" not in value:
+            raise ValueError("the control format must contain {x}")
+        try:
+            value.format(category="c", x=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"invalid format string: {exc}") from exc
+        return value
+
+
+class TokenizerSpec(Strict):
+    """Tokenizers that X is computed for. The primary one renders prompt/completion."""
+
+    primary: str = Field("builtin:qwen2.5", description="'builtin:NAME', a local folder or a Hub id")
+    extra: list[str] = Field(default_factory=list)
+
+    @property
+    def all(self) -> list[str]:
+        """Primary first, then extras, without duplicates."""
+        return list(dict.fromkeys([self.primary, *self.extra]))
+
+
+class ClassifierSpec(Strict):
+    """One classifier backend."""
+
+    name: str = "builtin"
+    provider: Literal["builtin"] = "builtin"
+    threshold: float = Field(0.5, ge=0, le=1, description="score at or above which text is unsafe")
+
+
+class FilterSpec(Strict):
+    """Which classifier verdicts keep a row."""
+
+    enabled: bool = True
+    classifiers: list[ClassifierSpec] = Field(default_factory=lambda: [ClassifierSpec()])
+    require_violation_flagged: bool = True
+    require_context_safe: bool = True
+
+
+class OutputSpec(Strict):
+    """Where and how the dataset folder is written."""
+
+    dir: str = Field("out/{name}", description="output folder; {name} is the recipe name")
+    chunk_rows: int = Field(2000, ge=1, description="source rows per resumable chunk")
+    license: str = "cc-by-4.0"
+    pretty_name: str | None = None
+
+
+class PublishSpec(Strict):
+    """Hub publishing defaults (used by `push` and `build --push`)."""
+
+    repo: str | None = None
+    version: str | None = None
+    private: bool = False
+    gated: Literal["none", "auto", "manual"] = "none"
+    extra_gated_prompt: str | None = None
+    extra_gated_fields: dict[str, str] = Field(default_factory=dict)
+
+
+class Recipe(Strict):
+    """A whole build: sources → injection → labels → filters → dataset folder."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
+    description: str = ""
+    method: Literal["bsafe_plus"] = "bsafe_plus"
+    seed: int = 0
+    sources: list[SourceSpec] = Field(..., min_length=1)
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
+    generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
+    control: ControlSpec = Field(default_factory=ControlSpec)
+    tokenizers: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+
+    def sha256(self) -> str:
+        """Hash of the resolved recipe (canonical JSON): identifies what was built."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML (written next to the dataset)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class RecipeError(Exception):
+    """A recipe could not be loaded; ``problems`` lists (field path, line or None, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, int | None, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"]
+        for path, line, message in problems:
+            where = f" (line {line})" if line else ""
+            lines.append(f"  {path or '<root>'}{where}: {message}")
+        super().__init__("\n".join(lines))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"--set expects a.b=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ValueError(f"--set has an empty key: {item!r}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to a recipe dict; list items by index."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = [] if nxt.isdigit() else {}
+            node = node[part]
+        last = path[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping-key path in a YAML document to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                index[(*path, key)] = key_node.start_mark.line + 1
+                walk(value_node, (*path, key))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[(*path, str(i))] = item.start_mark.line + 1
+                walk(item, (*path, str(i)))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Parse YAML text into a Recipe; every problem is reported at once as a RecipeError."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise RecipeError(source, [("", line, f"invalid YAML: {getattr(exc, 'problem', exc)}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(source, [("", 1, "a recipe must be a YAML mapping")])
+    try:
+        apply_overrides(data, overrides or [])
+    except (ValueError, IndexError, TypeError, KeyError) as exc:
+        raise RecipeError(source, [("--set", None, str(exc))]) from None
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = _line_index(text)
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            line = None
+            for cut in range(len(loc), 0, -1):
+                if loc[:cut] in lines:
+                    line = lines[loc[:cut]]
+                    break
+            problems.append((".".join(loc), line, err["msg"]))
+        raise RecipeError(source, problems) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file, applying ``--set`` overrides; raises RecipeError with every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(str(path), [("", None, f"cannot read recipe: {exc.strerror}")]) from None
+    return parse_recipe(text, str(path), overrides)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of the recipe, generated from the pydantic models."""
+    return Recipe.model_json_schema()

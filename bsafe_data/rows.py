@@ -1,0 +1,164 @@
+"""The row contract: the one place that defines what a dataset row is.
+
+Everything that reads or writes rows (pipeline, writer, render, show, push, audit) imports the
+schema from here. Column names and meanings are the public API (DESIGN.md §4); changing them needs
+a bump of ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import datasets
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+RowKind = Literal["injected", "clean"]
+SegmentKind = Literal["prefix", "steering", "violation", "control", "continuation"]
+
+#: Segment kinds in the order they appear in the assistant stream.
+SEGMENT_ORDER: tuple[str, ...] = ("prefix", "steering", "violation", "control", "continuation")
+
+# Stable reason codes for the `rejected` config. Tests and downstream users match on these strings.
+REASONS: dict[str, str] = {
+    "missing_field": "the source row lacks a prompt or response field the mapping needs",
+    "wrong_type": "a source field has the wrong type (e.g. a number where text is expected)",
+    "empty_response": "the assistant answer is empty or whitespace",
+    "no_assistant_turn": "the conversation has no assistant turn to modify",
+    "too_few_sentences": "the answer has fewer sentences than the recipe requires",
+    "generator_error": "the generator failed after all retries",
+    "generator_refused": "the generator refused to write the violation",
+    "generator_unparseable": "the generator output could not be parsed into a violation",
+    "empty_violation": "the generated violation is empty",
+    "token_boundary": "a tokenizer merges tokens across the injection boundary; X would be wrong",
+    "violation_not_flagged": "no required classifier flagged the violation as unsafe",
+    "context_flagged": "a classifier flagged the original safe text (part1/part2) as unsafe",
+    "source_refusal": "the source answer is itself a refusal",
+}
+
+CONTEXT_FEATURE = datasets.List(
+    {"role": datasets.Value("string"), "content": datasets.Value("string")}
+)
+
+ROW_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "source": {
+            "dataset": datasets.Value("string"),
+            "split": datasets.Value("string"),
+            "index": datasets.Value("int64"),
+            "id": datasets.Value("string"),
+            "revision": datasets.Value("string"),
+        },
+        "context": CONTEXT_FEATURE,
+        "response": datasets.Value("string"),
+        "kind": datasets.Value("string"),
+        "injection": {
+            "offset": datasets.Value("int32"),
+            "relative_position": datasets.Value("float32"),
+            "sentence_index": datasets.Value("int32"),
+            "category": datasets.Value("string"),
+            "steering": datasets.Value("string"),
+            "violation": datasets.Value("string"),
+        },
+        "segments": datasets.List(
+            {
+                "kind": datasets.Value("string"),
+                "text": datasets.Value("string"),
+                "loss": datasets.Value("bool"),
+            }
+        ),
+        "backtrack": datasets.List(
+            {"tokenizer": datasets.Value("string"), "tokens": datasets.Value("int32")}
+        ),
+        "prompt": datasets.Value("string"),
+        "completion": datasets.Value("string"),
+        "scores": datasets.List(
+            {
+                "classifier": datasets.Value("string"),
+                "target": datasets.Value("string"),
+                "label": datasets.Value("string"),
+                "score": datasets.Value("float32"),
+                "categories": datasets.List(datasets.Value("string")),
+            }
+        ),
+        "generator": {
+            "backend": datasets.Value("string"),
+            "model": datasets.Value("string"),
+            "template": datasets.Value("string"),
+            "seed": datasets.Value("int64"),
+        },
+    }
+)
+
+REJECTED_FEATURES = datasets.Features(
+    {**ROW_FEATURES, "reasons": datasets.List(datasets.Value("string"))}
+)
+
+
+def _plain_arrow_schema(features: datasets.Features) -> pa.Schema:
+    """Arrow schema with `datasets` metadata, so parquet files load with exact Features."""
+    return features.arrow_schema
+
+
+ROW_ARROW_SCHEMA: pa.Schema = _plain_arrow_schema(ROW_FEATURES)
+REJECTED_ARROW_SCHEMA: pa.Schema = _plain_arrow_schema(REJECTED_FEATURES)
+
+
+def empty_row(**fields: Any) -> dict[str, Any]:
+    """A row dict with every column present (lists empty, structs None), updated with ``fields``."""
+    row: dict[str, Any] = {
+        "id": "",
+        "source": {"dataset": "", "split": "", "index": -1, "id": "", "revision": ""},
+        "context": [],
+        "response": "",
+        "kind": "clean",
+        "injection": None,
+        "segments": [],
+        "backtrack": [],
+        "prompt": "",
+        "completion": "",
+        "scores": [],
+        "generator": None,
+    }
+    row.update(fields)
+    return row
+
+
+def row_json_schema() -> dict[str, Any]:
+    """JSON Schema of one row (config ``default``; ``rejected`` adds ``reasons``)."""
+
+    def convert(feature: Any) -> dict[str, Any]:
+        if isinstance(feature, datasets.Value):
+            mapping = {
+                "string": {"type": "string"},
+                "bool": {"type": "boolean"},
+                "float32": {"type": "number"},
+                "int32": {"type": "integer"},
+                "int64": {"type": "integer"},
+            }
+            return mapping[feature.dtype]
+        if isinstance(feature, (datasets.List, datasets.Sequence)):
+            return {"type": "array", "items": convert(feature.feature)}
+        if isinstance(feature, dict):
+            return {
+                "type": ["object", "null"],
+                "properties": {k: convert(v) for k, v in feature.items()},
+                "required": list(feature),
+                "additionalProperties": False,
+            }
+        raise TypeError(f"unsupported feature {feature!r}")
+
+    body = convert(dict(ROW_FEATURES))
+    body["type"] = "object"
+    body["properties"]["reasons"] = {
+        "type": "array",
+        "items": {"type": "string", "enum": sorted(REASONS)},
+        "description": "only in config `rejected`",
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"bsafe-data row (schema {SCHEMA_VERSION})",
+        **body,
+    }

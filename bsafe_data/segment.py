@@ -1,0 +1,114 @@
+"""Sentence boundaries (spaCy) and injection-point sampling.
+
+Candidate injection points sit *before* the whitespace that separates two pieces of text, so
+``part1 = response[:offset]`` ends on a non-space character and ``part2 = response[offset:]``
+starts with the original whitespace. Offset 0 (before the first sentence) is a candidate too.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from bsafe_data.recipe import PositionSpec
+
+_WORD_END = re.compile(r"\S(?=\s+\S)")
+
+
+class SegmentationError(Exception):
+    """The configured spaCy pipeline cannot be loaded."""
+
+
+@functools.lru_cache(maxsize=4)
+def load_nlp(model: str):  # -> spacy.Language
+    """``blank:LANG`` (+ sentencizer), or an installed trained pipeline with a parser/senter."""
+    import spacy
+
+    if model.startswith("blank:"):
+        nlp = spacy.blank(model.split(":", 1)[1])
+        nlp.add_pipe("sentencizer")
+        return nlp
+    try:
+        nlp = spacy.load(model, exclude=["ner", "lemmatizer", "textcat"])
+    except OSError as exc:
+        raise SegmentationError(f"spaCy pipeline {model!r} is not installed: {exc}") from None
+    if not ({"parser", "senter", "sentencizer"} & set(nlp.pipe_names)):
+        nlp.add_pipe("sentencizer")
+    return nlp
+
+
+def sentence_spans(nlp, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    """Character spans of the sentences of each text (whitespace-only sentences dropped)."""
+    out = []
+    for doc in nlp.pipe(texts, batch_size=256):
+        spans = []
+        for sent in doc.sents:
+            text = sent.text
+            stripped = text.rstrip()
+            if not stripped.strip():
+                continue
+            start = sent.start_char + (len(text) - len(text.lstrip()))
+            spans.append((start, sent.start_char + len(stripped)))
+        out.append(spans)
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A possible injection point."""
+
+    offset: int
+    sentence_index: int  # the sentence the continuation starts in (0 = the first)
+
+
+def candidates(
+    text: str, spans: Sequence[tuple[int, int]], word_boundaries: bool, long_sentence_words: int
+) -> list[Candidate]:
+    """Offsets before each sentence (the first at 0) and, optionally, word ends inside long sentences."""
+    if not spans:
+        return []
+    out = [Candidate(0, 0)]
+    for i, (start, end) in enumerate(spans):
+        if word_boundaries:
+            sentence = text[start:end]
+            if len(sentence.split()) > long_sentence_words:
+                out.extend(Candidate(start + m.end(), i) for m in _WORD_END.finditer(sentence))
+        if i + 1 < len(spans):
+            out.append(Candidate(end, i + 1))
+    return out
+
+
+def row_seed(*parts: object) -> int:
+    """A 63-bit seed from (recipe seed, source row id, ...): independent of order and sharding."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF  # fits int64 columns
+
+
+def draw_position(rng: random.Random, spec: PositionSpec) -> float:
+    """A target relative position in [0, 1) from the configured distribution."""
+    if spec.distribution == "beta":
+        return rng.betavariate(spec.a, spec.b)
+    return rng.random()
+
+
+def pick_candidate(options: Sequence[Candidate], length: int, target: float) -> Candidate:
+    """The candidate whose relative position is nearest to ``target`` (ties: the earlier one)."""
+    return min(options, key=lambda c: (abs(c.offset / length - target), c.offset))
+
+
+def weighted_choice(rng: random.Random, weights: dict[str, float]) -> str:
+    """A key drawn with probability proportional to its weight (dict order is stable)."""
+    keys = list(weights)
+    return rng.choices(keys, weights=[weights[k] for k in keys], k=1)[0]
+
+
+def fifths_histogram(positions: Iterable[float], bins: int = 5) -> list[int]:
+    """Counts of relative positions per equal-width bin of [0, 1]."""
+    counts = [0] * bins
+    for p in positions:
+        counts[min(int(p * bins), bins - 1)] += 1
+    return counts

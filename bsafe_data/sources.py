@@ -1,0 +1,284 @@
+"""Read chat corpora into conversations: local JSONL/JSON/Parquet/CSV files or Hugging Face datasets.
+
+Every source row becomes either a ``Conversation`` or a ``SourceReject`` with a stable reason code;
+a bad row never stops the run. Rows stream, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bsafe_data.recipe import FieldMapping, SourceSpec
+
+BUNDLED_CORPORA = Path(__file__).parent / "data" / "corpus"
+_ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class SourceError(Exception):
+    """A whole source cannot be read (missing file, unknown format, dataset not available)."""
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """Where a row came from; recorded in the ``source`` column."""
+
+    dataset: str
+    split: str
+    index: int
+    id: str
+    revision: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``source`` struct of the row contract."""
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "index": self.index,
+            "id": self.id,
+            "revision": self.revision,
+        }
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A usable source row: the turns before the answer, and the answer to modify."""
+
+    ref: SourceRef
+    context: tuple[tuple[str, str], ...]
+    response: str
+
+
+@dataclass(frozen=True)
+class SourceReject:
+    """A source row that cannot be used, with what could be read of it."""
+
+    ref: SourceRef
+    reason: str
+    detail: str
+    context: tuple[tuple[str, str], ...] = ()
+    response: str = ""
+
+
+SourceItem = Conversation | SourceReject
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def resolve_path(path: str) -> Path:
+    """Resolve ``builtin:NAME`` to the bundled corpus; other paths as given."""
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        found = BUNDLED_CORPORA / f"{name}.jsonl"
+        if not found.is_file():
+            have = sorted(p.stem for p in BUNDLED_CORPORA.glob("*.jsonl"))
+            raise SourceError(f"unknown bundled corpus {name!r}; have {have}")
+        return found
+    return Path(path)
+
+
+def detect_format(path: Path) -> str:
+    """Format from the file suffix (``.jsonl``/``.json``/``.parquet``/``.csv``)."""
+    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise SourceError(f"{path}: cannot tell the format from the suffix; set `format:`")
+    return fmt
+
+
+def spec_from_cli(value: str) -> SourceSpec:
+    """A SourceSpec for ``--source``: an existing path or ``builtin:``, else a Hub dataset id."""
+    if value.startswith("builtin:") or Path(value).exists():
+        return SourceSpec(path=value)
+    if "/" in value and not value.startswith((".", "/")):
+        return SourceSpec(hf=value)
+    raise SourceError(f"--source {value!r}: no such file, and not a Hugging Face dataset id (org/name)")
+
+
+def _text(value: Any, field: str) -> str:
+    if value is None:
+        raise _Reject("missing_field", f"`{field}` is missing")
+    if not isinstance(value, str):
+        raise _Reject("wrong_type", f"`{field}` is {type(value).__name__}, expected text")
+    return value
+
+
+def _turns_from_messages(raw: Any, field: str, role_key: str, content_key: str) -> list[tuple[str, str]]:
+    if raw is None:
+        raise _Reject("missing_field", f"`{field}` is missing")
+    if isinstance(raw, str):  # CSV cells hold JSON text
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise _Reject("wrong_type", f"`{field}` is text that is not a JSON list") from None
+    if not isinstance(raw, list):
+        raise _Reject("wrong_type", f"`{field}` is {type(raw).__name__}, expected a list of turns")
+    turns = []
+    for i, turn in enumerate(raw):
+        if not isinstance(turn, Mapping):
+            raise _Reject("wrong_type", f"`{field}[{i}]` is not an object")
+        role = _ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
+        if role is None:
+            raise _Reject("wrong_type", f"`{field}[{i}].{role_key}` is {turn.get(role_key)!r}")
+        turns.append((role, _text(turn.get(content_key), f"{field}[{i}].{content_key}")))
+    return turns
+
+
+def _split_last_answer(turns: list[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], str]:
+    last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        raise _Reject("no_assistant_turn", "the conversation has no assistant turn")
+    if last == 0 or all(role == "system" for role, _ in turns[:last]):
+        raise _Reject("missing_field", "no user turn before the assistant answer")
+    return tuple(turns[:last]), turns[last][1]
+
+
+def conversation_from_record(record: Mapping[str, Any], mapping: FieldMapping) -> tuple[tuple, str]:
+    """(context, response) from one record, using ``mapping`` or the common shapes. Raises _Reject."""
+    if not isinstance(record, Mapping):
+        raise _Reject("wrong_type", f"row is {type(record).__name__}, expected an object")
+    system = [("system", _text(record.get(mapping.system), mapping.system))] if mapping.system else []
+
+    def has(name: str | None) -> bool:
+        return name is not None and name in record
+
+    messages = mapping.messages or ("messages" if "messages" in record else None)
+    conversations = mapping.conversations or ("conversations" if "conversations" in record else None)
+    if has(messages):
+        turns = _turns_from_messages(record[messages], messages, "role", "content")
+        return _split_last_answer(system + turns)
+    if has(conversations):
+        turns = _turns_from_messages(record[conversations], conversations, "from", "value")
+        return _split_last_answer(system + turns)
+    prompt_key = mapping.prompt or "prompt"
+    response_key = mapping.response or "response"
+    if prompt_key in record or response_key in record:
+        prompt = _text(record.get(prompt_key), prompt_key)
+        response = _text(record.get(response_key), response_key)
+        return tuple(system + [("user", prompt)]), response
+    instruction_key = mapping.instruction or "instruction"
+    output_key = mapping.output or "output"
+    if instruction_key in record or output_key in record:
+        instruction = _text(record.get(instruction_key), instruction_key)
+        extra = record.get(mapping.input or "input")
+        if extra is not None and not isinstance(extra, str):
+            raise _Reject("wrong_type", f"`{mapping.input or 'input'}` is {type(extra).__name__}")
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return tuple(system + [("user", prompt)]), _text(record.get(output_key), output_key)
+    raise _Reject(
+        "missing_field",
+        "no known fields (messages, conversations, prompt/response, instruction/output); set `mapping:`",
+    )
+
+
+def _records_jsonl(path: Path) -> Iterator[Any]:
+    with path.open("r", encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield _Reject("wrong_type", f"invalid JSON line: {exc.msg}")
+
+
+def _records_json(path: Path) -> Iterator[Any]:
+    with path.open("r", encoding="utf-8") as handle:
+        data = json.load(handle)
+    if isinstance(data, Mapping):  # {"data": [...]} or {"rows": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise SourceError(f"{path}: expected a JSON list of rows (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise SourceError(f"{path}: expected a JSON list of rows")
+    yield from data
+
+
+def _records_parquet(path: Path) -> Iterator[Any]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
+        yield from batch.to_pylist()
+
+
+def _records_csv(path: Path) -> Iterator[Any]:
+    with path.open("r", encoding="utf-8", newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _records_hf(spec: SourceSpec) -> Iterator[Any]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            spec.hf, name=spec.config, split=spec.split, revision=spec.revision, streaming=spec.streaming
+        )
+    except Exception as exc:  # datasets raises many types; the message is what users need
+        raise SourceError(f"cannot open Hugging Face dataset {spec.hf!r}: {exc}") from None
+    yield from ds
+
+
+def _raw_records(spec: SourceSpec) -> Iterator[Any]:
+    if spec.hf is not None:
+        return _records_hf(spec)
+    path = resolve_path(spec.path or "")
+    if not path.is_file():
+        raise SourceError(f"source file not found: {path}")
+    fmt = detect_format(path) if spec.format == "auto" else spec.format
+    reader = {"jsonl": _records_jsonl, "json": _records_json, "parquet": _records_parquet, "csv": _records_csv}
+    return reader[fmt](path)
+
+
+def read_source(spec: SourceSpec) -> Iterator[SourceItem]:
+    """Stream one source as Conversations and SourceRejects, in file order."""
+    dataset = spec.name
+    revision = spec.revision or ""
+    for index, record in enumerate(_raw_records(spec)):
+        if spec.limit is not None and index >= spec.limit:
+            return
+        row_id = str(index)
+        if isinstance(record, Mapping) and spec.mapping.id and record.get(spec.mapping.id) is not None:
+            row_id = str(record[spec.mapping.id])
+        elif isinstance(record, Mapping) and record.get("id") is not None:
+            row_id = str(record["id"])
+        ref = SourceRef(dataset, spec.split, index, row_id, revision)
+        try:
+            if isinstance(record, _Reject):
+                raise record
+            context, response = conversation_from_record(record, spec.mapping)
+            if not response.strip():
+                raise _Reject("empty_response", "the answer is empty")
+        except _Reject as rej:
+            yield SourceReject(ref, rej.reason, rej.detail)
+            continue
+        yield Conversation(ref, context, response)
+
+
+def read_sources(specs: list[SourceSpec], limit: int | None = None) -> Iterator[SourceItem]:
+    """All sources in recipe order, stopping after ``limit`` rows in total."""
+    count = 0
+    for spec in specs:
+        for item in read_source(spec):
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            yield item

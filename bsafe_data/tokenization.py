@@ -1,0 +1,52 @@
+"""Loading tokenizers by reference: ``builtin:NAME`` (bundled), a local folder, or a Hub id."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+BUILTIN_TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizers"
+
+
+class TokenizerLoadError(Exception):
+    """A tokenizer reference could not be resolved or loaded."""
+
+
+def builtin_tokenizers() -> list[str]:
+    """Names usable as ``builtin:NAME``."""
+    return sorted(p.name for p in BUILTIN_TOKENIZER_DIR.iterdir() if p.is_dir())
+
+
+def resolve_tokenizer_path(ref: str) -> str:
+    """Turn a reference into what ``AutoTokenizer.from_pretrained`` takes."""
+    if ref.startswith("builtin:"):
+        name = ref.split(":", 1)[1]
+        path = BUILTIN_TOKENIZER_DIR / name
+        if not path.is_dir():
+            raise TokenizerLoadError(f"unknown builtin tokenizer {name!r}; have {builtin_tokenizers()}")
+        return str(path)
+    return ref
+
+
+@functools.lru_cache(maxsize=16)
+def load_tokenizer(ref: str) -> Any:
+    """Load (and cache) a fast tokenizer; raises TokenizerLoadError with a readable message."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "PyTorch was not found" is expected: we only tokenize
+    path = resolve_tokenizer_path(ref)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types (OSError, ValueError, HF errors)
+        hint = "" if Path(path).exists() else " (not a local folder; Hub ids need the files cached offline)"
+        raise TokenizerLoadError(f"cannot load tokenizer {ref!r}{hint}: {exc}") from None
+
+
+def short_name(ref: str) -> str:
+    """Name recorded in the ``backtrack`` column: the builtin name, folder name or Hub id."""
+    if ref.startswith("builtin:"):
+        return ref.split(":", 1)[1]
+    path = Path(ref)
+    return path.name if path.exists() else ref

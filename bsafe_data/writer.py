@@ -1,0 +1,193 @@
+"""Write the Hub-layout dataset folder from finished chunks (DESIGN.md §5).
+
+``data/{split}-0000i-of-0000N.parquet`` for config ``default``, ``rejected/train-…`` for the
+rejected config, ``README.md`` (card), ``recipe.yaml`` (resolved), ``manifest.json``, ``plots/``.
+Parquet output is a deterministic function of the chunks: same recipe and seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bsafe_data import __version__
+from bsafe_data.label import control_atoms, control_text
+from bsafe_data.recipe import Recipe
+from bsafe_data.rows import REJECTED_ARROW_SCHEMA, ROW_ARROW_SCHEMA, SCHEMA_VERSION
+
+#: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
+SHARD_ROWS = 50_000
+_ROW_GROUP = 2_000
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _shard_count(rows: int) -> int:
+    return max(1, -(-rows // SHARD_ROWS))
+
+
+def _write_shards(sources: list[Path], schema: pa.Schema, folder: Path, split: str, rows: int) -> list[str]:
+    """Stream chunk files into ``folder/split-i-of-N.parquet`` shards; returns relative paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{split}-*.parquet"):
+        stale.unlink()
+    shards = _shard_count(rows)
+    names = [f"{split}-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
+    batches = (
+        batch
+        for src in sources
+        if src.exists()
+        for batch in pq.ParquetFile(src).iter_batches(batch_size=_ROW_GROUP)
+    )
+    pending: list[pa.RecordBatch] = []
+    for i, name in enumerate(names):
+        tmp = folder / (name + ".tmp")
+        budget = SHARD_ROWS if i < shards - 1 else None
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            written = 0
+            while budget is None or written < budget:
+                batch = pending.pop() if pending else next(batches, None)
+                if batch is None:
+                    break
+                if budget is not None and written + batch.num_rows > budget:
+                    cut = budget - written
+                    pending.append(batch.slice(cut))
+                    batch = batch.slice(0, cut)
+                writer.write_table(pa.Table.from_batches([batch], schema=schema), row_group_size=_ROW_GROUP)
+                written += batch.num_rows
+        os.replace(tmp, folder / name)
+    return [f"{folder.name}/{n}" for n in names]
+
+
+def control_vocabulary(recipe: Recipe, max_x: int) -> list[str]:
+    """Every control atom the dataset can contain (X from 1 to ``max_x``): add these as special tokens."""
+    atoms: dict[str, None] = {}
+    for category in recipe.sampling.categories:
+        for x in range(1, max(1, max_x) + 1):
+            atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
+    return list(atoms)
+
+
+def _histogram(values: list[float], bins: int) -> list[int]:
+    counts = [0] * bins
+    for v in values:
+        counts[min(int(v * bins), bins - 1)] += 1
+    return counts
+
+
+def _plots(out_dir: Path, stats: Any) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(stats.positions or [0.0], bins=20, range=(0, 1), color="#4C72B0")
+    ax.set_xlabel("relative injection position in the answer")
+    ax.set_ylabel("rows")
+    ax.set_title("Where violations were injected")
+    fig.tight_layout()
+    fig.savefig(plot_dir / "positions.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    written.append("plots/positions.png")
+    cats = sorted(stats.categories.items(), key=lambda kv: -kv[1])
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.28 * len(cats) + 1)))
+    ax.barh([k for k, _ in cats][::-1], [v for _, v in cats][::-1], color="#DD8452")
+    ax.set_xlabel("kept injected rows")
+    ax.set_title("Categories")
+    fig.tight_layout()
+    fig.savefig(plot_dir / "categories.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    written.append("plots/categories.png")
+    return written
+
+
+def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
+    """Up to n rows for the card: injected first, then clean."""
+    rows: list[dict[str, Any]] = []
+    for path in data_files.get("train", []):
+        table = pq.read_table(out_dir / path, columns=["id", "kind", "prompt", "completion", "injection"])
+        rows.extend(table.slice(0, 200).to_pylist())
+        if len(rows) >= 200:
+            break
+    injected = [r for r in rows if r["kind"] == "injected"][: n - 1]
+    clean = [r for r in rows if r["kind"] == "clean"][: n - len(injected)]
+    return injected + clean
+
+
+def write_dataset_folder(
+    out_dir: Path,
+    work: Path,
+    recipe: Recipe,
+    stats: Any,
+    funnel: dict[str, Any],
+    *,
+    usage: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, dict[str, int]]:
+    """Write shards, card, recipe and manifest; returns row counts per config and split."""
+    from bsafe_data.card import render_card
+
+    chunks = sorted(p for p in work.glob("chunk-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
+    files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
+    for split in ("train", "test"):
+        rows = stats.kept.get(split, 0)
+        if rows:
+            counts["default"][split] = rows
+            files["default"][split] = _write_shards(
+                [c / f"{split}.parquet" for c in chunks], ROW_ARROW_SCHEMA, out_dir / "data", split, rows
+            )
+    if stats.rejected:
+        counts["rejected"]["train"] = stats.rejected
+        files["rejected"]["train"] = _write_shards(
+            [c / "rejected.parquet" for c in chunks], REJECTED_ARROW_SCHEMA, out_dir / "rejected", "train",
+            stats.rejected,
+        )
+    max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
+    primary_x = max(stats.backtrack.get(_short(recipe.tokenizers.primary), [1]) or [1])
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "package": "bsafe-data",
+        "package_version": __version__,
+        "recipe_name": recipe.name,
+        "recipe_version": recipe.version,
+        "recipe_sha256": recipe.sha256(),
+        "method": recipe.method,
+        "seed": recipe.seed,
+        "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
+        "tokenizers": {"primary": recipe.tokenizers.primary, "all": recipe.tokenizers.all},
+        "control_format": recipe.control.format,
+        "control_tokens": control_vocabulary(recipe, primary_x),
+        "funnel": funnel,
+        "counts": counts,
+        "categories": dict(sorted(stats.categories.items())),
+        "position_fifths": _histogram(stats.positions, 5),
+        "backtrack_max": max_x,
+        "usage": usage,
+        "timings": timings,
+    }
+    plots = _plots(out_dir, stats)
+    examples = _examples(out_dir, files["default"])
+    _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+    _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    _atomic_write_text(out_dir / "README.md", render_card(recipe, manifest, files, examples, plots, stats))
+    return counts
+
+
+def _short(ref: str) -> str:
+    from bsafe_data.tokenization import short_name
+
+    return short_name(ref)
