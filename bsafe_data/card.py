@@ -22,7 +22,12 @@ def _template_dir() -> Path:
 
 def size_category(rows: int) -> str:
     """The Hub's size_categories bucket for a row count."""
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+    for bound, label in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
         if rows < bound:
             return label
     return "1M<n<10M"

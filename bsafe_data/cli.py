@@ -56,7 +56,9 @@ def _load(recipe_path: Path, overrides: list[str] | None) -> Recipe:
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
     """Check a recipe; list every problem with its field path and YAML line (exit 2 if any)."""
     loaded = _load(recipe, set_)
-    out.print(f"[green]ok[/green] {recipe}: recipe {loaded.name!r} {loaded.version} (sha256 {loaded.sha256()[:12]})")
+    out.print(
+        f"[green]ok[/green] {recipe}: recipe {loaded.name!r} {loaded.version} (sha256 {loaded.sha256()[:12]})"
+    )
 
 
 @app.command()
@@ -84,7 +86,9 @@ def schema(
 @app.command()
 def build(
     recipe: RecipeArg,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: recipe output.dir).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: recipe output.dir).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N source rows.", min=1)] = None,
     source: Annotated[
         str | None, typer.Option(help="Replace the recipe's sources with one corpus (path or HF dataset id).")
@@ -108,7 +112,9 @@ def build(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} rows/s · kept {task.fields[kept]} · rejected {task.fields[rejected]}"),
+        TextColumn(
+            "{task.fields[rate]} rows/s · kept {task.fields[kept]} · rejected {task.fields[rejected]}"
+        ),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
@@ -189,7 +195,9 @@ def _print_row(row: dict) -> None:
         out.print(Text(f"{turn['role']}: ", style="dim") + Text(turn["content"]))
     stream = Text("assistant: ", style="dim")
     for seg in row["segments"]:
-        stream.append(seg["text"], style=SEGMENT_STYLES.get(seg["kind"], "default"))  # Text: no markup parsing
+        stream.append(
+            seg["text"], style=SEGMENT_STYLES.get(seg["kind"], "default")
+        )  # Text: no markup parsing
     out.print(stream)
     out.print()
 

@@ -52,9 +52,7 @@ def add_control_tokens(tokenizer: Any, atoms: Sequence[str]) -> int:
     return tokenizer.add_tokens(missing, special_tokens=True)
 
 
-def segments_for(
-    part1: str, steering: str, violation: str, control: str, part2: str
-) -> list[dict[str, Any]]:
+def segments_for(part1: str, steering: str, violation: str, control: str, part2: str) -> list[dict[str, Any]]:
     """The assistant stream of an injected row, in order, with loss flags (empty pieces dropped)."""
     pieces = [
         ("prefix", part1, False),
@@ -94,7 +92,9 @@ def chat_frame(tokenizer: Any, context: Sequence[Any]) -> tuple[str, str]:
             [*messages, {"role": "assistant", "content": _SENTINEL}], tokenize=False
         )
     else:
-        body = "".join(f"{_FALLBACK_ROLE_PREFIX.get(m['role'], m['role'] + ': ')}{m['content']}\n" for m in messages)
+        body = "".join(
+            f"{_FALLBACK_ROLE_PREFIX.get(m['role'], m['role'] + ': ')}{m['content']}\n" for m in messages
+        )
         eos = getattr(tokenizer, "eos_token", None) or ""
         full = f"{body}Assistant: {_SENTINEL}{eos}"
     if full.count(_SENTINEL) != 1:
@@ -108,18 +108,44 @@ def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def backtrack_counts(tokenizer: Any, items: Sequence[tuple[str, str, str]]) -> list[int | None]:
+def _special_strings(tokenizer: Any) -> tuple[str, ...]:
+    cached = getattr(tokenizer, "_bsafe_special_strings", None)
+    if cached is None:
+        added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+        cached = tuple(sorted(set(added) | set(tokenizer.all_special_tokens), key=len, reverse=True))
+        tokenizer._bsafe_special_strings = cached
+    return cached
+
+
+def anchor(tokenizer: Any, head: str) -> str:
+    """The tail of ``head`` from its last special token on.
+
+    Special tokens split the text before the model's pre-tokenizer runs, so the ids of
+    ``anchor + text`` are an exact suffix of the ids of ``head + text``: counting from the anchor
+    gives the same X for a fraction of the work (tests check the equivalence on real tokenizers).
+    """
+    best = -1
+    for special in _special_strings(tokenizer):
+        best = max(best, head.rfind(special))
+    return head[best:] if best >= 0 else head
+
+
+def backtrack_counts(
+    tokenizer: Any, items: Sequence[tuple[str, str, str]], exact_head: bool = False
+) -> list[int | None]:
     """X for each (head, part1, inserted); ``None`` where the token invariant fails.
 
     X = len(encode(head + part1 + inserted)) - len(encode(head + part1)), valid only when the
     shorter encoding is a prefix of the longer one (no token merges across the boundary).
+    ``exact_head=True`` encodes the whole head instead of its anchor (slower, same result).
     """
     if not items:
         return []
-    before = _encode_many(tokenizer, [h + p for h, p, _ in items])
-    after = _encode_many(tokenizer, [h + p + i for h, p, i in items])
+    heads = [h if exact_head else anchor(tokenizer, h) for h, _, _ in items]
+    before = _encode_many(tokenizer, [h + p for h, (_, p, _) in zip(heads, items, strict=True)])
+    after = _encode_many(tokenizer, [h + p + i for h, (_, p, i) in zip(heads, items, strict=True)])
     out: list[int | None] = []
-    for b, a in zip(before, after):
+    for b, a in zip(before, after, strict=True):
         out.append(len(a) - len(b) if a[: len(b)] == b and len(a) > len(b) else None)
     return out
 
@@ -169,7 +195,9 @@ def render(row: Mapping[str, Any], tokenizer: Any, control_format: str | None = 
     return Rendered(prompt=head + part1 + inserted, completion=control + part2 + tail, backtrack=x)
 
 
-def tokenize(row: Mapping[str, Any], tokenizer: Any, control_format: str | None = None) -> dict[str, list[int]]:
+def tokenize(
+    row: Mapping[str, Any], tokenizer: Any, control_format: str | None = None
+) -> dict[str, list[int]]:
     """``input_ids``, ``attention_mask`` and ``labels`` (-100 on prompt tokens) for one row.
 
     Loss follows the characters: a token is trained on when it starts inside the completion. Add
@@ -181,6 +209,10 @@ def tokenize(row: Mapping[str, Any], tokenizer: Any, control_format: str | None 
     border = len(rendered.prompt)
     labels = [
         tok if start >= border else -100
-        for tok, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"])
+        for tok, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
-    return {"input_ids": list(enc["input_ids"]), "attention_mask": list(enc["attention_mask"]), "labels": labels}
+    return {
+        "input_ids": list(enc["input_ids"]),
+        "attention_mask": list(enc["attention_mask"]),
+        "labels": labels,
+    }

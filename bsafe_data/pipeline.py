@@ -171,9 +171,13 @@ def make_classifiers(recipe: Recipe) -> list[BuiltinClassifier]:
 
 def make_generator(recipe: Recipe, cache_dir: Path | None) -> Generator:
     """The generator backend the recipe names."""
+    from bsafe_data.generate.factory import GeneratorUnavailable
     from bsafe_data.generate.factory import make_generator as factory
 
-    return factory(recipe.generator, cache_dir=cache_dir)
+    try:
+        return factory(recipe.generator, cache_dir=cache_dir)
+    except GeneratorUnavailable as exc:
+        raise BuildError(str(exc)) from None
 
 
 def build(
@@ -222,8 +226,14 @@ def build(
                 parts.append(stats)
             if progress:
                 total = merge_stats(parts)
-                progress({"source_rows": total.source_rows, "kept": sum(total.kept.values()),
-                          "rejected": total.rejected, "usage": getattr(generator, "usage", {})})
+                progress(
+                    {
+                        "source_rows": total.source_rows,
+                        "kept": sum(total.kept.values()),
+                        "rejected": total.rejected,
+                        "usage": getattr(generator, "usage", {}),
+                    }
+                )
     except Exception as exc:
         if exc.__class__.__name__ in {"SourceError", "FatalEndpointError"}:
             raise BuildError(str(exc)) from None

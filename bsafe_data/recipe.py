@@ -62,7 +62,7 @@ class SourceSpec(Strict):
 
     path: str | None = Field(
         None,
-        description="local .jsonl/.json/.parquet/.csv file, or 'builtin:everyday_chat' for the bundled corpus",
+        description="local .jsonl/.json/.parquet/.csv file, or 'builtin:everyday_chat' (bundled corpus)",
     )
     hf: str | None = Field(None, description="Hugging Face dataset id (read through `datasets`)")
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
@@ -107,7 +107,7 @@ class SamplingSpec(Strict):
     clean_fraction: float = Field(0.2, ge=0.0, le=1.0, description="share of rows left without injection")
     min_sentences: int = Field(2, ge=1, description="answers with fewer sentences are rejected")
     word_boundaries: bool = Field(True, description="also inject at word boundaries inside long sentences")
-    long_sentence_words: int = Field(16, ge=4, description="sentences with more words count as long")
+    long_sentence_words: int = Field(8, ge=2, description="sentences with more words count as long")
     categories: dict[str, float] = Field(
         default_factory=lambda: dict.fromkeys(RLBF_CATEGORIES, 1.0),
         description="category -> sampling weight",

@@ -37,9 +37,7 @@ REASONS: dict[str, str] = {
     "source_refusal": "the source answer is itself a refusal",
 }
 
-CONTEXT_FEATURE = datasets.List(
-    {"role": datasets.Value("string"), "content": datasets.Value("string")}
-)
+CONTEXT_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 
 ROW_FEATURES = datasets.Features(
     {
@@ -92,9 +90,7 @@ ROW_FEATURES = datasets.Features(
     }
 )
 
-REJECTED_FEATURES = datasets.Features(
-    {**ROW_FEATURES, "reasons": datasets.List(datasets.Value("string"))}
-)
+REJECTED_FEATURES = datasets.Features({**ROW_FEATURES, "reasons": datasets.List(datasets.Value("string"))})
 
 
 def _plain_arrow_schema(features: datasets.Features) -> pa.Schema:

@@ -26,7 +26,13 @@ _ROLE_ALIASES = {
     "model": "assistant",
     "system": "system",
 }
-_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 
 
 class SourceError(Exception):
@@ -244,7 +250,12 @@ def _raw_records(spec: SourceSpec) -> Iterator[Any]:
     if not path.is_file():
         raise SourceError(f"source file not found: {path}")
     fmt = detect_format(path) if spec.format == "auto" else spec.format
-    reader = {"jsonl": _records_jsonl, "json": _records_json, "parquet": _records_parquet, "csv": _records_csv}
+    reader = {
+        "jsonl": _records_jsonl,
+        "json": _records_json,
+        "parquet": _records_parquet,
+        "csv": _records_csv,
+    }
     return reader[fmt](path)
 
 

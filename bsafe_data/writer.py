@@ -153,7 +153,10 @@ def write_dataset_folder(
     if stats.rejected:
         counts["rejected"]["train"] = stats.rejected
         files["rejected"]["train"] = _write_shards(
-            [c / "rejected.parquet" for c in chunks], REJECTED_ARROW_SCHEMA, out_dir / "rejected", "train",
+            [c / "rejected.parquet" for c in chunks],
+            REJECTED_ARROW_SCHEMA,
+            out_dir / "rejected",
+            "train",
             stats.rejected,
         )
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}

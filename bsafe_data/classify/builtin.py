@@ -39,7 +39,7 @@ class BuiltinClassifier:
         texts = list(texts)
         probs = predict_prob(texts) if texts else []
         out = []
-        for text, prob in zip(texts, probs):
+        for text, prob in zip(texts, probs, strict=True):
             if not text.strip():
                 out.append(Score(self.name, "safe", 0.0))
                 continue

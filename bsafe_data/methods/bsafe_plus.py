@@ -113,7 +113,7 @@ class BsafePlusMethod:
                 convs.append(item)
         spans = sentence_spans(self.nlp, [c.response for c in convs])
         plans: list[_Plan] = []
-        for conv, conv_spans in zip(convs, spans):
+        for conv, conv_spans in zip(convs, spans, strict=True):
             if len(conv_spans) < self.recipe.sampling.min_sentences:
                 out.rejected.append(self._source_rejected(conv, ["too_few_sentences"]))
                 continue
@@ -157,10 +157,12 @@ class BsafePlusMethod:
 
     def _generate(self, plans: list[_Plan]) -> None:
         requests = [
-            GenerationRequest(p.row_id, p.conv.context, p.conv.response[: p.candidate.offset], p.category, p.seed)
+            GenerationRequest(
+                p.row_id, p.conv.context, p.conv.response[: p.candidate.offset], p.category, p.seed
+            )
             for p in plans
         ]
-        for plan, generation in zip(plans, self.generator.generate_batch(requests)):
+        for plan, generation in zip(plans, self.generator.generate_batch(requests), strict=True):
             plan.generation = generation
             if generation.error:
                 plan.reasons.append(generation.error)
@@ -179,13 +181,11 @@ class BsafePlusMethod:
         retry = []
         for plan in failed:
             part1 = plan.conv.response[: plan.candidate.offset]
-            match = None
-            for match in _LAST_WORD_END.finditer(part1):
-                pass
-            if match is None:
+            ends = [m.end() for m in _LAST_WORD_END.finditer(part1)]
+            if not ends:
                 plan.reasons.append("token_boundary")
                 continue
-            offset = match.end()
+            offset = ends[-1]
             plan.candidate = Candidate(offset, plan.candidate.sentence_index)
             plan.relative = offset / len(plan.conv.response)
             retry.append(plan)
@@ -200,9 +200,10 @@ class BsafePlusMethod:
             plan.backtrack = []
         for ref, tok in self.tokenizers.items():
             items = [
-                (p.frames[ref][0], p.conv.response[: p.candidate.offset], p.steering + p.violation) for p in plans
+                (p.frames[ref][0], p.conv.response[: p.candidate.offset], p.steering + p.violation)
+                for p in plans
             ]
-            for i, (plan, x) in enumerate(zip(plans, backtrack_counts(tok, items))):
+            for i, (plan, x) in enumerate(zip(plans, backtrack_counts(tok, items), strict=True)):
                 if x is None:
                     bad.add(i)
                 else:
@@ -226,7 +227,7 @@ class BsafePlusMethod:
             targets.append((plan, "part2", plan.conv.response[offset:]))
         texts = [t for _, _, t in targets]
         for classifier in self.classifiers:
-            for (plan, target, _), score in zip(targets, classifier.score_batch(texts)):
+            for (plan, target, _), score in zip(targets, classifier.score_batch(texts), strict=True):
                 plan.scores.append(score.as_dict(target))
 
     def _filter(self, plans: list[_Plan]) -> None:
@@ -272,7 +273,12 @@ class BsafePlusMethod:
             row["prompt"], row["completion"] = head, response + tail
             return row
         row["kind"] = "injected"
-        row["generator"] = {"backend": gen.backend, "model": gen.model, "template": gen.template, "seed": plan.seed}
+        row["generator"] = {
+            "backend": gen.backend,
+            "model": gen.model,
+            "template": gen.template,
+            "seed": plan.seed,
+        }
         offset = plan.candidate.offset
         part1, part2 = response[:offset], response[offset:]
         row["injection"] = {

@@ -1,0 +1,37 @@
+"""Test-wide settings: offline Hugging Face, isolated caches, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may download at test time (DESIGN.md §7): set before transformers/datasets are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_DIRS = {
+    "qwen2.5": FIXTURES / "tokenizers" / "qwen2.5",
+    "phi-3-mini": FIXTURES / "tokenizers" / "phi-3-mini",
+}
+REPO = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Keep HF and bsafe-data caches inside the test's temp folder."""
+    home = tmp_path_factory.getbasetemp() / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setenv("BSAFE_DATA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bsafe_cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizers():
+    """The two real tokenizer families used to check X."""
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(str(path)) for name, path in TOKENIZER_DIRS.items()}
