@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+# "PyTorch was not found" is expected (tokenizers only): keep transformers' import-time notice quiet.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -200,6 +203,73 @@ def _print_row(row: dict) -> None:
         )  # Text: no markup parsing
     out.print(stream)
     out.print()
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    limit: Annotated[int | None, typer.Option(help="Only the first N source rows.", min=1)] = None,
+    latency: Annotated[float, typer.Option(help="Assumed seconds per LLM request.", min=0.001)] = 2.0,
+    set_: SetOption = None,
+) -> None:
+    """Before spending anything: requests, tokens, cost and wall time, plus three sample rows."""
+    from bsafe_data.plan import plan_build
+
+    loaded = _load(recipe, set_)
+    try:
+        result = plan_build(loaded, limit=limit, latency_s=latency)
+    except Exception as exc:  # unreadable source or tokenizer: readable message, no traceback
+        raise _fail(f"plan failed: {exc}", 1) from None
+    table = Table(title=f"plan for {loaded.name} ({loaded.generator.provider} / {loaded.generator.model})")
+    table.add_column("item")
+    table.add_column("estimate", justify="right")
+    table.add_row("source rows", f"{result.source_rows:,}")
+    table.add_row("rejected before generation", f"{result.rejected_before_generation:,}")
+    table.add_row("generator requests (before refusal retries)", f"{result.requests:,}")
+    table.add_row(f"input tokens ({loaded.tokenizers.primary})", f"{result.input_tokens:,}")
+    table.add_row(
+        "output tokens (estimate / max)", f"{result.output_tokens_estimate:,} / {result.output_tokens_max:,}"
+    )
+    cost = "no price table in recipe" if result.cost_usd is None else f"${result.cost_usd:,.2f}"
+    table.add_row("estimated cost", cost)
+    wall = (
+        "offline, no requests" if loaded.generator.provider == "builtin" else f"{result.wall_seconds:,.0f} s"
+    )
+    table.add_row(f"wall time (limited by {result.bottleneck}, {latency:g} s/request)", wall)
+    out.print(table)
+    out.print("[bold]sample rows (builtin generator):[/bold]")
+    for row in result.samples:
+        _print_row(row)
+
+
+cache_app = typer.Typer(help="Inspect and prune the LLM response cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+CacheDirOption = Annotated[Path | None, typer.Option(help="Cache folder (default ~/.cache/bsafe-data).")]
+
+
+@cache_app.command("stats")
+def cache_stats_command(cache_dir: CacheDirOption = None) -> None:
+    """Entries, size and counts by status."""
+    from bsafe_data.llm.cache import cache_stats
+
+    out.print_json(json.dumps(cache_stats(cache_dir), default=str))
+
+
+@cache_app.command("prune")
+def cache_prune_command(
+    cache_dir: CacheDirOption = None,
+    older_than_days: Annotated[float | None, typer.Option(help="Delete entries older than this.")] = None,
+    status: Annotated[
+        list[str] | None, typer.Option(help="Delete entries with this status (repeatable).")
+    ] = None,
+) -> None:
+    """Delete old entries and/or entries of some statuses (error, truncated, refused)."""
+    from bsafe_data.llm.cache import cache_prune
+
+    if older_than_days is None and not status:
+        raise _fail("say what to prune: --older-than-days N and/or --status error")
+    removed = cache_prune(cache_dir, older_than_days, status)
+    out.print(f"removed {removed} entries")
 
 
 def _register_optional_commands() -> None:

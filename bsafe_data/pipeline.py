@@ -244,7 +244,8 @@ def build(
     stats = merge_stats(parts)
     t0 = time.perf_counter()
     usage = dict(getattr(generator, "usage", {}) or {})
-    timings_out = {k: round(v, 3) for k, v in timings.items()}
+    timings.update(method.timings)
+    timings_out = {k: round(v, 3) for k, v in sorted(timings.items())}
     counts = write_dataset_folder(
         out_dir, work, recipe, stats, funnel_of(stats), usage=usage, timings=timings_out
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import re
+import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +89,7 @@ class BsafePlusMethod:
         self.generator = generator
         self.classifiers = list(classifiers)
         self.multi_source = multi_source
+        self.timings: Counter[str] = Counter()  # seconds per stage, summed over chunks
 
     # -- identities -----------------------------------------------------------------------------
 
@@ -105,6 +108,33 @@ class BsafePlusMethod:
     def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
         """Turn source items into rows; every item ends up kept or rejected."""
         out = ChunkOutput()
+        clock = time.perf_counter()
+        plans = self._prepare(items, out)
+        clock = self._tick("segment", clock)
+        self._generate([p for p in plans if p.candidate is not None])
+        clock = self._tick("generate", clock)
+        self._label(plans, out)
+        clock = self._tick("label", clock)
+        self._classify(plans)
+        self._filter(plans)
+        clock = self._tick("classify", clock)
+        for plan in plans:
+            row = self._row(plan)
+            if plan.reasons:
+                row["reasons"] = plan.reasons
+                out.rejected.append(row)
+            else:
+                out.kept[plan.split].append(row)
+        return out
+
+    def generation_requests(self, items: Sequence[SourceItem]) -> tuple[list[GenerationRequest], int]:
+        """The generator requests a chunk would make, and how many rows it would reject before that."""
+        out = ChunkOutput()
+        plans = [p for p in self._prepare(items, out) if p.candidate is not None]
+        return [self._request(p) for p in plans], len(out.rejected)
+
+    def _prepare(self, items: Sequence[SourceItem], out: ChunkOutput) -> list[_Plan]:
+        """Reject unusable source rows into ``out``; plan the variants of the others."""
         convs: list[Conversation] = []
         for item in items:
             if isinstance(item, SourceReject):
@@ -118,19 +148,12 @@ class BsafePlusMethod:
                 out.rejected.append(self._source_rejected(conv, ["too_few_sentences"]))
                 continue
             plans.extend(self._plan(conv, conv_spans))
-        injected = [p for p in plans if p.candidate is not None]
-        self._generate(injected)
-        self._label(plans, out)
-        self._classify(plans)
-        self._filter(plans)
-        for plan in plans:
-            row = self._row(plan)
-            if plan.reasons:
-                row["reasons"] = plan.reasons
-                out.rejected.append(row)
-            else:
-                out.kept[plan.split].append(row)
-        return out
+        return plans
+
+    def _tick(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] += now - since
+        return now
 
     def _plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[_Plan]:
         sampling = self.recipe.sampling
@@ -155,13 +178,13 @@ class BsafePlusMethod:
             plans.append(_Plan(conv, row_id, split, seed, choice, category, choice.offset / length))
         return plans
 
+    @staticmethod
+    def _request(plan: _Plan) -> GenerationRequest:
+        part1 = plan.conv.response[: plan.candidate.offset]
+        return GenerationRequest(plan.row_id, plan.conv.context, part1, plan.category, plan.seed)
+
     def _generate(self, plans: list[_Plan]) -> None:
-        requests = [
-            GenerationRequest(
-                p.row_id, p.conv.context, p.conv.response[: p.candidate.offset], p.category, p.seed
-            )
-            for p in plans
-        ]
+        requests = [self._request(p) for p in plans]
         for plan, generation in zip(plans, self.generator.generate_batch(requests), strict=True):
             plan.generation = generation
             if generation.error:
