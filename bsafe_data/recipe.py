@@ -73,11 +73,13 @@ class SourceSpec(Strict):
     mapping: FieldMapping = Field(default_factory=FieldMapping)
     limit: int | None = Field(None, ge=1, description="read at most this many rows of this source")
 
-    @model_validator(mode="after")
-    def _one_location(self) -> SourceSpec:
-        if (self.path is None) == (self.hf is None):
+    @model_validator(mode="before")
+    @classmethod
+    def _one_location(cls, data: Any) -> Any:
+        # "before", so this is reported even when another field of the source is also wrong
+        if isinstance(data, dict) and (data.get("path") is None) == (data.get("hf") is None):
             raise ValueError("give exactly one of `path` or `hf`")
-        return self
+        return data
 
     @property
     def name(self) -> str:
@@ -273,7 +275,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ValueError(f"--set has an empty key: {item!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. `control.format=[BT {x}]`): take the text as given
     return path, value
 
 

@@ -77,7 +77,7 @@ def candidates(
             sentence = text[start:end]
             if len(sentence.split()) > long_sentence_words:
                 out.extend(Candidate(start + m.end(), i) for m in _WORD_END.finditer(sentence))
-        if i + 1 < len(spans):
+        if i + 1 < len(spans) and text[end].isspace():  # part2 must start with whitespace
             out.append(Candidate(end, i + 1))
     return out
 

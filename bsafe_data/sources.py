@@ -161,13 +161,16 @@ def conversation_from_record(record: Mapping[str, Any], mapping: FieldMapping) -
     """(context, response) from one record, using ``mapping`` or the common shapes. Raises _Reject."""
     if not isinstance(record, Mapping):
         raise _Reject("wrong_type", f"row is {type(record).__name__}, expected an object")
-    system = [("system", _text(record.get(mapping.system), mapping.system))] if mapping.system else []
+    system = []
+    if mapping.system and record.get(mapping.system):  # optional: null/empty cells add no turn
+        system = [("system", _text(record[mapping.system], mapping.system))]
 
     def has(name: str | None) -> bool:
-        return name is not None and name in record
+        # null cells do not count: mixed-shape parquet/HF datasets fill absent columns with null
+        return name is not None and record.get(name) is not None
 
-    messages = mapping.messages or ("messages" if "messages" in record else None)
-    conversations = mapping.conversations or ("conversations" if "conversations" in record else None)
+    messages = mapping.messages or "messages"
+    conversations = mapping.conversations or "conversations"
     if has(messages):
         turns = _turns_from_messages(record[messages], messages, "role", "content")
         return _split_last_answer(system + turns)
@@ -196,8 +199,13 @@ def conversation_from_record(record: Mapping[str, Any], mapping: FieldMapping) -
 
 
 def _records_jsonl(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8") as handle:
-        for line in handle:
+    with path.open("rb") as handle:
+        for raw in handle:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield _Reject("wrong_type", "line is not valid UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -207,8 +215,11 @@ def _records_jsonl(path: Path) -> Iterator[Any]:
 
 
 def _records_json(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8") as handle:
-        data = json.load(handle)
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: not a readable JSON file: {exc}") from None
     if isinstance(data, Mapping):  # {"data": [...]} or {"rows": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -222,12 +233,16 @@ def _records_json(path: Path) -> Iterator[Any]:
 def _records_parquet(path: Path) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+        raise SourceError(f"{path}: not a readable parquet file: {exc}") from None
+    for batch in parquet.iter_batches(batch_size=2048):
         yield from batch.to_pylist()
 
 
 def _records_csv(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8", newline="") as handle:
+    with path.open("r", encoding="utf-8", errors="replace", newline="") as handle:
         yield from csv.DictReader(handle)
 
 
