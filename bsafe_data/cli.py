@@ -156,7 +156,10 @@ def _print_summary(result) -> None:  # noqa: ANN001 - BuildResult, imported lazi
     out.print(table)
     total = result.timings.get("total", 0) or 1e-9
     resumed = f", {result.resumed_chunks} chunk(s) resumed" if result.resumed_chunks else ""
-    out.print(f"{funnel['source_rows'] / total:,.0f} source rows/s over {total:.1f} s{resumed}")
+    out.print(
+        f"{funnel['rows']:,} rows from {funnel['source_rows']:,} source rows in {total:.1f} s "
+        f"({funnel['rows'] / total:,.0f} rows/s){resumed}"
+    )
 
 
 @app.command()
