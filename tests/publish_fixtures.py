@@ -1,0 +1,169 @@
+"""Fixtures for the publish tests: a small `bsafe-data build`-style dataset folder, and a subprocess driver.
+
+``build_dataset_folder(path, rows)`` writes README.md (Hub YAML with ``default`` and ``rejected`` configs
+and an empty changelog block), ``data/*.parquet``, ``rejected/*.parquet``, recipe.yaml, manifest.json
+and a plot, like the builder does.
+
+Run as a script, this module is the test driver that runs inside a subprocess (so ``HF_ENDPOINT`` and
+friends are read by a fresh ``huggingface_hub``)::
+
+    python tests/publish_fixtures.py push '{"folder": ..., "repo_id": ..., "version": "1.0.0", ...}'
+    python tests/publish_fixtures.py load '{"repo_id": ..., "revisions": ["v1.0.0"], "configs": [...]}'
+
+Both print one JSON line prefixed with ``RESULT `` on stdout; a push error prints
+``{"error": message, "exit_code": n}`` instead and exits 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CHANGELOG_BLOCK = "<!-- changelog:start -->\n<!-- changelog:end -->\n"
+# 1x1 transparent PNG
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360000002"
+    "00000105a3d0d6a40000000049454e44ae426082"
+)
+
+
+def make_rows(n: int, *, tag: str = "a", start: int = 0) -> list[dict[str, Any]]:
+    """``n`` small rows with an id, a text, an int and a list column."""
+    return [
+        {
+            "id": f"{tag}-{i}",
+            "text": f"row {i} of batch {tag}",
+            "score": i * 7 % 11,
+            "labels": [tag, str(i % 3)],
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def default_rows(tag: str = "a") -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Rows per config and split, as the builder would write them."""
+    return {
+        "default": {"train": make_rows(8, tag=tag), "test": make_rows(3, tag=tag, start=100)},
+        "rejected": {"train": make_rows(4, tag=f"{tag}-rej")},
+    }
+
+
+def card_text(
+    rows: dict[str, dict[str, list[dict[str, Any]]]],
+    *,
+    pretty_name: str = "Test safety set",
+    changelog: str = CHANGELOG_BLOCK,
+) -> str:
+    """The README.md the builder writes: YAML header, markdown, an (empty) changelog block."""
+    configs = []
+    for name, splits in rows.items():
+        folder = "data" if name == "default" else name
+        entry: dict[str, Any] = {
+            "config_name": name,
+            "data_files": [{"split": s, "path": f"{folder}/{s}-*.parquet"} for s in splits],
+        }
+        if name == "default":
+            entry["default"] = True
+        configs.append(entry)
+    meta = {
+        "license": "cc-by-4.0",
+        "language": ["en"],
+        "pretty_name": pretty_name,
+        "task_categories": ["text-generation"],
+        "size_categories": ["n<1K"],
+        "tags": ["safety", "synthetic", "bsafe-data"],
+        "configs": configs,
+    }
+    header = yaml.safe_dump(meta, sort_keys=False)
+    return (
+        f"---\n{header}---\n\n# {pretty_name}\n\nA tiny dataset for the publish tests.\n\n"
+        f"## Changelog\n\n{changelog}"
+    )
+
+
+def build_dataset_folder(
+    path: Path,
+    rows: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
+    *,
+    recipe_text: str = "name: test\nversion: 1\nseed: 0\n",
+    shards: int = 1,
+) -> Path:
+    """Write a dataset folder like `bsafe-data build` does; returns ``path``."""
+    from datasets import Dataset
+
+    rows = rows if rows is not None else default_rows()
+    path.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, dict[str, int]] = {}
+    for name, splits in rows.items():
+        folder = path / ("data" if name == "default" else name)
+        folder.mkdir(exist_ok=True)
+        for old in folder.glob("*.parquet"):
+            old.unlink()
+        counts[name] = {}
+        for split, split_rows in splits.items():
+            counts[name][split] = len(split_rows)
+            chunks = [split_rows[i::shards] for i in range(shards)]
+            for i, chunk in enumerate(chunks):
+                columns = {key: [r[key] for r in chunk] for key in chunk[0]} if chunk else {}
+                filename = f"{split}-{i:05d}-of-{shards:05d}.parquet"
+                Dataset.from_dict(columns).to_parquet(str(folder / filename))
+    (path / "recipe.yaml").write_text(recipe_text)
+    manifest = {
+        "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest(),
+        "package_version": "0.1.0",
+        "seed": 0,
+        "funnel": {"source_rows": 20, "rows": 20, "kept": 11, "rejected": 4},
+        "counts": counts,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (path / "plots").mkdir(exist_ok=True)
+    (path / "plots" / "positions.png").write_bytes(PNG)
+    (path / "README.md").write_text(card_text(rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Subprocess driver
+# ------------------------------------------------------------------------------------------------
+def _push(args: dict[str, Any]) -> dict[str, Any]:
+    from bsafe_data.publish import PublishError, push_dataset
+
+    try:
+        result = push_dataset(args.pop("folder"), args.pop("repo_id"), args.pop("version"), **args)
+    except PublishError as exc:
+        return {"error": str(exc), "exit_code": exc.exit_code}
+    return {
+        "commit_sha": result.commit_sha,
+        "parent_sha": result.parent_sha,
+        "tag": result.tag,
+        "pr_url": result.pr_url,
+        "files": result.files,
+        "deleted": result.deleted,
+        "card_diff": result.card_diff,
+        "attempts": result.attempts,
+        "repo_id": result.repo_id,
+    }
+
+
+def _load(args: dict[str, Any]) -> dict[str, Any]:
+    from datasets import load_dataset
+
+    out: dict[str, Any] = {}
+    for revision in args["revisions"]:
+        out[revision] = {}
+        for config in args["configs"]:
+            ds = load_dataset(args["repo_id"], config, revision=revision)
+            out[revision][config] = {split: ds[split].to_list() for split in ds}
+    return out
+
+
+if __name__ == "__main__":
+    command, payload = sys.argv[1], json.loads(sys.argv[2])
+    result = _push(payload) if command == "push" else _load(payload)
+    print("RESULT " + json.dumps(result))
+    sys.exit(3 if "error" in result else 0)
