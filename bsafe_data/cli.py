@@ -97,6 +97,9 @@ def build(
         str | None, typer.Option(help="Replace the recipe's sources with one corpus (path or HF dataset id).")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="LLM response cache folder.")] = None,
+    push: Annotated[
+        bool, typer.Option("--push", help="Publish after the build (repo and version from `publish:`).")
+    ] = False,
     set_: SetOption = None,
 ) -> None:
     """Build a dataset folder from a recipe (resumes a killed run from its finished chunks)."""
@@ -110,6 +113,8 @@ def build(
             loaded.sources = [spec_from_cli(source)]
         except SourceError as exc:
             raise _fail(str(exc)) from None
+    if push and not (loaded.publish.repo and loaded.publish.version):
+        raise _fail("--push needs publish.repo and publish.version in the recipe (or --set publish.repo=…)")
     target = out_dir or Path(loaded.output.dir.format(name=loaded.name))
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -138,6 +143,17 @@ def build(
         except BuildError as exc:
             raise _fail(f"build failed: {exc}", 1) from None
     _print_summary(result)
+    if push:
+        from bsafe_data.publish import PublishError, push_dataset
+
+        spec = loaded.publish
+        try:
+            pushed = push_dataset(
+                target, spec.repo, spec.version, private=spec.private, gated=spec.gated, console=console
+            )
+        except PublishError as exc:
+            raise _fail(f"push failed: {exc}", 1) from None
+        out.print(f"published {pushed.repo_id} {pushed.tag} (commit {pushed.commit_sha}): {pushed.url}")
 
 
 def _print_summary(result) -> None:  # noqa: ANN001 - BuildResult, imported lazily

@@ -464,3 +464,27 @@ def test_hub_server_speaks_the_client_api(hub, tmp_path):
 
 def result_files(result: dict[str, Any]) -> list[str]:
     return [path for path, _ in result["files"]]
+
+
+def test_real_build_with_push_round_trips(hub, tmp_path):
+    """`bsafe-data build --push` publishes a real build; the tag loads the same rows as the folder."""
+    from datasets import load_dataset
+
+    env = hub_env(hub, tmp_path)
+    out = tmp_path / "real"
+    cli = str(Path(sys.executable).with_name("bsafe-data"))
+    proc = subprocess.run(
+        [cli, "build", str(REPO_ROOT / "recipes" / "bsafe_plus.yaml"), "--out", str(out), "--limit", "24",
+         "--push", "--set", "publish.repo=org/real", "--set", "publish.version=0.1.0"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "published org/real v0.1.0" in proc.stdout
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert hub.commit_count("org/real") == 1
+    remote = load(env, ["v0.1.0"], repo="org/real")["v0.1.0"]
+    for config in ("default", "rejected"):
+        local = load_dataset(str(out), config)
+        expected = {split: json.loads(json.dumps(local[split].to_list(), default=str)) for split in local}
+        assert remote[config] == expected, config
+    assert sum(len(v) for v in remote["default"].values()) > 0
