@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +57,7 @@ class PromptTemplate:
     system: jinja2.Template
     user: jinja2.Template
     static_system: bool = False  # the system template uses no variables: render it once
+    user_globals: dict[str, Any] = field(default_factory=dict)  # flattened once, see render_user
 
     def render(
         self,
@@ -81,8 +82,17 @@ class PromptTemplate:
         return self.system.render(variables).strip()
 
     def render_user(self, variables: dict[str, Any]) -> str:
-        """The user message text."""
-        return self.user.render(variables).strip()
+        """The user message text.
+
+        Same result as ``self.user.render(variables)``, minus Jinja's per-call copy of its globals
+        (a ChainMap) into a new dict: that copy was a third of the render time on the hot path.
+        """
+        template = self.user
+        context = template.new_context({**self.user_globals, **variables}, shared=True)
+        try:
+            return template.environment.concat(template.root_render_func(context)).strip()  # type: ignore[attr-defined]
+        except Exception:
+            return template.render(variables).strip()  # re-raise with Jinja's error reporting
 
     def _static_system_text(self) -> str:
         return _render_static(self.system)
@@ -121,9 +131,8 @@ def load_template(name: str = "continue_violation") -> PromptTemplate:
     )
     source = (folder / f"{stem}.system.j2").read_text(encoding="utf-8")
     static = not jinja2.meta.find_undeclared_variables(env.parse(source))
-    return PromptTemplate(
-        stem, env.get_template(f"{stem}.system.j2"), env.get_template(f"{stem}.user.j2"), static
-    )
+    user = env.get_template(f"{stem}.user.j2")
+    return PromptTemplate(stem, env.get_template(f"{stem}.system.j2"), user, static, dict(user.globals))
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -133,6 +142,9 @@ _CATEGORY = re.compile(r"<\s*category\s*>(.*?)(?:<\s*/\s*category\s*>|$)", re.I 
 _CATEGORY_OPEN = re.compile(r"<\s*/?\s*category\s*>", re.I)
 _ANY_TAG = re.compile(r"<\s*/?\s*(?:harmful|category|steering|bridge)\s*>", re.I)
 _FENCE = re.compile(r"^\s*```[\w-]*\s*\n?(.*?)\n?```\s*$", re.S)
+_WELL_FORMED = re.compile(
+    r"\s*([^<]*)<harmful>([^<]*)</harmful>\s*(?:<category>([^<]*)</category>)?\s*", re.I
+)
 _LABEL = re.compile(r"^\s*(?:steering|bridge|continuation)\s*:\s*", re.I)
 
 _REFUSAL_STRICT = re.compile(
@@ -185,7 +197,10 @@ class ParsedOutput:
 
 def _strip_echo(steering: str, part1: str) -> str:
     """Drop a repetition of part1 (whole, or its last sentence) at the start of the steering."""
-    steering = _LABEL.sub("", steering.strip())
+    steering = steering.strip()
+    if not steering:
+        return steering
+    steering = _LABEL.sub("", steering)
     head = part1.strip()
     if head and steering.startswith(head):
         return steering[len(head) :]
@@ -195,19 +210,11 @@ def _strip_echo(steering: str, part1: str) -> str:
     return steering
 
 
-def parse_output(text: str, part1: str, category: str, finish_reason: str | None = "stop") -> ParsedOutput:
-    """Parse a generator answer into steering + violation; see the module docstring for the rules."""
-    if finish_reason == "content_filter":
-        return ParsedOutput("refused", category=category, detail="finish_reason=content_filter")
-    if finish_reason == "length":
-        return ParsedOutput(
-            "truncated", category=category, detail="finish_reason=length (max_tokens reached)"
-        )
+def _split_messy(text: str, notes: list[str]) -> tuple[str, str, str | None] | None:
+    """Steering, violation and the model's category from an answer with irregular tags."""
     fenced = _FENCE.match(text)
     if fenced:
         text = fenced.group(1)
-    notes: list[str] = []
-
     opened = _OPEN.search(text)
     if opened:
         steering_raw = text[: opened.start()]
@@ -227,14 +234,36 @@ def parse_output(text: str, part1: str, category: str, finish_reason: str | None
     else:
         closed = _CLOSE.search(text)
         if not closed:
+            return None
+        steering_raw, violation_raw = "", text[: closed.start()]
+        notes.append("missing <harmful>")
+    found = _CATEGORY.search(text)
+    said = " ".join(_ANY_TAG.sub(" ", found.group(1)).split()) if found else None
+    return _ANY_TAG.sub(" ", steering_raw), _ANY_TAG.sub(" ", violation_raw), said
+
+
+def parse_output(text: str, part1: str, category: str, finish_reason: str | None = "stop") -> ParsedOutput:
+    """Parse a generator answer into steering + violation; see the module docstring for the rules."""
+    if finish_reason == "content_filter":
+        return ParsedOutput("refused", category=category, detail="finish_reason=content_filter")
+    if finish_reason == "length":
+        return ParsedOutput(
+            "truncated", category=category, detail="finish_reason=length (max_tokens reached)"
+        )
+    notes: list[str] = []
+    clean = _WELL_FORMED.fullmatch(text)  # the common case, without the slower general parser
+    if clean:
+        steering_raw, violation_raw, said = clean.group(1), clean.group(2), clean.group(3)
+    else:
+        split = _split_messy(text, notes)
+        if split is None:
             if looks_like_refusal(text, anywhere=True):
                 return ParsedOutput("refused", category=category, detail="refusal without <harmful>")
             return ParsedOutput("unparseable", category=category, detail="no <harmful> span")
-        steering_raw, violation_raw, after = "", text[: closed.start()], text[closed.end() :]
-        notes.append("missing <harmful>")
+        steering_raw, violation_raw, said = split
 
-    steering = _ANY_TAG.sub(" ", _strip_echo(steering_raw, part1)).strip()
-    violation = _ANY_TAG.sub(" ", violation_raw).strip()
+    steering = _strip_echo(steering_raw, part1).strip()
+    violation = violation_raw.strip()
     if not violation:
         if looks_like_refusal(text, anywhere=True):
             return ParsedOutput("refused", category=category, detail="refusal with an empty <harmful> span")
@@ -245,10 +274,9 @@ def parse_output(text: str, part1: str, category: str, finish_reason: str | None
         return ParsedOutput("refused", category=category, detail="refusal before <harmful>")
 
     model_category = None
-    found = _CATEGORY.search(text)
-    if found:
-        said = " ".join(_ANY_TAG.sub(" ", found.group(1)).split())
-        if said and _category_key(said) != _category_key(category):
+    if said:
+        said = said.strip()
+        if said and said != category and _category_key(said) != _category_key(category):
             model_category = said[:80]
             notes.append(f"model named category {model_category!r}")
     return ParsedOutput(

@@ -22,10 +22,18 @@ REPO = Path(__file__).parent.parent
 
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
-    """Keep HF and bsafe-data caches inside the test's temp folder."""
+    """Keep HF and bsafe-data caches inside temp folders; a fresh `datasets` cache per test.
+
+    `datasets` reads HF_DATASETS_CACHE at import, so the in-process value is patched too: a cache
+    shared across tests can hand back another folder's rows for the same data file names.
+    """
+    import datasets
+
     home = tmp_path_factory.getbasetemp() / "hf_home"
+    per_test = tmp_path_factory.mktemp("datasets_cache")
     monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(per_test))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", per_test)
     monkeypatch.setenv("BSAFE_DATA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bsafe_cache"))
 
 

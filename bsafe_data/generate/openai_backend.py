@@ -1,0 +1,356 @@
+"""Generator backend for OpenAI-compatible chat endpoints (OpenAI, vLLM, llama.cpp, TGI, ...).
+
+Each request is rendered from the prompt template, looked up in the response cache, and otherwise
+sent through the lean aiohttp engine (``bsafe_data.llm.client``). Answers are parsed with
+``bsafe_data.inject.parse_output``. A refused, unparseable or truncated answer is re-asked with the
+next seed (``seed + attempt``) and a reminder in the prompt, up to ``refusal_retries`` times; after
+that the row gets ``generator_refused`` (last answer a refusal) or ``generator_unparseable`` (last
+answer unparseable or truncated). A request whose transport retries run out gets
+``generator_error``. ``FatalEndpointError`` (bad key, wrong URL) propagates and stops the run.
+
+The ``usage`` attribute is cumulative over the generator's lifetime and readable after each batch:
+``requests`` (HTTP requests sent, retries included), ``cache_hits``, ``retries`` (transport
+retries), ``content_retries`` (re-asks after refusals/unparseable answers), ``input_tokens``,
+``output_tokens`` (as reported by the server, cache hits excluded), ``cost_usd`` (from
+``prices``: USD per 1M ``input``/``output`` tokens), and row outcomes ``refused``, ``unparseable``,
+``errors``.
+
+Each batch runs on the generator's own event loop; its answers are committed to the cache before
+``generate_batch`` returns. While a batch runs, the objects that existed before it are frozen for
+the garbage collector (``gc.freeze``), so full collections do not stall the loop by re-scanning the
+whole heap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bsafe_data.generate.base import Generation, GenerationRequest
+from bsafe_data.inject import (
+    TEMPLATE_VERSION,
+    ParsedOutput,
+    load_template,
+    parse_output,
+    template_variables,
+)
+from bsafe_data.llm.cache import CachedResponse, ResponseCache, request_key
+from bsafe_data.llm.client import DEFAULT_BASE_URL, ChatEngine, check_endpoint
+from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.recipe import GeneratorSpec
+
+T = TypeVar("T")
+
+_CACHE_STATUS = {"ok": "ok", "unparseable": "ok", "refused": "refused", "truncated": "truncated"}
+_ERROR_CODE = {
+    "refused": "generator_refused",
+    "unparseable": "generator_unparseable",
+    "truncated": "generator_unparseable",
+}
+_PROGRESS_EVERY_S = 0.2
+_SEED_MOD = 1 << 63
+_USER_MARK = "\x00user\x00"
+_SEED_MARK = "\x00seed\x00"
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Freeze the objects that exist before a batch (``gc.freeze``) while it runs.
+
+    A full collection during a batch would otherwise re-scan the whole heap (tokenizers, datasets,
+    SDK modules: 100+ ms stalls of the event loop, measured); objects created by the batch are
+    still collected as usual. Skipped when the caller already froze objects itself.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _off_running_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Call ``fn(*args)`` here, or in a helper thread when this thread already runs an event loop
+    (e.g. a notebook), since a second loop cannot run in the same thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
+
+
+class OpenAIGenerator:
+    """``Generator`` (backend ``"openai"``) for any OpenAI-compatible ``/chat/completions`` endpoint."""
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        spec: GeneratorSpec,
+        cache_dir: Path | None = None,
+        progress: Callable[[dict], None] | None = None,
+        *,
+        backoff_base_s: float = 0.5,
+        check: bool = True,
+    ):
+        """Set up the engine and cache; no network traffic until the first batch.
+
+        ``check=False`` skips the ``GET /models`` check made before the first batch.
+        """
+        self.spec = spec
+        self.model = spec.model
+        self.template = spec.template
+        self._prompt = load_template(spec.template)
+        self.base_url = spec.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        self._api_key = os.environ.get(spec.api_key_env) or "EMPTY"
+        self._cache = ResponseCache(cache_dir, background=True)
+        self._engine = ChatEngine(
+            self.base_url,
+            self._api_key,
+            max_concurrency=spec.max_concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            requests_per_minute=spec.requests_per_minute,
+            tokens_per_minute=spec.tokens_per_minute,
+            backoff_base_s=backoff_base_s,
+        )
+        self.endpoint = self._engine.endpoint
+        self._progress = progress
+        self._checked = not check
+        self._loop: asyncio.AbstractEventLoop | None = None
+        prices = spec.prices or {}
+        self._price_in = float(prices.get("input", 0.0)) / 1e6
+        self._price_out = float(prices.get("output", 0.0)) / 1e6
+        self._counts = {"cache_hits": 0, "content_retries": 0, "refused": 0, "unparseable": 0, "errors": 0}
+        self._skeletons: dict[str, tuple[str, str, str]] = {}
+        self._sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "max_tokens": spec.max_tokens}
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def usage(self) -> dict[str, Any]:
+        """Cumulative usage counters (see the module docstring)."""
+        stats = self._engine.stats
+        cost = stats.input_tokens * self._price_in + stats.output_tokens * self._price_out
+        return {
+            "requests": stats.requests,
+            "cache_hits": self._counts["cache_hits"],
+            "retries": stats.retries,
+            "content_retries": self._counts["content_retries"],
+            "input_tokens": stats.input_tokens,
+            "output_tokens": stats.output_tokens,
+            "cost_usd": round(cost, 6),
+            "refused": self._counts["refused"],
+            "unparseable": self._counts["unparseable"],
+            "errors": self._counts["errors"],
+        }
+
+    def check(self) -> list[str] | None:
+        """Check the endpoint and key with ``GET /models`` (done once before the first batch).
+
+        Raises ``FatalEndpointError`` if the key is rejected or the endpoint unreachable.
+        """
+        served = self._run(check_endpoint(self.base_url, self._api_key, self.model, self.spec.timeout_s))
+        self._checked = True
+        return served
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """One ``Generation`` per request, in order. Raises ``FatalEndpointError`` to stop the run."""
+        if not requests:
+            return []
+        if not self._checked:
+            self.check()
+        with _frozen_heap():
+            return self._run(self._agenerate(list(requests)))
+
+    def close(self) -> None:
+        """Close connections, the event loop and the cache (pending cache rows are committed)."""
+        loop, self._loop = self._loop, None
+        try:
+            if loop is not None and not loop.is_closed():
+                _off_running_loop(self._shutdown, loop)
+        finally:
+            self._cache.close()
+
+    def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(self._engine.close())
+        loop.close()
+
+    def __enter__(self) -> OpenAIGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the generator's own loop (in a helper thread if a loop already runs here)."""
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+        return _off_running_loop(self._run_on, self._loop, coro)
+
+    @staticmethod
+    def _run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+        task = loop.create_task(coro)
+        try:
+            return loop.run_until_complete(task)
+        except BaseException:  # Ctrl-C or a fatal error: stop the workers before leaving
+            if not task.done():
+                task.cancel()
+                with suppress(BaseException):
+                    loop.run_until_complete(task)
+            raise
+
+    def _payload(self, system: str, user: Any, seed: Any) -> dict[str, Any]:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": user})
+        return {"model": self.model, "messages": messages, "seed": seed, **self._sampling}
+
+    def _skeleton(self, system: str) -> tuple[str, str, str]:
+        """Canonical body split around the user text and the seed: splicing skips re-serialising
+        the (long, constant) system prompt for every row. Gives the same bytes as ``json.dumps``."""
+        found = self._skeletons.get(system)
+        if found is None:
+            text = json.dumps(
+                self._payload(system, _USER_MARK, _SEED_MARK), sort_keys=True, separators=(",", ":")
+            )
+            head, rest = text.split(json.dumps(_USER_MARK), 1)
+            middle, tail = rest.split(json.dumps(_SEED_MARK), 1)  # "messages" sorts before "seed"
+            found = self._skeletons[system] = (head, middle, tail)
+        return found
+
+    def _body(self, request: GenerationRequest, attempt: int) -> tuple[bytes, str]:
+        """Canonical JSON request body (sorted keys, compact) and its cache key."""
+        base = self.spec.seed if self.spec.seed is not None else request.seed
+        seed = (base + attempt) % _SEED_MOD
+        variables = template_variables(request.context, request.part1, request.category, attempt)
+        system = self._prompt.render_system(variables)
+        user = self._prompt.render_user(variables)
+        if self._prompt.static_system:
+            head, middle, tail = self._skeleton(system)
+            text = f"{head}{json.dumps(user)}{middle}{seed}{tail}"
+        else:
+            text = json.dumps(self._payload(system, user, seed), sort_keys=True, separators=(",", ":"))
+        body = text.encode()
+        return body, request_key(body, TEMPLATE_VERSION)
+
+    async def _agenerate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        engine, cache, counts = self._engine, self._cache, self._counts
+        await engine.open()
+        total = len(requests)
+        first: dict[int, tuple[bytes, str]] = {}
+        hits: dict[str, CachedResponse] = {}
+        chunk = max(32, min(256, engine.max_concurrency))
+
+        def rows() -> Iterator[int]:
+            """Row indices; bodies and cache hits are prepared a chunk at a time, as workers reach
+            them, so the first requests leave at once instead of after preparing the whole batch."""
+            for start in range(0, total, chunk):
+                stop = min(total, start + chunk)
+                for index in range(start, stop):
+                    first[index] = self._body(requests[index], 0)
+                hits.update(cache.get_many([first[i][1] for i in range(start, stop)]))
+                yield from range(start, stop)
+
+        results: list[Generation | None] = [None] * total
+        max_attempts = self.spec.refusal_retries + 1
+        tracks_tokens = engine.tracks_tokens
+        max_tokens = self.spec.max_tokens
+        progress = self._progress
+        done = 0
+        last_report = time.monotonic()
+
+        async def handle(index: int) -> None:
+            nonlocal done, last_report
+            request = requests[index]
+            row = {"requests": 0, "cache_hits": 0, "retries": 0, "input_tokens": 0, "output_tokens": 0}
+            parsed: ParsedOutput | None = None
+            result: Generation | None = None
+            for attempt in range(max_attempts):
+                if attempt:
+                    counts["content_retries"] += 1
+                    body, key = self._body(request, attempt)
+                    hit = cache.get(key)
+                else:
+                    body, key = first.pop(index)
+                    hit = hits.pop(key, None)
+                if hit is not None:
+                    row["cache_hits"] += 1
+                    counts["cache_hits"] += 1
+                    parsed = parse_output(hit.text, request.part1, request.category, hit.finish_reason)
+                else:
+                    est = len(body) // 4 + max_tokens if tracks_tokens else 0
+                    try:
+                        answer = await engine.complete(body, est)
+                    except RequestFailed as exc:
+                        row["requests"] += exc.attempts
+                        row["retries"] += exc.attempts - 1
+                        cache.put(key, model=self.model, status="error", text="", detail=exc.reason)
+                        counts["errors"] += 1
+                        result = Generation(
+                            category=request.category, error="generator_error", detail=exc.reason, usage=row
+                        )
+                        break
+                    row["requests"] += answer.attempts
+                    row["retries"] += answer.attempts - 1
+                    row["input_tokens"] += answer.input_tokens
+                    row["output_tokens"] += answer.output_tokens
+                    parsed = parse_output(answer.text, request.part1, request.category, answer.finish_reason)
+                    cache.put(
+                        key,
+                        model=self.model,
+                        status=_CACHE_STATUS[parsed.status],
+                        text=answer.text,
+                        finish_reason=answer.finish_reason,
+                        input_tokens=answer.input_tokens,
+                        output_tokens=answer.output_tokens,
+                        detail=parsed.detail,
+                    )
+                if parsed.status == "ok":
+                    result = Generation(
+                        steering=parsed.steering,
+                        violation=parsed.violation,
+                        category=parsed.category,
+                        detail=parsed.detail,
+                        usage=row,
+                    )
+                    break
+            if result is None:
+                assert parsed is not None
+                counts["refused" if parsed.status == "refused" else "unparseable"] += 1
+                detail = f"{parsed.detail} (after {max_attempts} attempt(s))"
+                result = Generation(
+                    category=request.category, error=_ERROR_CODE[parsed.status], detail=detail, usage=row
+                )
+            results[index] = result
+            done += 1
+            if progress is not None:
+                now = time.monotonic()
+                if now - last_report >= _PROGRESS_EVERY_S:
+                    last_report = now
+                    progress({"done": done, "total": total, **self.usage})
+
+        try:
+            await engine.run(rows(), handle, total)
+        finally:
+            cache.flush()
+        if progress is not None:
+            progress({"done": done, "total": total, **self.usage})
+        return [
+            r if r is not None else Generation(error="generator_error", detail="not run") for r in results
+        ]

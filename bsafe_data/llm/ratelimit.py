@@ -1,0 +1,130 @@
+"""Client-side rate limiting: requests and tokens per minute, plus the server's own headers.
+
+Token buckets are refilled continuously and hold at most ten seconds' worth of budget, so a
+fresh run does not fire a full minute of requests in the first instant. A request reserves its
+estimated tokens (prompt estimate + ``max_tokens``) and the reservation is corrected with the usage
+the server reports. ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` headers and 429
+``Retry-After`` values pause new requests until the reported reset. With no limits configured and
+no pause pending, ``acquire`` costs one clock read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+from bsafe_data.llm.retry import parse_duration_s
+
+_BURST_S = 10.0
+_MAX_HEADER_PAUSE_S = 120.0
+
+
+class _Bucket:
+    """A continuously refilled budget that may go into debt (large single reservations)."""
+
+    def __init__(self, per_minute: int):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * _BURST_S)
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float, now: float) -> float:
+        """Seconds until ``amount`` (capped at capacity) is available."""
+        self.refill(now)
+        need = min(amount, self.capacity) - self.level
+        return 0.0 if need <= 0 else need / self.rate
+
+
+class RateLimiter:
+    """RPM/TPM limiter shared by all in-flight requests of one engine."""
+
+    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None):
+        self._rpm = _Bucket(requests_per_minute) if requests_per_minute else None
+        self._tpm = _Bucket(tokens_per_minute) if tokens_per_minute else None
+        self._limited = self._rpm is not None or self._tpm is not None
+        self._not_before = 0.0
+        self._header_checks = 20
+        self._lock: asyncio.Lock | None = None
+        self.waited_s = 0.0
+
+    @property
+    def tracks_tokens(self) -> bool:
+        """True when reservations need a token estimate."""
+        return self._tpm is not None
+
+    async def acquire(self, tokens: int = 0) -> None:
+        """Wait until one request with ``tokens`` estimated tokens may be sent, and reserve it."""
+        now = time.monotonic()
+        if now < self._not_before:
+            await self._sleep(self._not_before - now)
+        if not self._limited:
+            return
+        await self._reserve(tokens)
+
+    def idle(self) -> bool:
+        """True when ``acquire`` would return at once without reserving anything (fast path)."""
+        return not self._limited and time.monotonic() >= self._not_before
+
+    async def _reserve(self, tokens: int) -> None:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # FIFO: the first waiter is served first
+            while True:
+                now = time.monotonic()
+                wait = max(
+                    self._rpm.wait_for(1, now) if self._rpm else 0.0,
+                    self._tpm.wait_for(tokens, now) if self._tpm else 0.0,
+                    self._not_before - now,
+                )
+                if wait <= 0:
+                    break
+                await self._sleep(wait)
+            if self._rpm:
+                self._rpm.level -= 1
+            if self._tpm:
+                self._tpm.level -= tokens
+
+    def settle(self, reserved: int, used: int) -> None:
+        """Correct a reservation with the tokens the server reports having used."""
+        if self._tpm is not None:
+            self._tpm.level = min(self._tpm.capacity, self._tpm.level + reserved - used)
+
+    def pause_for(self, seconds: float) -> None:
+        """Hold back every new request for ``seconds`` (429 Retry-After, exhausted quota)."""
+        if seconds > 0:
+            self._not_before = max(self._not_before, time.monotonic() + min(seconds, _MAX_HEADER_PAUSE_S))
+
+    def observe(self, headers: Mapping[str, str], tokens: int = 0) -> None:
+        """Honour ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` response headers.
+
+        Servers that sent none in their first 20 responses (vLLM, llama.cpp) are not asked again.
+        """
+        if self._header_checks <= 0:
+            return
+        if "x-ratelimit-remaining-requests" not in headers and "x-ratelimit-remaining-tokens" not in headers:
+            self._header_checks -= 1
+            return
+        self._header_checks = 1 << 62  # the server sends them: keep reading them
+        remaining = headers.get("x-ratelimit-remaining-requests")
+        if remaining is not None:
+            try:
+                if float(remaining) < 1:
+                    self.pause_for(parse_duration_s(headers.get("x-ratelimit-reset-requests")) or 1.0)
+            except ValueError:
+                pass
+        remaining = headers.get("x-ratelimit-remaining-tokens")
+        if remaining is not None:
+            try:
+                if float(remaining) < max(1, tokens):
+                    self.pause_for(parse_duration_s(headers.get("x-ratelimit-reset-tokens")) or 1.0)
+            except ValueError:
+                pass
+
+    async def _sleep(self, seconds: float) -> None:
+        self.waited_s += seconds
+        await asyncio.sleep(seconds)

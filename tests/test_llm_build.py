@@ -1,0 +1,165 @@
+"""Whole builds with `generator.provider: openai` against the local OpenAI-compatible test server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from datasets import load_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from openai_server import ServerProcess  # noqa: E402
+
+from tests.conftest import REPO  # noqa: E402
+
+CLI = str(Path(sys.executable).with_name("bsafe-data"))
+FLAGSHIP = str(REPO / "recipes" / "bsafe_plus.yaml")
+KEY = "sk-test-secret-4242"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(model="gen-model", api_key=KEY) as srv:
+        yield srv
+
+
+def write_corpus(path: Path, n: int, markers: dict[int, str] | None = None) -> Path:
+    markers = markers or {}
+    with path.open("w") as handle:
+        for i in range(n):
+            prompt = f"How should I plan a weekend trip, part {i}? {markers.get(i, '')}".strip()
+            response = (
+                "Start by choosing a place within three hours of home. Book somewhere to sleep early. "
+                "Pack light and check the weather the night before. Leave one afternoon unplanned."
+            )
+            handle.write(json.dumps({"id": f"t{i}", "prompt": prompt, "response": response}) + "\n")
+    return path
+
+
+def build(server: ServerProcess, corpus: Path, out: Path, cache: Path, *extra: str, wait: bool = True):
+    args = [
+        CLI, "build", FLAGSHIP, "--out", str(out), "--source", str(corpus), "--cache-dir", str(cache),
+        "--set", "generator.provider=openai", "--set", "generator.model=gen-model",
+        "--set", f"generator.base_url={server.url}", "--set", "generator.api_key_env=BSAFE_TEST_KEY",
+        "--set", "generator.timeout_s=2", "--set", "generator.max_retries=3",
+        "--set", "sampling.variants_per_answer=1", "--set", "sampling.clean_fraction=0.2", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "BSAFE_TEST_KEY": KEY}
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert KEY not in proc.stdout + proc.stderr
+    return proc
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_rerun_and_relabel_make_zero_requests(server, tmp_path):
+    server.reset()
+    corpus = write_corpus(tmp_path / "c.jsonl", 40)
+    cache = tmp_path / "cache"
+    first = build(server, corpus, tmp_path / "a", cache)
+    assert first.returncode == 0, first.stderr
+    sent = server.stats()["chat"]
+    usage = manifest(tmp_path / "a")["usage"]
+    assert sent > 0 and usage["requests"] == sent and usage["cache_hits"] == 0
+    assert manifest(tmp_path / "a")["timings"]["generate"] > 0
+    rows = load_dataset(str(tmp_path / "a"))["train"]
+    assert any(r["kind"] == "injected" and r["generator"]["model"] == "gen-model" for r in rows)
+
+    again = build(server, corpus, tmp_path / "b", cache)
+    assert again.returncode == 0, again.stderr
+    assert server.stats()["chat"] == sent  # the server's own counter: nothing new
+    assert manifest(tmp_path / "b")["usage"]["cache_hits"] == usage["requests"]
+    for rel in ("data/train-00000-of-00001.parquet", "rejected/train-00000-of-00001.parquet"):
+        if (tmp_path / "a" / rel).exists():
+            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+
+    relabel_args = (
+        "--set",
+        "control.format=<bt {x} {category}>",
+        "--set",
+        "filters.classifiers.0.threshold=0.9",
+    )
+    relabel = build(server, corpus, tmp_path / "c", cache, *relabel_args)
+    assert relabel.returncode == 0, relabel.stderr
+    assert server.stats()["chat"] == sent
+    injected = [r for r in load_dataset(str(tmp_path / "c"))["train"] if r["kind"] == "injected"]
+    assert injected and all(r["completion"].startswith("<bt ") for r in injected)
+
+
+def test_faults_are_survived_and_the_funnel_adds_up(server, tmp_path):
+    server.reset()
+    markers = {
+        1: "[[fault:429:2]]", 2: "[[fault:500:1]]", 3: "[[fault:malformed:1]]", 4: "[[fault:hang:1]]",
+        5: "[[fault:refuse:0]]", 6: "[[fault:truncate:1]]", 7: "[[fault:503:0]]", 8: "[[fault:notags:0]]",
+        9: "[[fault:drop:1]]",
+    }  # fmt: skip
+    corpus = write_corpus(tmp_path / "c.jsonl", 24, markers)
+    proc = build(server, corpus, tmp_path / "out", tmp_path / "cache", "--set", "sampling.clean_fraction=0")
+    assert proc.returncode == 0, proc.stderr
+    m = manifest(tmp_path / "out")
+    funnel = m["funnel"]
+    assert funnel["rows"] == 24 == funnel["kept"] + funnel["rejected"]
+    reasons = {r["id"]: r["reasons"][0] for r in load_dataset(str(tmp_path / "out"), "rejected")["train"]}
+    assert reasons.get("t5/v0") == "generator_refused"
+    assert reasons.get("t7/v0") == "generator_error"
+    assert reasons.get("t8/v0") == "generator_unparseable"
+    kept = {r["id"] for r in load_dataset(str(tmp_path / "out"))["train"]} | {
+        r["id"] for r in load_dataset(str(tmp_path / "out"))["test"]
+    }
+    for transient in ("t1/v0", "t2/v0", "t3/v0", "t4/v0", "t6/v0", "t9/v0"):
+        assert transient in kept or reasons.get(transient) in {"violation_not_flagged", "context_flagged"}
+    assert m["usage"]["retries"] >= 6
+
+
+def test_fatal_endpoint_error_stops_early_without_traceback(server, tmp_path):
+    server.reset()
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    proc = build(
+        server, corpus, tmp_path / "out", tmp_path / "cache", "--set", "generator.api_key_env=NO_SUCH_KEY"
+    )
+    assert proc.returncode == 1
+    assert "401" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_sigkill_mid_generation_then_resume(server, tmp_path):
+    """Kill during generation; the re-run loses at most in-flight requests and duplicates no row."""
+    server.reset(latency_s=0.02)
+    corpus = write_corpus(tmp_path / "c.jsonl", 150)
+    cache = tmp_path / "cache"
+    extra = ("--set", "output.chunk_rows=30", "--set", "generator.max_concurrency=4")
+    proc = build(server, corpus, tmp_path / "out", cache, *extra, wait=False)
+    deadline = time.time() + 120
+    while time.time() < deadline and server.stats()["chat"] < 60:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = server.stats()["chat"]
+    assert 0 < before and not (tmp_path / "out" / "manifest.json").exists()
+    resumed = build(server, corpus, tmp_path / "out", cache, *extra)
+    assert resumed.returncode == 0, resumed.stderr
+    after = server.stats()["chat"]
+    assert after > before  # the rest was generated by the re-run
+    ids, kinds = [], []
+    for path in sorted((tmp_path / "out").glob("*/*.parquet")):
+        table = pq.read_table(path, columns=["id", "kind"])
+        ids += table.column("id").to_pylist()
+        kinds += table.column("kind").to_pylist()
+    assert len(ids) == len(set(ids)) == 150
+    # answers received before the kill came from the cache: over both runs the server saw at most one
+    # request per injected row, plus what was in flight (4) and the answers of the cache writer's last
+    # commit window (50 ms at ~200 answers/s here, so about 10) when the process died
+    injected = kinds.count("injected")
+    assert injected > 100 and after <= injected + 4 + 12
