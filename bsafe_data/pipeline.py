@@ -207,7 +207,7 @@ def build(
     timings["setup"] += time.perf_counter() - started
     work = prepare_work_dir(out_dir, recipe, limit)
     parts: list[ChunkStats] = []
-    resumed = 0
+    resumed = done_rows = kept = rejected = 0
     try:
         items = read_sources(recipe.sources, limit)
         for index, chunk in enumerate(_chunks(items, recipe.output.chunk_rows)):
@@ -224,16 +224,12 @@ def build(
                 _write_chunk(work, index, out, stats)
                 timings["write_chunks"] += time.perf_counter() - t0
                 parts.append(stats)
-            if progress:
-                total = merge_stats(parts)
-                progress(
-                    {
-                        "source_rows": total.source_rows,
-                        "kept": sum(total.kept.values()),
-                        "rejected": total.rejected,
-                        "usage": getattr(generator, "usage", {}),
-                    }
-                )
+            if progress:  # running totals: merging every chunk's stats each time would be quadratic
+                done_rows += parts[-1].source_rows
+                kept += sum(parts[-1].kept.values())
+                rejected += parts[-1].rejected
+                usage = getattr(generator, "usage", {})
+                progress({"source_rows": done_rows, "kept": kept, "rejected": rejected, "usage": usage})
     except Exception as exc:
         if exc.__class__.__name__ in {"SourceError", "FatalEndpointError"}:
             raise BuildError(str(exc)) from None
