@@ -29,7 +29,8 @@ from bsafe_data.pipeline import build
 from bsafe_data.recipe import load_recipe
 n, work = int(sys.argv[1]), Path(sys.argv[2])
 corpus = write_corpus(work / "corpus.jsonl", n)
-recipe = load_recipe({recipe!r}, ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=1"])
+overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=1"]
+recipe = load_recipe({recipe!r}, overrides)
 start = time.perf_counter()
 result = build(recipe, work / "out")
 elapsed = time.perf_counter() - start

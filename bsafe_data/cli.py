@@ -292,7 +292,11 @@ def cache_prune_command(
 
 
 def _register_optional_commands() -> None:
-    """Commands that live in their own modules (publishing, cache)."""
+    """Commands that live in their own modules (publishing, cache, refilter, stats)."""
+    from bsafe_data.classify.cli import refilter_command, stats_command
+
+    app.command("refilter")(refilter_command)
+    app.command("stats")(stats_command)
     try:
         from bsafe_data.publish.cli import push_command
     except ImportError:

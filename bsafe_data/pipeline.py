@@ -20,7 +20,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bsafe_data.classify.builtin import BuiltinClassifier
 from bsafe_data.generate.base import Generator
 from bsafe_data.methods.bsafe_plus import BsafePlusMethod, ChunkOutput
 from bsafe_data.recipe import Recipe
@@ -162,11 +161,16 @@ def prepare_work_dir(out_dir: Path, recipe: Recipe, limit: int | None) -> Path:
     return work
 
 
-def make_classifiers(recipe: Recipe) -> list[BuiltinClassifier]:
-    """The filter's classifier backends."""
-    if not recipe.filters.enabled:
-        return []
-    return [BuiltinClassifier(spec.name, spec.threshold) for spec in recipe.filters.classifiers]
+def make_classifiers(recipe: Recipe, cache_dir: Path | None = None) -> list[Any]:
+    """The filter's classifier backends (``bsafe_data.classify.factory``); HTTP and local-model
+    backends answer from the response cache in ``cache_dir`` (default: the engine's)."""
+    from bsafe_data.classify.factory import make_classifiers as factory
+    from bsafe_data.classify.local import LocalModelUnavailable
+
+    try:
+        return factory(recipe, cache_dir)
+    except (LocalModelUnavailable, ValueError) as exc:
+        raise BuildError(str(exc)) from None
 
 
 def make_generator(recipe: Recipe, cache_dir: Path | None) -> Generator:
@@ -202,7 +206,12 @@ def build(
     own_generator = generator is None
     generator = generator or make_generator(recipe, cache_dir)
     method = BsafePlusMethod(
-        recipe, nlp, tokenizers, generator, make_classifiers(recipe), multi_source=len(recipe.sources) > 1
+        recipe,
+        nlp,
+        tokenizers,
+        generator,
+        make_classifiers(recipe, cache_dir),
+        multi_source=len(recipe.sources) > 1,
     )
     timings["setup"] += time.perf_counter() - started
     work = prepare_work_dir(out_dir, recipe, limit)

@@ -9,10 +9,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 #: RLBF's 18 categories: the default taxonomy.
 RLBF_CATEGORIES: tuple[str, ...] = (
@@ -189,21 +198,264 @@ class TokenizerSpec(Strict):
         return list(dict.fromkeys([self.primary, *self.extra]))
 
 
-class ClassifierSpec(Strict):
-    """One classifier backend."""
+#: The spans a classifier can score: the inserted text, the original text before and after it, and
+#: the whole original (source) answer.
+Target = Literal["violation", "part1", "part2", "response"]
+ALL_TARGETS: tuple[str, ...] = ("violation", "part1", "part2", "response")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
-    name: str = "builtin"
-    provider: Literal["builtin"] = "builtin"
+
+class _ClassifierBase(Strict):
+    """Fields every classifier backend has."""
+
+    name: str = Field("builtin", pattern=_NAME_PATTERN, description="unique name recorded in `scores`")
     threshold: float = Field(0.5, ge=0, le=1, description="score at or above which text is unsafe")
+    targets: list[Target] | None = Field(
+        None, description="spans to score (default: all four; llm_judge: violation)"
+    )
+
+    @property
+    def scored_targets(self) -> list[str]:
+        """The targets this classifier scores."""
+        return list(self.targets) if self.targets is not None else list(ALL_TARGETS)
+
+
+class ClassifierSpec(_ClassifierBase):
+    """The embedded offline classifier (profanity model + personal-data patterns)."""
+
+    provider: Literal["builtin"] = "builtin"
+
+
+class _EndpointSpec(_ClassifierBase):
+    """A classifier behind an OpenAI-compatible HTTP endpoint."""
+
+    model: str = Field(..., description="model name sent to the endpoint")
+    base_url: str | None = Field(None, description="endpoint; default $OPENAI_BASE_URL")
+    api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the API key")
+    max_concurrency: int = Field(16, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+
+
+class ModerationSpec(_EndpointSpec):
+    """OpenAI's moderation endpoint (`POST /moderations`); score = the highest category score."""
+
+    provider: Literal["openai_moderation"]
+    model: str = "omni-moderation-latest"
+    batch_size: int = Field(32, ge=1, le=256, description="texts per request")
+    category_threshold: float = Field(0.5, ge=0, le=1, description="category score recorded from")
+
+
+class LlamaGuardSpec(_EndpointSpec):
+    """Llama Guard 3/4 served over a chat API: answers `safe` or `unsafe` + `S1,S10`."""
+
+    provider: Literal["llama_guard"]
+    version: Literal[3, 4] = Field(3, description="Llama Guard generation (prompt format of `raw` mode)")
+    prompt_format: Literal["chat", "raw"] = Field(
+        "chat",
+        description="chat: send the conversation, the server's chat template builds the guard prompt; "
+        "raw: render the full guard prompt and call /completions",
+    )
+    hazards: list[str] | None = Field(None, description="S-codes to check (raw mode; default S1-S14)")
+    logprobs: bool = Field(True, description="ask for logprobs: P(unsafe) instead of 0/1 when returned")
+
+
+class GuardSpec(_EndpointSpec):
+    """A yes/no guard (ShieldGemma, WildGuard style): prompt template + output parser."""
+
+    provider: Literal["guard"]
+    preset: Literal["shieldgemma", "wildguard"] | None = Field(
+        None, description="fills template, api, patterns and tokens with the model's documented format"
+    )
+    template: str | None = Field(
+        None, description="Jinja prompt with {{ prompt }} (user turn), {{ response }}, {{ policy }}"
+    )
+    api: Literal["chat", "completions"] | None = Field(None, description="default: chat (preset decides)")
+    policy: str | None = Field(None, description="policy text for {{ policy }}")
+    unsafe_pattern: str | None = Field(None, description="regex: a match in the output means unsafe")
+    safe_pattern: str | None = Field(None, description="regex: a match means safe (checked after unsafe)")
+    unsafe_tokens: list[str] | None = Field(None, description="answer tokens meaning unsafe (logprobs)")
+    safe_tokens: list[str] | None = Field(None, description="answer tokens meaning safe (logprobs)")
+    logprob_anchor: str | None = Field(None, description="text after which the answer token comes")
+    logprobs: bool = True
+    max_tokens: int = Field(32, ge=1)
+
+
+class JudgeSpec(_EndpointSpec):
+    """An LLM judge with a custom policy: JSON verdict with span, category and a safe edit."""
+
+    provider: Literal["llm_judge"]
+    policy: str = Field(
+        "Content that insults, harasses, demeans or threatens people or groups, reveals personal data, "
+        "or gives dangerous, illegal or reckless advice violates the policy.",
+        description="the policy the judge applies",
+    )
+    json_mode: bool = Field(True, description="send response_format json_object")
+    max_tokens: int = Field(400, ge=1)
+    adjust_span: bool = Field(
+        True, description="when the judged span starts before the inserted text, move the injection back"
+    )
+
+    @property
+    def scored_targets(self) -> list[str]:
+        """The judge reads the answer up to the end of the violation: by default only that target."""
+        return list(self.targets) if self.targets is not None else ["violation"]
+
+
+class LocalModelSpec(_ClassifierBase):
+    """A Hugging Face text-classification model run locally with `transformers` (extra `local`)."""
+
+    provider: Literal["transformers"]
+    model: str = Field(..., description="local folder or Hub id")
+    revision: str | None = None
+    unsafe_labels: list[str] | None = Field(
+        None, description="labels meaning unsafe (default: every label not named like safe/neutral)"
+    )
+    batch_size: int = Field(32, ge=1)
+    device: str | None = Field(None, description="'cpu', 'cuda:0', ... (default: transformers' choice)")
+    max_length: int = Field(512, ge=8)
+    category_threshold: float = Field(0.5, ge=0, le=1, description="label probability recorded from")
+
+
+def _provider_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("provider", "builtin")
+    return getattr(value, "provider", "builtin")
+
+
+AnyClassifierSpec = Annotated[
+    Annotated[ClassifierSpec, Tag("builtin")]
+    | Annotated[ModerationSpec, Tag("openai_moderation")]
+    | Annotated[LlamaGuardSpec, Tag("llama_guard")]
+    | Annotated[GuardSpec, Tag("guard")]
+    | Annotated[JudgeSpec, Tag("llm_judge")]
+    | Annotated[LocalModelSpec, Tag("transformers")],
+    Discriminator(_provider_of),
+]
+
+RuleReason = Literal["violation_not_flagged", "context_flagged", "source_unsafe"]
+
+
+class RuleSpec(Strict):
+    """What classifiers must call one span: e.g. the violation unsafe by any of [guard, judge] at 0.7."""
+
+    target: Target
+    verdict: Literal["unsafe", "safe"] = Field(..., description="what the span must be called")
+    classifiers: list[str] | None = Field(None, description="classifier names (default: all of them)")
+    combine: Literal["any", "all"] | None = Field(
+        None, description="any/all of the classifiers must agree (default: unsafe→any, safe→all)"
+    )
+    threshold: float | None = Field(None, ge=0, le=1, description="overrides each classifier's threshold")
+    kinds: list[Literal["injected", "clean"]] | None = Field(None, description="row kinds (default: both)")
+    reason: RuleReason | None = Field(
+        None,
+        description="reason code when the rule fails (default: violation→violation_not_flagged, "
+        "part1/part2→context_flagged, response→source_unsafe)",
+    )
+
+    @property
+    def reason_code(self) -> str:
+        """The reason recorded when the rule fails."""
+        if self.reason:
+            return self.reason
+        return {"violation": "violation_not_flagged", "response": "source_unsafe"}.get(
+            self.target, "context_flagged"
+        )
+
+    @property
+    def combine_mode(self) -> str:
+        """any/all, defaulted from the verdict."""
+        return self.combine or ("any" if self.verdict == "unsafe" else "all")
+
+
+class TokenRange(Strict):
+    """An inclusive range of token counts; ``None`` = unbounded."""
+
+    min: int | None = Field(None, ge=0)
+    max: int | None = Field(None, ge=1)
+
+
+class DedupeSpec(Strict):
+    """Duplicate violations across the whole dataset: the first in source order is kept."""
+
+    exact: bool = Field(False, description="reject violations equal (after normalising) to a kept one")
+    near: bool = Field(False, description="reject near-duplicates (MinHash estimate of Jaccard similarity)")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity at or above which = duplicate")
+    shingle: int = Field(5, ge=1, le=32, description="character n-gram size of the shingles")
+    num_perm: int = Field(64, ge=8, le=1024, description="MinHash permutations")
+    bands: int = Field(16, ge=1, description="LSH bands (num_perm must be a multiple)")
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DedupeSpec:
+        if self.num_perm % self.bands:
+            raise ValueError("num_perm must be a multiple of bands")
+        return self
+
+
+class QualitySpec(Strict):
+    """Rules on the text itself, independent of the classifiers."""
+
+    violation_tokens: TokenRange = Field(
+        default_factory=TokenRange,
+        description="inserted text (steering + violation) length in primary-tokenizer tokens, i.e. X",
+    )
+    max_context_overlap: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="reject when more than this share of the violation's word 3-grams occur in part1/part2",
+    )
+    dedupe: DedupeSpec = Field(default_factory=DedupeSpec)
+    reject_source_refusals: bool = Field(True, description="source answers that are refusals are rejected")
 
 
 class FilterSpec(Strict):
-    """Which classifier verdicts keep a row."""
+    """Which classifiers score which spans, and which verdicts and quality rules keep a row."""
 
     enabled: bool = True
-    classifiers: list[ClassifierSpec] = Field(default_factory=lambda: [ClassifierSpec()])
-    require_violation_flagged: bool = True
-    require_context_safe: bool = True
+    classifiers: list[AnyClassifierSpec] = Field(default_factory=lambda: [ClassifierSpec()])
+    require_violation_flagged: bool = Field(
+        True, description="shorthand rule: the violation is unsafe by any classifier"
+    )
+    require_context_safe: bool = Field(
+        True, description="shorthand rule: part1/part2 (clean rows: the answer) safe by every classifier"
+    )
+    require_source_safe: bool = Field(
+        False, description="shorthand rule: the whole source answer safe by every classifier (source_unsafe)"
+    )
+    rules: list[RuleSpec] = Field(
+        default_factory=list, description="more rules, checked after the shorthands"
+    )
+    category_mismatch: Literal["keep", "reject", "relabel"] = Field(
+        "keep",
+        description="when the classifiers that flag the violation map it only to other categories: keep the "
+        "row, reject it (category_mismatch) or relabel it to the flagged category",
+    )
+    category_map: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="extra mapping: classifier category or RLBF name -> recipe categories",
+    )
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+
+    @model_validator(mode="after")
+    def _names_known(self) -> FilterSpec:
+        names = [c.name for c in self.classifiers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"classifier names must be unique: {dupes}")
+        for i, rule in enumerate(self.rules):
+            unknown = [n for n in rule.classifiers or [] if n not in names]
+            if unknown:
+                raise ValueError(f"rules.{i} names unknown classifiers {unknown} (known: {names})")
+            for name in rule.classifiers or []:
+                spec = next(c for c in self.classifiers if c.name == name)
+                if rule.target not in spec.scored_targets:
+                    raise ValueError(f"rules.{i}: classifier {name!r} does not score target {rule.target!r}")
+        return self
+
+    def classifier(self, name: str) -> Any:
+        """The classifier spec called ``name`` (None if absent)."""
+        return next((c for c in self.classifiers if c.name == name), None)
 
 
 class OutputSpec(Strict):

@@ -35,6 +35,14 @@ REASONS: dict[str, str] = {
     "violation_not_flagged": "no required classifier flagged the violation as unsafe",
     "context_flagged": "a classifier flagged the original safe text (part1/part2) as unsafe",
     "source_refusal": "the source answer is itself a refusal",
+    "source_unsafe": "a classifier rule called the whole source answer unsafe: the source is not used",
+    "classifier_error": "a classifier call a rule needs failed for good, or its answer was unparseable",
+    "category_mismatch": "the violation is flagged only under categories other than the requested one",
+    "violation_too_short": "the inserted text has fewer tokens than filters.quality.violation_tokens.min",
+    "violation_too_long": "the inserted text has more tokens than filters.quality.violation_tokens.max",
+    "violation_copies_context": "the violation copies the original answer (word 3-gram overlap too high)",
+    "duplicate_violation": "the violation equals (after normalising) one already kept in the dataset",
+    "near_duplicate_violation": "the violation is a near-duplicate (MinHash Jaccard) of one already kept",
 }
 
 CONTEXT_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})

@@ -182,7 +182,9 @@ def write_dataset_folder(
         "usage": usage,
         "timings": timings,
     }
-    plots = _plots(out_dir, stats)
+    from bsafe_data.stats import write_score_plots
+
+    plots = _plots(out_dir, stats) + write_score_plots(out_dir, recipe)
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
     _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")

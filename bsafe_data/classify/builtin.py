@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from bsafe_data.classify.base import Score
+from bsafe_data.classify.base import Score, is_unsafe
+
+#: Offence probability from which the category ``offensive`` is recorded.
+OFFENSIVE_AT = 0.5
 
 _PII_PATTERNS: dict[str, re.Pattern[str]] = {
     "pii:email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"),
@@ -28,15 +31,18 @@ def pii_categories(text: str) -> list[str]:
 class BuiltinClassifier:
     """Offence probability from alt-profanity-check; personal data found counts as unsafe (1.0)."""
 
-    def __init__(self, name: str = "builtin", threshold: float = 0.5):
+    def __init__(self, name: str = "builtin", threshold: float = 0.5, targets: Sequence[str] | None = None):
         self.name = name
         self.threshold = threshold
+        self.targets = tuple(targets) if targets else ("violation", "part1", "part2", "response")
+        self.usage: dict[str, int] = {"texts": 0}
 
     def score_batch(self, texts: Sequence[str]) -> list[Score]:
         """Score every text; empty texts are safe with score 0."""
         from profanity_check import predict_prob
 
         texts = list(texts)
+        self.usage["texts"] += len(texts)
         probs = predict_prob(texts) if texts else []
         out = []
         for text, prob in zip(texts, probs, strict=True):
@@ -44,9 +50,9 @@ class BuiltinClassifier:
                 out.append(Score(self.name, "safe", 0.0))
                 continue
             cats = pii_categories(text)
-            score = max(float(prob), 1.0 if cats else 0.0)
-            if prob >= self.threshold:
+            score = round(max(float(prob), 1.0 if cats else 0.0), 6)
+            if prob >= OFFENSIVE_AT:  # independent of the threshold, so refilter can change it
                 cats = ["offensive", *cats]
-            label = "unsafe" if score >= self.threshold else "safe"
-            out.append(Score(self.name, label, round(score, 6), tuple(cats)))
+            label = "unsafe" if is_unsafe(score, self.threshold) else "safe"
+            out.append(Score(self.name, label, score, tuple(cats)))
         return out

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bsafe_data.classify.base import Classifier
+from bsafe_data.classify.base import Classifier, Item, score_items, targets_of
+from bsafe_data.classify.rules import RuleSet, relabel_entry
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 from bsafe_data.label import (
     backtrack_counts,
@@ -234,41 +235,140 @@ class BsafePlusMethod:
         return [plans[i] for i in sorted(bad)]
 
     def _classify(self, plans: list[_Plan]) -> None:
+        """Score every target span of every live row with every classifier (all scores are kept).
+
+        Judges that adjust spans run first: when a judged violating span starts inside ``part1``,
+        the injection point moves back to it (the moved text joins the steering) and X is counted
+        again, so the backtrack covers everything the judge says must go. The other classifiers
+        then score the final spans.
+        """
         if not self.recipe.filters.enabled or not self.classifiers:
             return
-        targets: list[tuple[_Plan, str, str]] = []
+        collected: list[list[tuple[_Plan, dict[str, Any]]]] = [[] for _ in self.classifiers]
+        order = sorted(
+            range(len(self.classifiers)),
+            key=lambda i: not getattr(self.classifiers[i], "adjusts_spans", False),
+        )
+        for index in order:
+            classifier = self.classifiers[index]
+            pairs = self._classify_items([p for p in plans if not p.reasons], targets_of(classifier))
+            unique = list(dict.fromkeys(item for _, item in pairs))
+            by_item = dict(zip(unique, score_items(classifier, unique), strict=True))
+            moved: list[_Plan] = []
+            for plan, item in pairs:
+                score = by_item[item]
+                collected[index].append((plan, score.as_dict(item.target)))
+                start = score.detail.get("span_start")
+                if (
+                    getattr(classifier, "adjusts_spans", False)
+                    and item.target == "violation"
+                    and score.label == "unsafe"
+                    and start is not None
+                    and start < 0
+                    and self._move_back(plan, plan.candidate.offset + start)
+                ):
+                    moved.append(plan)
+            self._recount(moved)
+        for entries in collected:
+            for plan, entry in entries:
+                plan.scores.append(entry)
+
+    def _classify_items(self, plans: list[_Plan], targets: Sequence[str]) -> list[tuple[_Plan, Item]]:
+        """(plan, item) for every target span of every plan that the classifier scores."""
+        pairs: list[tuple[_Plan, Item]] = []
         for plan in plans:
-            if plan.reasons:
-                continue
+            response, context = plan.conv.response, plan.conv.context
             if plan.candidate is None:
-                targets.append((plan, "response", plan.conv.response))
+                if "response" in targets:
+                    pairs.append((plan, Item(response, "response", context)))
                 continue
             offset = plan.candidate.offset
-            targets.append((plan, "violation", (plan.steering + plan.violation).strip()))
-            if offset > 0:
-                targets.append((plan, "part1", plan.conv.response[:offset]))
-            targets.append((plan, "part2", plan.conv.response[offset:]))
-        texts = [t for _, _, t in targets]
-        for classifier in self.classifiers:
-            for (plan, target, _), score in zip(targets, classifier.score_batch(texts), strict=True):
-                plan.scores.append(score.as_dict(target))
+            inserted = plan.steering + plan.violation
+            if "violation" in targets:
+                item = Item(inserted.strip(), "violation", context, response[:offset], inserted)
+                pairs.append((plan, item))
+            if offset > 0 and "part1" in targets:
+                pairs.append((plan, Item(response[:offset], "part1", context)))
+            if "part2" in targets:
+                pairs.append((plan, Item(response[offset:], "part2", context)))
+            if "response" in targets:
+                pairs.append((plan, Item(response, "response", context)))
+        return pairs
+
+    def _move_back(self, plan: _Plan, start: int) -> bool:
+        """Move the injection point back to ``start`` (snapped to the whitespace before its word)."""
+        response = plan.conv.response
+        old = plan.candidate.offset
+        start = max(0, start)
+        while start > 0 and not response[start - 1].isspace():
+            start -= 1
+        while start > 0 and response[start - 1].isspace():
+            start -= 1
+        if start >= old:
+            return False
+        plan.steering = response[start:old] + plan.steering
+        spans = sentence_spans(self.nlp, [response])[0]
+        sentence = next((i for i, (_, end) in enumerate(spans) if end > start), len(spans) - 1)
+        plan.candidate = Candidate(start, sentence)
+        plan.relative = start / len(response)
+        return True
+
+    def _recount(self, plans: list[_Plan]) -> None:
+        """X again for moved plans; one repair step back to the previous word, else token_boundary."""
+        retry = []
+        for plan in self._count(plans):
+            if plan.candidate.offset > 0 and self._move_back(plan, plan.candidate.offset - 1):
+                retry.append(plan)
+            else:
+                plan.reasons.append("token_boundary")
+        for plan in self._count(retry):
+            plan.reasons.append("token_boundary")
 
     def _filter(self, plans: list[_Plan]) -> None:
-        rules = self.recipe.filters
-        if not rules.enabled or not self.classifiers:
+        """Apply the recipe's rules to the recorded scores (same code as ``refilter``)."""
+        if not self.recipe.filters.enabled:
             return
+        rules = self._rule_set()
         for plan in plans:
             if plan.reasons:
                 continue
-            verdicts = {(s["classifier"], s["target"]): s["label"] for s in plan.scores}
-            names = [c.name for c in self.classifiers]
-            context_targets = ["response"] if plan.candidate is None else ["part1", "part2"]
-            if plan.candidate is not None and rules.require_violation_flagged:
-                if not any(verdicts.get((n, "violation")) == "unsafe" for n in names):
-                    plan.reasons.append("violation_not_flagged")
-            if rules.require_context_safe:
-                if any(verdicts.get((n, t)) == "unsafe" for n in names for t in context_targets):
-                    plan.reasons.append("context_flagged")
+            view = self._rule_view(plan)
+            decision = rules.decide(view)
+            if decision.category is not None and decision.category != plan.category:
+                plan.scores.append(relabel_entry(plan.category, decision.category))
+                plan.category = decision.category
+            plan.reasons.extend(decision.reasons)
+            if not plan.reasons and plan.candidate is not None and self._dedupe.active:
+                duplicate = self._dedupe.check_and_add(plan.violation)
+                if duplicate:
+                    plan.reasons.append(duplicate)
+
+    def _rule_set(self) -> RuleSet:
+        """The rules (built once); the duplicate index lives as long as the method (the whole build)."""
+        if getattr(self, "_rules", None) is None:
+            recipe = self.recipe
+            self._rules = RuleSet(recipe.filters, list(recipe.sampling.categories), self.primary)
+            self._dedupe = self._rules.new_dedupe()
+        return self._rules
+
+    @staticmethod
+    def _rule_view(plan: _Plan) -> dict[str, Any]:
+        """The fields of the future row that rules read."""
+        injection = None
+        if plan.candidate is not None:
+            injection = {
+                "offset": plan.candidate.offset,
+                "category": plan.category,
+                "steering": plan.steering,
+                "violation": plan.violation,
+            }
+        return {
+            "kind": "clean" if plan.candidate is None else "injected",
+            "response": plan.conv.response,
+            "injection": injection,
+            "backtrack": plan.backtrack,
+            "scores": plan.scores,
+        }
 
     # -- rows -----------------------------------------------------------------------------------
 

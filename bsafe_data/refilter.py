@@ -1,0 +1,281 @@
+"""Re-apply filter rules to a built dataset folder from its recorded scores: zero classifier calls.
+
+``refilter(folder, ["filters.classifiers.0.threshold=0.8"])`` reads every row (``data/`` and
+``rejected/``), recomputes the filter reasons (``bsafe_data.classify.rules``) from each row's
+``scores`` and spans, and rewrites the shards, ``recipe.yaml``, ``manifest.json``, the card and the
+plots. Rows rejected before classification (source problems, generator failures, token boundaries)
+keep their reasons. Rows are partitioned into the build's chunks and ordered as the build orders
+them, so the folder is what a fresh build with the new filters would write (the parquet files are
+byte-identical; cached classifier answers make that build free too).
+
+What can change: thresholds, rules and shorthands, the category-mismatch mode and map, quality
+rules, removing classifiers. What cannot (the scores are not recorded): adding a classifier or
+changing anything of one but its threshold; any section other than ``filters``. Those need
+``bsafe-data build`` again, which answers from the response cache.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
+from bsafe_data.classify.rules import (
+    FILTER_REASONS,
+    RELABEL_CLASSIFIER,
+    RuleSet,
+    relabel_entry,
+    requested_category,
+)
+from bsafe_data.label import control_text
+from bsafe_data.recipe import Recipe, RecipeError, load_recipe
+from bsafe_data.segment import row_seed
+
+_VARIANT = re.compile(r"/v(\d+)$")
+_WORK = ".refilter-work"
+
+
+class RefilterError(Exception):
+    """The folder cannot be refiltered with these settings (message says why and what to do)."""
+
+
+@dataclass
+class RefilterResult:
+    """What changed: funnels before and after, rows whose status flipped."""
+
+    folder: Path
+    before: dict[str, Any]
+    after: dict[str, Any]
+    newly_rejected: int
+    newly_kept: int
+    relabeled: int
+    seconds: float
+
+
+def _check_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key != "filters" and not key.startswith("filters."):
+            raise RefilterError(
+                f"refilter only changes `filters`, not {key!r}: rebuild with `bsafe-data build` "
+                "(cached LLM and classifier answers cost no requests)"
+            )
+
+
+def _check_classifiers(old: Recipe, new: Recipe, recorded: set[str]) -> None:
+    before = {c.name: c for c in old.filters.classifiers} if old.filters.enabled else {}
+    for spec in new.filters.classifiers if new.filters.enabled else []:
+        prior = before.get(spec.name)
+        if prior is None or spec.name not in recorded and recorded:
+            raise RefilterError(
+                f"classifier {spec.name!r} has no recorded scores in this folder: run `bsafe-data build` "
+                "with the new recipe instead (cached answers cost no requests)"
+            )
+        a = prior.model_dump(exclude={"threshold"})
+        b = spec.model_dump(exclude={"threshold"})
+        if a != b:
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise RefilterError(
+                f"classifier {spec.name!r} changed {changed}: only `threshold` can change without new "
+                "scores; run `bsafe-data build` instead (cached answers cost no requests)"
+            )
+
+
+def read_rows(folder: Path) -> list[dict[str, Any]]:
+    """Every row of the folder; each gets ``_split`` (train/test/rejected) for bookkeeping."""
+    rows: list[dict[str, Any]] = []
+    for sub, config in (("data", None), ("rejected", "rejected")):
+        for path in sorted((folder / sub).glob("*.parquet")):
+            split = config or path.name.split("-", 1)[0]
+            for row in pq.read_table(path).to_pylist():
+                row["_split"] = split
+                rows.append(row)
+    return rows
+
+
+class _Order:
+    """The build's order: chunk, then (rejected only) source-level rows first, then source position."""
+
+    def __init__(self, recipe: Recipe, rows: list[dict[str, Any]]):
+        counts: Counter[str] = Counter()
+        for row in rows:
+            src = row["source"]
+            counts[src["dataset"]] = max(counts[src["dataset"]], src["index"] + 1)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for spec in recipe.sources:
+            if spec.name not in self.offsets:
+                self.offsets[spec.name] = total
+                total += counts.get(spec.name, 0)
+        for name in sorted(counts):  # sources renamed since: after the recipe's, deterministic
+            if name not in self.offsets:
+                self.offsets[name] = total
+                total += counts[name]
+        self.chunk_rows = recipe.output.chunk_rows
+
+    def position(self, row: dict[str, Any]) -> int:
+        return self.offsets[row["source"]["dataset"]] + row["source"]["index"]
+
+    def chunk(self, row: dict[str, Any]) -> int:
+        return self.position(row) // self.chunk_rows
+
+    def key(self, row: dict[str, Any]) -> tuple[int, int, int, int]:
+        match = _VARIANT.search(row["id"])
+        source_level = not row["segments"]
+        variant = int(match.group(1)) if match and not source_level else -1
+        return (self.chunk(row), 0 if source_level else 1, self.position(row), variant)
+
+
+def _split_of(recipe: Recipe, row: dict[str, Any]) -> str:
+    """The build's train/test assignment (``BsafePlusMethod.split_of``)."""
+    src = row["source"]
+    draw = random.Random(row_seed(recipe.seed, "split", src["dataset"], src["id"])).random()
+    return "test" if draw < recipe.split.test_fraction else "train"
+
+
+def _relabel(row: dict[str, Any], category: str, fmt: str) -> None:
+    """Give an injected row another category: control segment, completion, marker in ``scores``."""
+    inj = row["injection"]
+    old = inj["category"]
+    requested = requested_category(row)
+    row["scores"] = [s for s in row["scores"] if s["classifier"] != RELABEL_CLASSIFIER]
+    if category != requested:
+        row["scores"].append(relabel_entry(requested, category))
+    inj["category"] = category
+    if not row["backtrack"]:
+        return
+    x = row["backtrack"][0]["tokens"]
+    before, after = control_text(fmt, old, x), control_text(fmt, category, x)
+    for seg in row["segments"]:
+        if seg["kind"] == "control":
+            seg["text"] = after
+    if row["completion"].startswith(before):
+        row["completion"] = after + row["completion"][len(before) :]
+
+
+def _relabel_scores(row: dict[str, Any], rules: RuleSet) -> None:
+    """Labels at the new thresholds (as a fresh build would record them)."""
+    for entry in row["scores"]:
+        spec = rules.specs.get(entry["classifier"])
+        if spec is not None and entry["label"] != ERROR_LABEL:
+            entry["label"] = "unsafe" if is_unsafe(entry["score"], spec.threshold) else "safe"
+
+
+def refilter(folder: str | Path, overrides: list[str] | None = None) -> RefilterResult:
+    """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores."""
+    from bsafe_data.methods.bsafe_plus import ChunkOutput
+    from bsafe_data.pipeline import ChunkStats, _write_chunk, funnel_of, merge_stats
+    from bsafe_data.stats import rerender_card, write_score_plots
+    from bsafe_data.writer import write_dataset_folder
+
+    started = time.perf_counter()
+    folder = Path(folder)
+    overrides = list(overrides or [])
+    manifest_path = folder / "manifest.json"
+    if not (folder / "recipe.yaml").is_file() or not manifest_path.is_file():
+        raise RefilterError(f"{folder} is not a built dataset folder (recipe.yaml or manifest.json missing)")
+    _check_overrides(overrides)
+    try:
+        old = load_recipe(folder / "recipe.yaml")
+        new = load_recipe(folder / "recipe.yaml", overrides)
+    except RecipeError as exc:
+        raise RefilterError(str(exc)) from None
+    manifest = json.loads(manifest_path.read_text())
+    rows = read_rows(folder)
+    recorded = {s["classifier"] for row in rows for s in row["scores"]}
+    _check_classifiers(old, new, recorded)
+    rules = RuleSet(new.filters, list(new.sampling.categories), new.tokenizers.primary)
+    order = _Order(old, rows)
+    rows.sort(key=order.key)
+    fmt = new.control.format
+    was_kept = {row["id"]: row["_split"] != "rejected" for row in rows}
+    relabeled = 0
+    for row in rows:
+        reasons = row.get("reasons") or []
+        if any(r not in FILTER_REASONS for r in reasons):
+            continue  # rejected before classification: nothing to re-decide
+        _relabel_scores(row, rules)
+        decision = rules.decide(row)
+        if row["injection"]:
+            category = decision.category or requested_category(row)
+            if category and category != row["injection"]["category"]:
+                _relabel(row, category, fmt)
+                relabeled += 1
+        row["reasons"] = decision.reasons
+    dedupe = rules.new_dedupe()
+    if new.filters.enabled and dedupe.active:
+        for row in rows:
+            if not row["reasons"] and row["kind"] == "injected":
+                duplicate = dedupe.check_and_add(row["injection"]["violation"])
+                if duplicate:
+                    row["reasons"] = [duplicate]
+    chunks: dict[int, ChunkOutput] = {}
+    sources: Counter[int] = Counter()
+    seen_sources: set[tuple[str, int]] = set()
+    for row in rows:
+        index = order.chunk(row)
+        out = chunks.setdefault(index, ChunkOutput())
+        src = (row["source"]["dataset"], row["source"]["index"])
+        if src not in seen_sources:
+            seen_sources.add(src)
+            sources[index] += 1
+        row.pop("_split")
+        if row["reasons"]:
+            out.rejected.append(row)
+        else:
+            row.pop("reasons", None)
+            out.kept[_split_of(old, row)].append(row)
+    work = folder / _WORK
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    parts = []
+    try:
+        for position, index in enumerate(sorted(chunks)):
+            out = chunks[index]
+            if position == 0:
+                out.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
+            stats = ChunkStats.from_output(sources[index], out)
+            _write_chunk(work, index, out, stats)
+            parts.append(stats)
+        total = merge_stats(parts)
+        total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
+        funnel = funnel_of(total)
+        for sub in ("data", "rejected"):
+            for stale in (folder / sub).glob("*.parquet"):
+                stale.unlink()
+        timings = {"refilter": round(time.perf_counter() - started, 3)}
+        write_dataset_folder(
+            folder, work, new, total, funnel, usage=manifest.get("usage", {}), timings=timings
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    written = json.loads(manifest_path.read_text())
+    written["refilter"] = {
+        "built_recipe_sha256": manifest.get("refilter", {}).get("built_recipe_sha256")
+        or manifest.get("recipe_sha256"),
+        "overrides": overrides,
+        "classifier_requests": 0,
+    }
+    written["timings"] = {**manifest.get("timings", {}), **timings}
+    manifest_path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n")
+    plots = write_score_plots(folder, new)
+    rerender_card(folder, new, score_plots=plots)
+    now_kept = {row["id"] for chunk in chunks.values() for split in chunk.kept.values() for row in split}
+    return RefilterResult(
+        folder=folder,
+        before=manifest.get("funnel", {}),
+        after=funnel,
+        newly_rejected=sum(1 for i, k in was_kept.items() if k and i not in now_kept),
+        newly_kept=sum(1 for i, k in was_kept.items() if not k and i in now_kept),
+        relabeled=relabeled,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -1,0 +1,174 @@
+"""Statistics of a built folder: the funnel per rule, score distributions, histogram plots.
+
+``bsafe-data stats DIR`` prints what the card's funnel shows (rows each rule removed: as first
+reason, and every row it failed) and a table per classifier and target (rows scored, errors, mean,
+share at or above the threshold), saves one score histogram per classifier as
+``plots/scores_<name>.png`` and re-renders the card so it embeds them (``refilter`` does the same).
+Reading only: no classifier call, no change to the data files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
+from bsafe_data.recipe import ALL_TARGETS, Recipe, load_recipe
+
+_CHANGELOG = re.compile(r"<!-- changelog:start -->.*?<!-- changelog:end -->", re.S)
+SCORE_PLOT_PREFIX = "plots/scores_"
+
+
+@dataclass
+class ScoreSummary:
+    """Scores of one classifier on one target over every row (kept and rejected)."""
+
+    classifier: str
+    target: str
+    scores: list[float]
+    errors: int
+    threshold: float | None
+
+    @property
+    def flagged(self) -> int:
+        """Rows at or above the threshold."""
+        if self.threshold is None:
+            return 0
+        return sum(1 for s in self.scores if is_unsafe(s, self.threshold))
+
+
+def _scores_of(folder: Path) -> list[list[dict[str, Any]]]:
+    out = []
+    for sub in ("data", "rejected"):
+        for path in sorted((folder / sub).glob("*.parquet")):
+            out.extend(pq.read_table(path, columns=["scores"]).column("scores").to_pylist())
+    return out
+
+
+def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[ScoreSummary]:
+    """One summary per (classifier, target) recorded in the folder, in recipe order."""
+    folder = Path(folder)
+    recipe = recipe or load_recipe(folder / "recipe.yaml")
+    thresholds = {c.name: c.threshold for c in recipe.filters.classifiers}
+    found: dict[tuple[str, str], ScoreSummary] = {}
+    for entries in _scores_of(folder):
+        for e in entries or []:
+            if e["classifier"].startswith("bsafe:"):
+                continue
+            key = (e["classifier"], e["target"])
+            summary = found.setdefault(key, ScoreSummary(*key, [], 0, thresholds.get(e["classifier"])))
+            if e["label"] == ERROR_LABEL:
+                summary.errors += 1
+            else:
+                summary.scores.append(float(e["score"]))
+    names = list(thresholds) + sorted({c for c, _ in found} - set(thresholds))
+    return [
+        found[(n, t)]
+        for n in names
+        for t in (*ALL_TARGETS, *sorted({t for _, t in found} - set(ALL_TARGETS)))
+        if (n, t) in found
+    ]
+
+
+def funnel_rules(funnel: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(reason, rows with it as first reason, rows that have it at all), most frequent first."""
+    first = funnel.get("rejected_by_reason", {})
+    hits = funnel.get("reason_hits", first)
+    reasons = sorted(set(first) | set(hits), key=lambda r: (-first.get(r, 0), -hits.get(r, 0), r))
+    return [(r, int(first.get(r, 0)), int(hits.get(r, first.get(r, 0)))) for r in reasons]
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def write_score_plots(folder: str | Path, recipe: Recipe | None = None) -> list[str]:
+    """One PNG per classifier (a histogram per target, threshold marked); relative paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    recipe = recipe or load_recipe(folder / "recipe.yaml")
+    summaries = score_summaries(folder, recipe)
+    plot_dir = folder / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    for stale in plot_dir.glob("scores_*.png"):
+        stale.unlink()
+    written = []
+    by_classifier: dict[str, list[ScoreSummary]] = {}
+    for s in summaries:
+        by_classifier.setdefault(s.classifier, []).append(s)
+    for name, group in by_classifier.items():
+        fig, axes = plt.subplots(1, len(group), figsize=(3.2 * len(group), 2.8), squeeze=False)
+        for ax, s in zip(axes[0], group, strict=True):
+            ax.hist(s.scores or [0.0], bins=20, range=(0, 1), color="#4C72B0")
+            if s.threshold is not None:
+                ax.axvline(s.threshold, color="#C44E52", linestyle="--", linewidth=1)
+            ax.set_title(f"{s.target} (n={len(s.scores)})", fontsize=9)
+            ax.set_xlabel("score", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0][0].set_ylabel("rows", fontsize=8)
+        fig.suptitle(f"Scores of classifier {name} (dashed: threshold)", fontsize=10)
+        fig.tight_layout()
+        rel = f"{SCORE_PLOT_PREFIX}{_safe_name(name)}.png"
+        fig.savefig(folder / rel, dpi=90, metadata={"Software": None})
+        plt.close(fig)
+        written.append(rel)
+    return written
+
+
+def rerender_card(
+    folder: str | Path, recipe: Recipe | None = None, score_plots: list[str] | None = None
+) -> None:
+    """Render README.md again from manifest.json with the score plots (the changelog block is kept)."""
+    from bsafe_data.card import render_card
+    from bsafe_data.writer import _examples
+
+    folder = Path(folder)
+    recipe = recipe or load_recipe(folder / "recipe.yaml")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
+    for config, sub in (("default", "data"), ("rejected", "rejected")):
+        for split in ("train", "test"):
+            paths = sorted(p.name for p in (folder / sub).glob(f"{split}-*.parquet"))
+            if paths:
+                files[config][split] = [f"{sub}/{p}" for p in paths]
+    if score_plots is None:
+        score_plots = sorted(f"plots/{p.name}" for p in (folder / "plots").glob("scores_*.png"))
+    base = [p for p in ("plots/positions.png", "plots/categories.png") if (folder / p).exists()]
+    stats = SimpleNamespace(categories=manifest.get("categories", {}))
+    card = render_card(
+        recipe, manifest, files, _examples(folder, files["default"]), base + score_plots, stats
+    )
+    path = folder / "README.md"
+    if path.exists():
+        old = _CHANGELOG.search(path.read_text(encoding="utf-8"))
+        if old is not None:
+            card = _CHANGELOG.sub(lambda _: old.group(0), card, count=1)
+    tmp = path.with_name("README.md.tmp")
+    tmp.write_text(card, encoding="utf-8")
+    tmp.replace(path)
+
+
+def stats(folder: str | Path, plots: bool = True) -> dict[str, Any]:
+    """Funnel per rule and score summaries of a folder; writes the plots and card unless ``plots=False``."""
+    folder = Path(folder)
+    recipe = load_recipe(folder / "recipe.yaml")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    written = write_score_plots(folder, recipe) if plots else []
+    if plots:
+        rerender_card(folder, recipe, written)
+    return {
+        "funnel": manifest["funnel"],
+        "rules": funnel_rules(manifest["funnel"]),
+        "scores": score_summaries(folder, recipe),
+        "plots": written,
+    }

@@ -1,0 +1,264 @@
+"""`refilter` re-applies rules to recorded scores with zero classifier requests; `stats` reports them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bsafe_data.classify.base import is_unsafe
+from bsafe_data.classify.taxonomy import to_recipe
+from bsafe_data.pipeline import build
+from bsafe_data.refilter import RefilterError, refilter
+from tests.guard_server import GuardServer, make_recipe, write_corpus
+from tests.test_classifiers import BANK_WORDS
+
+CLI = str(Path(sys.executable).with_name("bsafe-data"))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120, env=os.environ)
+
+
+def rows_of(folder: Path) -> dict[str, dict]:
+    """Every row by id; rejected rows carry `reasons`, kept rows `_split`."""
+    rows = {}
+    for sub in ("data", "rejected"):
+        for path in sorted((folder / sub).glob("*.parquet")):
+            for row in pq.read_table(path).to_pylist():
+                row.setdefault("reasons", None)
+                row["_split"] = path.name.split("-")[0] if sub == "data" else "rejected"
+                rows[row["id"]] = row
+    return rows
+
+
+def parquet_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("*/*.parquet"))}
+
+
+def funnel(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())["funnel"]
+
+
+def score(row: dict, classifier: str, target: str) -> dict:
+    return next(s for s in row["scores"] if s["classifier"] == classifier and s["target"] == target)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with GuardServer(unsafe_words=list(BANK_WORDS)) as srv:
+        yield srv
+
+
+def _build(base: Path, name: str, filters: dict, *overrides: str) -> tuple[Path, object]:
+    cache = base / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BSAFE_DATA_CACHE_DIR", str(cache))
+        mp.chdir(base)  # a relative source path: the same dataset name (so the same rows) every run
+        recipe = make_recipe(write_corpus("corpus.jsonl"), filters, *overrides)
+        build(recipe, base / name)
+    return base / name, recipe
+
+
+@pytest.fixture(scope="module")
+def guard_build(server, tmp_path_factory):
+    """30 rows scored by a Llama Guard with logprobs (scores spread over [0, 1])."""
+    base = tmp_path_factory.mktemp("guard")
+    filters = {
+        "classifiers": [
+            {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": server.url}
+        ],
+        "require_source_safe": True,
+    }
+    folder, recipe = _build(base, "built", filters)
+    return base, folder, filters
+
+
+@pytest.fixture(scope="module")
+def moderation_build(server, tmp_path_factory):
+    """Moderation scores; three requested categories, so some violations are flagged under others."""
+    base = tmp_path_factory.mktemp("moderation")
+    filters = {"classifiers": [{"name": "mod", "provider": "openai_moderation", "base_url": server.url}]}
+    cats = "sampling.categories={Toxic: 1, Hate Speech: 1, Violent: 1}"
+    folder, _ = _build(base, "built", filters, cats, "sampling.variants_per_answer=4")
+    return base, folder, filters, cats
+
+
+def test_threshold_change_makes_zero_requests_and_moves_the_funnel(
+    server, guard_build, tmp_path, monkeypatch
+):
+    base, built, filters = guard_build
+    folder = tmp_path / "out"
+    shutil.copytree(built, folder)
+    before = rows_of(folder)
+    old = funnel(folder)
+    # rows kept at 0.5 whose violation scores below 0.8 must go, and nothing else changes
+    expected = {
+        rid
+        for rid, row in before.items()
+        if row["reasons"] is None
+        and row["kind"] == "injected"
+        and not is_unsafe(score(row, "guard", "violation")["score"], 0.8)
+    }
+    assert expected and any(r["reasons"] is None and r["kind"] == "injected" for r in before.values())
+    requests = server.requests()
+    proc = run_cli("refilter", str(folder), "--set", "filters.classifiers.0.threshold=0.8")
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests() == requests, "refilter sent classifier requests"
+    assert f"{len(expected)} row(s) newly rejected, 0 newly kept" in " ".join(proc.stdout.split())
+    after = rows_of(folder)
+    new = funnel(folder)
+    assert set(after) == set(before)
+    assert {
+        rid for rid, row in after.items() if row["reasons"] and before[rid]["reasons"] is None
+    } == expected
+    for rid in expected:
+        assert after[rid]["reasons"] == ["violation_not_flagged"]
+        assert score(after[rid], "guard", "violation")["label"] == "safe"  # labels follow the threshold
+    assert new["kept"] == old["kept"] - len(expected)
+    assert new["rejected_by_reason"]["violation_not_flagged"] == (
+        old["rejected_by_reason"].get("violation_not_flagged", 0) + len(expected)
+    )
+    assert new["rows"] == new["kept"] + new["rejected"] == old["rows"]
+    assert sum(new["rejected_by_reason"].values()) == new["rejected"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["refilter"]["overrides"] == ["filters.classifiers.0.threshold=0.8"]
+    assert manifest["recipe_sha256"] != json.loads((built / "manifest.json").read_text())["recipe_sha256"]
+    card = (folder / "README.md").read_text()
+    assert f"| **kept** | **{new['kept']}** |" in card and "`guard` at 0.8" in card
+    # a fresh build with the new threshold answers from the cache and writes the same bytes
+    monkeypatch.setenv("BSAFE_DATA_CACHE_DIR", str(base / "cache"))
+    monkeypatch.chdir(base)
+    recipe = make_recipe("corpus.jsonl", filters, "filters.classifiers.0.threshold=0.8")
+    build(recipe, tmp_path / "fresh")
+    assert server.requests() == requests
+    assert parquet_bytes(tmp_path / "fresh") == parquet_bytes(folder)
+    # and going back restores the original bytes
+    refilter(folder, ["filters.classifiers.0.threshold=0.5"])
+    assert parquet_bytes(folder) == parquet_bytes(built)
+    assert server.requests() == requests
+
+
+def test_category_mismatch_reject_relabel_and_back(server, moderation_build, tmp_path):
+    base, built, filters, cats = moderation_build
+    folder = tmp_path / "out"
+    shutil.copytree(built, folder)
+    before = rows_of(folder)
+    recipe_cats = ["Toxic", "Hate Speech", "Violent"]
+    mismatched = {}
+    for rid, row in before.items():
+        if row["reasons"] is not None or row["kind"] != "injected":
+            continue
+        flagged = score(row, "mod", "violation")["categories"]
+        mapped = [c for native in flagged for c in to_recipe(native, recipe_cats)]
+        if mapped and row["injection"]["category"] not in mapped:
+            mismatched[rid] = mapped[0]
+    assert mismatched, "the corpus should give some mismatches"
+    requests = server.requests()
+    result = refilter(folder, ["filters.category_mismatch=reject"])
+    after = rows_of(folder)
+    assert {rid for rid, r in after.items() if r["reasons"] == ["category_mismatch"]} == set(mismatched)
+    assert result.after["rejected_by_reason"]["category_mismatch"] == len(mismatched)
+    result = refilter(folder, ["filters.category_mismatch=relabel"])
+    # rows rejected for other reasons are relabelled too (as a build would), only the mismatches come back
+    assert result.newly_kept == len(mismatched) and result.relabeled >= len(mismatched)
+    after = rows_of(folder)
+    for rid, new_category in mismatched.items():
+        row = after[rid]
+        requested = before[rid]["injection"]["category"]
+        x = row["backtrack"][0]["tokens"]
+        assert row["reasons"] is None and row["injection"]["category"] == new_category
+        assert row["completion"].startswith(f"[CATEGORY {new_category}][BACKTRACK_BY_{x}]")
+        assert [s["text"] for s in row["segments"] if s["kind"] == "control"] == [
+            f"[CATEGORY {new_category}][BACKTRACK_BY_{x}]"
+        ]
+        assert (
+            row["completion"][len(f"[CATEGORY {new_category}]") :]
+            == before[rid]["completion"][len(f"[CATEGORY {requested}]") :]
+        )
+        marker = score(row, "bsafe:relabel", "violation")
+        assert marker["categories"] == [requested, new_category]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    kept_cats = {}
+    for row in after.values():
+        if row["reasons"] is None and row["injection"]:
+            kept_cats[row["injection"]["category"]] = kept_cats.get(row["injection"]["category"], 0) + 1
+    assert manifest["categories"] == dict(sorted(kept_cats.items()))
+    refilter(folder, ["filters.category_mismatch=keep"])
+    assert parquet_bytes(folder) == parquet_bytes(built)
+    assert server.requests() == requests
+
+
+def test_dedupe_exact_and_near_through_refilter_match_a_fresh_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("BSAFE_DATA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # same dataset name, same rows every run
+    corpus = write_corpus("corpus.jsonl")
+    toxic = ("sampling.categories={Toxic: 1}", "sampling.variants_per_answer=4")
+    filters = {"classifiers": [{"name": "builtin"}]}
+    build(make_recipe(corpus, filters, *toxic), tmp_path / "out")
+    rows = rows_of(tmp_path / "out")
+    kept = sorted(
+        (r for r in rows.values() if r["reasons"] is None and r["kind"] == "injected"),
+        key=lambda r: (r["source"]["index"], int(r["id"].rsplit("/v", 1)[1])),
+    )
+    seen, duplicates = set(), set()
+    for row in kept:  # first in source order stays
+        norm = re.sub(r"[^0-9a-z]+", " ", row["injection"]["violation"].lower()).strip()
+        (duplicates.add(row["id"]) if norm in seen else seen.add(norm))
+    assert duplicates, "one category and 4 variants per answer give repeated violations"
+    result = refilter(tmp_path / "out", ["filters.quality.dedupe.exact=true"])
+    after = rows_of(tmp_path / "out")
+    assert {rid for rid, r in after.items() if r["reasons"] == ["duplicate_violation"]} == duplicates
+    assert result.newly_rejected == len(duplicates)
+    result = refilter(tmp_path / "out", ["filters.quality.dedupe.near=true"])
+    near = {
+        rid for rid, r in rows_of(tmp_path / "out").items() if r["reasons"] == ["near_duplicate_violation"]
+    }
+    assert near and not near & duplicates
+    fresh = make_recipe(
+        corpus, filters, *toxic, "filters.quality.dedupe.exact=true", "filters.quality.dedupe.near=true"
+    )
+    build(fresh, tmp_path / "fresh")
+    assert parquet_bytes(tmp_path / "fresh") == parquet_bytes(tmp_path / "out")
+
+
+def test_refilter_refuses_what_the_scores_cannot_answer(guard_build, tmp_path):
+    _, built, _ = guard_build
+    folder = tmp_path / "out"
+    shutil.copytree(built, folder)
+    original = parquet_bytes(folder)
+    with pytest.raises(RefilterError, match="only changes `filters`"):
+        refilter(folder, ["seed=7"])
+    with pytest.raises(RefilterError, match="no recorded scores"):
+        refilter(folder, ["filters.classifiers=[{name: builtin}]"])
+    with pytest.raises(RefilterError, match=r"changed \['model'\]"):
+        refilter(folder, ["filters.classifiers.0.model=llama-guard-4"])
+    with pytest.raises(RefilterError, match="not a built dataset folder"):
+        refilter(tmp_path, [])
+    assert parquet_bytes(folder) == original
+
+
+def test_stats_prints_the_funnel_and_writes_embedded_score_plots(guard_build, tmp_path):
+    _, built, _ = guard_build
+    folder = tmp_path / "out"
+    shutil.copytree(built, folder)
+    proc = run_cli("stats", str(folder))
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    first = funnel(folder)["rejected_by_reason"]
+    for reason, n in first.items():
+        assert re.search(rf"{reason} │ {n} │", text), reason
+    assert re.search(r"guard │ violation │ \d+ │ 0 │", text)
+    plot = folder / "plots" / "scores_guard.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (folder / "README.md").read_text()
+    assert "![plots/scores_guard.png](plots/scores_guard.png)" in card
+    assert "![plots/positions.png](plots/positions.png)" in card
+    assert parquet_bytes(folder) == parquet_bytes(built)  # stats only reads the data
