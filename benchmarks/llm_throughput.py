@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -75,6 +76,29 @@ def payloads(requests: list[GenerationRequest]) -> list[dict]:
     ]
 
 
+async def _timed_posts(
+    session: aiohttp.ClientSession, url: Any, bodies: list[Any], in_flight: int, encode: Any
+) -> tuple[float, float]:
+    """POST every body with ``in_flight`` workers, parse the JSON, take the content.
+
+    Returns (requests/s, client CPU µs/request); ``encode`` turns a body into bytes inside the loop.
+    """
+    source = iter(bodies)
+    texts: list[str] = []
+
+    async def worker() -> None:
+        for body in source:
+            async with session.post(url, data=encode(body)) as resp:
+                data = json.loads(await resp.read())
+            texts.append(data["choices"][0]["message"]["content"])
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert len(texts) == len(bodies)
+    return len(bodies) / elapsed, cpu / len(bodies) * 1e6
+
+
 async def bare_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[float, float]:
     """(requests/s, client CPU µs/request) of a bare aiohttp loop.
 
@@ -84,20 +108,7 @@ async def bare_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[float
     async with aiohttp.ClientSession(
         connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=60)
     ) as session:
-        source = iter(bodies)
-        texts: list[str] = []
-
-        async def worker() -> None:
-            for payload in source:
-                async with session.post(url, data=json.dumps(payload).encode()) as resp:
-                    data = json.loads(await resp.read())
-                texts.append(data["choices"][0]["message"]["content"])
-
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    assert len(texts) == len(bodies)
-    return len(bodies) / elapsed, cpu / len(bodies) * 1e6
+        return await _timed_posts(session, url, bodies, in_flight, lambda p: json.dumps(p).encode())
 
 
 async def lean_bare_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[float, float]:
@@ -107,7 +118,6 @@ async def lean_bare_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[
 
     connector = aiohttp.TCPConnector(limit=in_flight)
     headers = {"Authorization": "Bearer EMPTY", "Content-Type": "application/json"}
-    target = URL(url)
     raw_bodies = [json.dumps(p).encode() for p in bodies]
     async with aiohttp.ClientSession(
         connector=connector,
@@ -115,20 +125,7 @@ async def lean_bare_loop(url: str, bodies: list[dict], in_flight: int) -> tuple[
         timeout=aiohttp.ClientTimeout(total=60),
         cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
-        source = iter(raw_bodies)
-        texts: list[str] = []
-
-        async def worker() -> None:
-            for body in source:
-                async with session.post(target, data=body) as resp:
-                    data = json.loads(await resp.read())
-                texts.append(data["choices"][0]["message"]["content"])
-
-        start, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(worker() for _ in range(in_flight)))
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-    assert len(texts) == len(bodies)
-    return len(bodies) / elapsed, cpu / len(bodies) * 1e6
+        return await _timed_posts(session, URL(url), raw_bodies, in_flight, lambda b: b)
 
 
 async def openai_loop(base_url: str, bodies: list[dict], in_flight: int) -> tuple[float, float]:
