@@ -33,8 +33,8 @@ def size_category(rows: int) -> str:
     return "1M<n<10M"
 
 
-def card_metadata(recipe: Recipe, files: dict[str, dict[str, list[str]]], total_rows: int) -> dict[str, Any]:
-    """The YAML header: license, tags, task categories, configs with data_files globs."""
+def hub_configs(files: dict[str, Any]) -> list[dict[str, Any]]:
+    """The card's ``configs``: one entry per config with splits, data_files globs by split."""
     configs = []
     for name, splits in files.items():
         if not splits:
@@ -47,6 +47,12 @@ def card_metadata(recipe: Recipe, files: dict[str, dict[str, list[str]]], total_
         if name == "default":
             entry["default"] = True
         configs.append(entry)
+    return configs
+
+
+def card_metadata(recipe: Recipe, files: dict[str, dict[str, list[str]]], total_rows: int) -> dict[str, Any]:
+    """The YAML header: license, tags, task categories, configs with data_files globs."""
+    configs = hub_configs(files)
     meta: dict[str, Any] = {
         "license": recipe.output.license,
         "language": ["en"],

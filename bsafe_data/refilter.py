@@ -174,7 +174,6 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
     """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores."""
     from bsafe_data.methods.bsafe_plus import ChunkOutput
     from bsafe_data.pipeline import ChunkStats, _write_chunk, funnel_of, merge_stats
-    from bsafe_data.stats import rerender_card, write_score_plots
     from bsafe_data.writer import write_dataset_folder
 
     started = time.perf_counter()
@@ -267,8 +266,6 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
     }
     written["timings"] = {**manifest.get("timings", {}), **timings}
     manifest_path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n")
-    plots = write_score_plots(folder, new)
-    rerender_card(folder, new, score_plots=plots)
     now_kept = {row["id"] for chunk in chunks.values() for split in chunk.kept.values() for row in split}
     return RefilterResult(
         folder=folder,

@@ -101,13 +101,9 @@ ROW_FEATURES = datasets.Features(
 REJECTED_FEATURES = datasets.Features({**ROW_FEATURES, "reasons": datasets.List(datasets.Value("string"))})
 
 
-def _plain_arrow_schema(features: datasets.Features) -> pa.Schema:
-    """Arrow schema with `datasets` metadata, so parquet files load with exact Features."""
-    return features.arrow_schema
-
-
-ROW_ARROW_SCHEMA: pa.Schema = _plain_arrow_schema(ROW_FEATURES)
-REJECTED_ARROW_SCHEMA: pa.Schema = _plain_arrow_schema(REJECTED_FEATURES)
+# Arrow schemas carry the `datasets` metadata, so parquet files load back with the exact Features.
+ROW_ARROW_SCHEMA: pa.Schema = ROW_FEATURES.arrow_schema
+REJECTED_ARROW_SCHEMA: pa.Schema = REJECTED_FEATURES.arrow_schema
 
 
 def empty_row(**fields: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from bsafe_data import __version__
 from bsafe_data.label import control_atoms, control_text
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import REJECTED_ARROW_SCHEMA, ROW_ARROW_SCHEMA, SCHEMA_VERSION
+from bsafe_data.segment import fifths_histogram
 
 #: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
 SHARD_ROWS = 50_000
@@ -75,13 +76,6 @@ def control_vocabulary(recipe: Recipe, max_x: int) -> list[str]:
         for x in range(1, max(1, max_x) + 1):
             atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
     return list(atoms)
-
-
-def _histogram(values: list[float], bins: int) -> list[int]:
-    counts = [0] * bins
-    for v in values:
-        counts[min(int(v * bins), bins - 1)] += 1
-    return counts
 
 
 def _plots(out_dir: Path, stats: Any) -> list[str]:
@@ -177,7 +171,7 @@ def write_dataset_folder(
         "funnel": funnel,
         "counts": counts,
         "categories": dict(sorted(stats.categories.items())),
-        "position_fifths": _histogram(stats.positions, 5),
+        "position_fifths": fifths_histogram(stats.positions),
         "backtrack_max": max_x,
         "usage": usage,
         "timings": timings,

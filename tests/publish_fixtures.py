@@ -60,16 +60,9 @@ def card_text(
     changelog: str = CHANGELOG_BLOCK,
 ) -> str:
     """The README.md the builder writes: YAML header, markdown, an (empty) changelog block."""
-    configs = []
-    for name, splits in rows.items():
-        folder = "data" if name == "default" else name
-        entry: dict[str, Any] = {
-            "config_name": name,
-            "data_files": [{"split": s, "path": f"{folder}/{s}-*.parquet"} for s in splits],
-        }
-        if name == "default":
-            entry["default"] = True
-        configs.append(entry)
+    from bsafe_data.card import hub_configs
+
+    configs = hub_configs(rows)  # the same configs block the builder writes
     meta = {
         "license": "cc-by-4.0",
         "language": ["en"],
