@@ -9,7 +9,6 @@ request ``{"model", "input": text}``.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from bsafe_data.classify.base import Item, Score
@@ -47,20 +46,17 @@ class ModerationClassifier(RemoteClassifier):
         size = self.spec.batch_size
         batches = [keys[i : i + size] for i in range(0, len(keys), size)]
         out: dict[str, Any] = {}
-        gate = asyncio.Semaphore(self.spec.max_concurrency)
-        async with self._session() as session:
 
-            async def one(batch: list[str]) -> None:
-                body = canonical({"model": self.model, "input": [todo[k][0].payload["input"] for k in batch]})
-                async with gate:
-                    try:
-                        results = await self._post(session, "/moderations", body, _results)
-                        if len(results) != len(batch):
-                            raise RequestFailed(f"{len(results)} results for {len(batch)} inputs")
-                    except RequestFailed as exc:
-                        out.update(dict.fromkeys(batch, exc))
-                        return
-                out.update(zip(batch, results, strict=True))
+        async def one(batch: list[str]) -> None:
+            body = canonical({"model": self.model, "input": [todo[k][0].payload["input"] for k in batch]})
+            try:
+                results = await self._post("/moderations", body, _results)
+                if len(results) != len(batch):
+                    raise RequestFailed(f"{len(results)} results for {len(batch)} inputs")
+            except RequestFailed as exc:
+                out.update(dict.fromkeys(batch, exc))
+                return
+            out.update(zip(batch, results, strict=True))
 
-            await asyncio.gather(*(one(b) for b in batches))
+        await self._each(batches, one)
         return out

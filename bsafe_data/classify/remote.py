@@ -1,13 +1,15 @@
-"""Shared plumbing of the HTTP classifiers: request keys, the response cache, retries, logprobs.
+"""Shared plumbing of the HTTP classifiers: request keys, the response cache, logprobs.
 
 Every classifier call goes through the engine's SQLite response cache (``bsafe_data.llm.cache``):
 the key is the sha256 of the canonical JSON request body (model, messages or input, sampling
 parameters) plus the classifier protocol version, never the API key or the endpoint URL. The stored
 text is the part of the answer the parser needs (JSON), so changing a parser or a threshold costs no
-request. Requests use aiohttp with the engine's retry policy (``bsafe_data.llm.retry``): 408/409/
-425/429/5xx and connection errors are retried with backoff; 400/401/403/404 stop the run with
-``FatalEndpointError``; a request that still fails gives that text a score labelled ``error``
-(rules reject the row with ``classifier_error``). Texts are never logged.
+request. Requests go through the generator's transport (``bsafe_data.llm.transport``, one instance
+per classifier with the spec's concurrency, timeout and retries) and so follow the package's one
+retry policy (``bsafe_data.llm.retry``): 408/409/425/429/5xx, connection errors and malformed
+answers are retried with backoff; 400/401/403/404 and an exhausted quota stop the run with
+``FatalEndpointError`` naming the classifier; a request that still fails gives that text a score
+labelled ``error`` (rules reject the row with ``classifier_error``). Texts are never logged.
 """
 
 from __future__ import annotations
@@ -15,27 +17,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import re
-from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
-
 from bsafe_data.classify.base import ERROR_LABEL, Item, Score, is_unsafe
 from bsafe_data.llm.cache import ResponseCache, request_key
-from bsafe_data.llm.client import DEFAULT_BASE_URL, public_endpoint
-from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact
-from bsafe_data.llm.retry import (
-    FATAL_STATUSES,
-    backoff_s,
-    is_retryable_status,
-    is_row_level_400,
-    retry_after_s,
-)
+from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.loop import off_running_loop
+from bsafe_data.llm.transport import Transport, resolve_endpoint
 
 T = TypeVar("T")
 #: Logprob positions kept in the cache (the decision token is near the start of a guard's answer).
@@ -45,16 +37,6 @@ _LOGPROB_POSITIONS = 48
 def canonical(payload: dict[str, Any]) -> bytes:
     """Canonical JSON (sorted keys, compact): the bytes sent and hashed."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion here, or in a helper thread when this thread runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 @dataclass(frozen=True)
@@ -161,11 +143,19 @@ class RemoteClassifier:
         self.threshold: float = spec.threshold
         self.targets: tuple[str, ...] = tuple(spec.scored_targets)
         self.model: str = spec.model
-        self.base_url = (spec.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.endpoint = public_endpoint(self.base_url)
-        self._api_key = os.environ.get(spec.api_key_env) or "EMPTY"
+        endpoint = resolve_endpoint(spec.base_url, spec.api_key_env)
+        self.base_url, self.endpoint = endpoint.base_url, endpoint.public
+        self._transport = Transport(
+            endpoint.base_url,
+            endpoint.api_key,
+            role=f"classifier {spec.name!r}",
+            max_concurrency=spec.max_concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            backoff_base_s=backoff_base_s,
+            backoff_max_s=30.0,
+        )
         self._cache = ResponseCache(cache_dir)
-        self._backoff_base_s = backoff_base_s
         self.usage: dict[str, int] = {"requests": 0, "cache_hits": 0, "retries": 0, "errors": 0}
 
     # -- to implement --------------------------------------------------------------------------
@@ -204,7 +194,9 @@ class RemoteClassifier:
                 todo[key] = (req, body)
         failed: dict[str, str] = {}
         if todo:
-            fetched = run_sync(self._fetch_all(todo))
+            fetched = off_running_loop(asyncio.run, self._fetch_all(todo))
+            self.usage["requests"] = self._transport.stats.requests
+            self.usage["retries"] = self._transport.stats.retries
             for key, result in fetched.items():
                 if isinstance(result, RequestFailed):
                     failed[key] = result.reason
@@ -234,81 +226,31 @@ class RemoteClassifier:
         self._cache.close()
 
     # -- HTTP ----------------------------------------------------------------------------------
-    def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.spec.max_concurrency),
-            timeout=aiohttp.ClientTimeout(total=self.spec.timeout_s),
-            headers={"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"},
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-
     async def _fetch_all(
         self, todo: dict[str, tuple[Request, bytes]]
     ) -> dict[str, dict[str, Any] | RequestFailed]:
+        """The stored form of every answer (or why it failed), by cache key."""
         out: dict[str, dict[str, Any] | RequestFailed] = {}
-        gate = asyncio.Semaphore(self.spec.max_concurrency)
-        async with self._session() as session:
 
-            async def one(key: str, req: Request, body: bytes) -> None:
-                async with gate:
-                    try:
-                        out[key] = await self._post(session, req.path, body, self.extract)
-                    except RequestFailed as exc:
-                        out[key] = exc
+        async def one(entry: tuple[str, tuple[Request, bytes]]) -> None:
+            key, (req, body) = entry
+            try:
+                out[key] = await self._post(req.path, body, self.extract)
+            except RequestFailed as exc:
+                out[key] = exc
 
-            await asyncio.gather(*(one(k, r, b) for k, (r, b) in todo.items()))
+        await self._each(list(todo.items()), one)
         return out
 
-    async def _post(
-        self, session: aiohttp.ClientSession, path: str, body: bytes, extract: Callable[[Any], T]
-    ) -> T:
-        """POST with the engine's retry policy; ``extract`` of the JSON body of a 200 (a malformed
-        body is retried like a transport error)."""
-        url = self.base_url + path
-        attempt = 0
-        while True:
-            attempt += 1
-            self.usage["requests"] += 1
-            hint = None
-            try:
-                async with session.post(url, data=body) as resp:
-                    status, raw, headers = resp.status, await resp.read(), resp.headers
-            except asyncio.TimeoutError:
-                reason = f"timeout after {self.spec.timeout_s:g} s"
-            except aiohttp.ClientError as exc:
-                reason = f"connection error ({type(exc).__name__})"
-            else:
-                if status == 200:
-                    try:
-                        return extract(json.loads(raw))
-                    except (ValueError, KeyError, TypeError, IndexError) as exc:
-                        reason = f"malformed response ({type(exc).__name__})"
-                else:
-                    message = self._error_message(raw)
-                    if status in FATAL_STATUSES and not (status == 400 and is_row_level_400(message)):
-                        error = FatalEndpointError(self.endpoint, status, message)
-                        error.args = (
-                            f"classifier {self.name!r} endpoint {self.endpoint} failed: HTTP {status}"
-                            + (f": {message}" if message else ""),
-                        )
-                        raise error
-                    if not is_retryable_status(status):
-                        raise RequestFailed(f"HTTP {status}: {message}", attempt)
-                    reason = f"HTTP {status}"
-                    hint = retry_after_s(headers)
-            if attempt > self.spec.max_retries:
-                raise RequestFailed(f"{reason}; gave up after {attempt} attempts", attempt)
-            self.usage["retries"] += 1
-            await asyncio.sleep(backoff_s(attempt, self._backoff_base_s, 30.0, hint))
+    async def _each(self, items: list[T], handler: Callable[[T], Awaitable[None]]) -> None:
+        """Run ``handler`` on every item, ``max_concurrency`` at a time, in one HTTP session."""
+        async with self._transport as transport:
+            await transport.run(items, handler, len(items))
 
-    def _error_message(self, raw: bytes) -> str:
-        try:
-            data = json.loads(raw)
-            error = data.get("error", data) if isinstance(data, dict) else data
-            message = error.get("message", "") if isinstance(error, dict) else str(error)
-        except ValueError:
-            message = raw[:300].decode("utf-8", "replace")
-        return redact(str(message), self._api_key)
+    async def _post(self, path: str, body: bytes, extract: Callable[[Any], T]) -> T:
+        """POST through the transport; ``extract`` of the JSON body of a 200 (a malformed body is
+        retried like a transport error)."""
+        return await self._transport.post(path, body, lambda raw: extract(json.loads(raw)))
 
 
 def conversation(item: Item, assistant: str) -> list[dict[str, str]]:

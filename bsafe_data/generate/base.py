@@ -1,16 +1,18 @@
-"""The generator interface every backend implements (builtin bank, OpenAI-compatible, local model).
+"""The generator interface every backend subclasses (builtin bank, OpenAI-compatible endpoint).
 
 The pipeline hands a backend a batch of requests and gets one ``Generation`` per request back, in
 order. Backends never raise for a single bad row: they return a ``Generation`` whose ``error`` is a
 stable reason code (``generator_error``, ``generator_refused``, ``generator_unparseable``), so the
-row lands in the ``rejected`` config instead of crashing the run.
+row lands in the ``rejected`` config instead of crashing the run. Only a ``FatalEndpointError``
+(bad key, wrong URL) stops the run.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,18 +38,30 @@ class Generation:
     usage: dict[str, int] = field(default_factory=dict)  # input_tokens, output_tokens, requests, ...
 
 
-@runtime_checkable
-class Generator(Protocol):
-    """A backend that turns requests into generations."""
+class Generator(ABC):
+    """A backend that turns requests into generations; a context manager that ``close``s on exit."""
 
-    backend: str  # "builtin", "openai", "transformers"
+    #: "builtin" or "openai"; recorded in every row's ``generator`` column
+    backend: str
+    #: the model (or bank) that writes the violations
     model: str
+    #: the prompt template (or bank) version
     template: str
 
+    @property
+    def usage(self) -> dict[str, Any]:
+        """Cumulative usage counters (requests, tokens, cost, ...); empty for offline backends."""
+        return {}
+
+    @abstractmethod
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Return one Generation per request, in the same order."""
-        ...
 
-    def close(self) -> None:
-        """Release connections, processes and caches."""
-        ...
+    def close(self) -> None:  # noqa: B027 - optional hook: offline backends hold nothing
+        """Release connections, event loops and caches."""
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

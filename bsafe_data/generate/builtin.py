@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from bsafe_data.generate.base import Generation, GenerationRequest
+from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 
 BANK_PATH = Path(__file__).resolve().parent.parent / "data" / "bank" / "categories.yaml"
 GENERIC_SECTION = "generic"
@@ -193,8 +193,12 @@ def _fill(template: _Template, topic: str, rng: random.Random) -> str:
     return text[:1].upper() + text[1:]
 
 
-class BuiltinGenerator:
-    """Offline, deterministic generator backed by the bundled category bank."""
+class BuiltinGenerator(Generator):
+    """Offline, deterministic generator backed by the bundled category bank.
+
+    Nothing to count and nothing to release: ``usage`` is empty and ``close`` does nothing (the
+    bank cache is shared and immutable).
+    """
 
     backend = "builtin"
     model = "builtin-bank-v1"
@@ -240,6 +244,3 @@ class BuiltinGenerator:
                     )
                 )
         return out
-
-    def close(self) -> None:
-        """Nothing to release (the bank cache is shared and immutable)."""

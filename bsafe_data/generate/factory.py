@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from bsafe_data.recipe import GeneratorSpec
 
 
 class GeneratorUnavailable(RuntimeError):
-    """The requested backend cannot run here (missing optional dependency)."""
+    """The requested backend cannot run here (not implemented, or an unknown provider)."""
 
 
 def make_generator(
@@ -19,9 +18,10 @@ def make_generator(
     cache_dir: Path | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> Generator:
-    """Build the backend for ``spec.provider``: ``builtin``, ``openai`` or ``transformers``.
+    """Build the backend for ``spec.provider``: ``builtin`` or ``openai``.
 
     Backends are imported lazily, so the optional dependencies of one are never needed by another.
+    ``transformers`` (in-process local models) is not implemented: ``GeneratorUnavailable``.
     """
     if spec.provider == "builtin":
         from bsafe_data.generate.builtin import BuiltinGenerator
@@ -32,17 +32,9 @@ def make_generator(
 
         return OpenAIGenerator(spec, cache_dir=cache_dir, progress=progress)
     if spec.provider == "transformers":
-        if importlib.util.find_spec("torch") is None:
-            raise GeneratorUnavailable(
-                "generator.provider 'transformers' needs PyTorch: install the extra with "
-                "`pip install 'bsafe-data[local]'`, or serve the model with vLLM and use provider 'openai'"
-            )
-        try:
-            from bsafe_data.generate.local_backend import LocalGenerator  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise GeneratorUnavailable(
-                "generator.provider 'transformers' is not available in this version: serve the model "
-                "with an OpenAI-compatible server (vLLM, llama.cpp) and use provider 'openai'"
-            ) from exc
-        return LocalGenerator(spec, cache_dir=cache_dir, progress=progress)
+        raise GeneratorUnavailable(
+            "generator.provider 'transformers' is not available in this version (the `[local]` extra "
+            "adds local classifiers only): serve the model with an OpenAI-compatible server (vLLM, "
+            "llama.cpp, TGI) and use provider 'openai' with its base_url"
+        )
     raise GeneratorUnavailable(f"unknown generator provider {spec.provider!r}")

@@ -8,7 +8,7 @@ that the row gets ``generator_refused`` (last answer a refusal) or ``generator_u
 answer unparseable or truncated). A request whose transport retries run out gets
 ``generator_error``. ``FatalEndpointError`` (bad key, wrong URL) propagates and stops the run.
 
-The ``usage`` attribute is cumulative over the generator's lifetime and readable after each batch:
+The ``usage`` property is cumulative over the generator's lifetime and readable after each batch:
 ``requests`` (HTTP requests sent, retries included), ``cache_hits``, ``retries`` (transport
 retries), ``content_retries`` (re-asks after refusals/unparseable answers), ``input_tokens``,
 ``output_tokens`` (as reported by the server, cache hits excluded), ``cost_usd`` (from
@@ -26,15 +26,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bsafe_data.generate.base import Generation, GenerationRequest
+from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 from bsafe_data.inject import (
     TEMPLATE_VERSION,
     ParsedOutput,
@@ -43,8 +41,10 @@ from bsafe_data.inject import (
     template_variables,
 )
 from bsafe_data.llm.cache import CachedResponse, ResponseCache, request_key
-from bsafe_data.llm.client import DEFAULT_BASE_URL, ChatEngine, check_endpoint
+from bsafe_data.llm.client import ChatEngine, check_endpoint
 from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.loop import off_running_loop
+from bsafe_data.llm.transport import resolve_endpoint
 from bsafe_data.recipe import GeneratorSpec
 
 T = TypeVar("T")
@@ -79,18 +79,7 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _off_running_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Call ``fn(*args)`` here, or in a helper thread when this thread already runs an event loop
-    (e.g. a notebook), since a second loop cannot run in the same thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return fn(*args)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result()
-
-
-class OpenAIGenerator:
+class OpenAIGenerator(Generator):
     """``Generator`` (backend ``"openai"``) for any OpenAI-compatible ``/chat/completions`` endpoint."""
 
     backend = "openai"
@@ -112,12 +101,14 @@ class OpenAIGenerator:
         self.model = spec.model
         self.template = spec.template
         self._prompt = load_template(spec.template)
-        self.base_url = spec.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        self._api_key = os.environ.get(spec.api_key_env) or "EMPTY"
+        endpoint = resolve_endpoint(spec.base_url, spec.api_key_env)
+        self.base_url = endpoint.base_url
+        self._api_key = endpoint.api_key
         self._cache = ResponseCache(cache_dir, background=True)
         self._engine = ChatEngine(
-            self.base_url,
-            self._api_key,
+            endpoint.base_url,
+            endpoint.api_key,
+            role="generator",
             max_concurrency=spec.max_concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
@@ -178,7 +169,7 @@ class OpenAIGenerator:
         loop, self._loop = self._loop, None
         try:
             if loop is not None and not loop.is_closed():
-                _off_running_loop(self._shutdown, loop)
+                off_running_loop(self._shutdown, loop)
         finally:
             self._cache.close()
 
@@ -191,18 +182,12 @@ class OpenAIGenerator:
         loop.run_until_complete(self._engine.close())
         loop.close()
 
-    def __enter__(self) -> OpenAIGenerator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- internals -----------------------------------------------------------------------------
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the generator's own loop (in a helper thread if a loop already runs here)."""
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
-        return _off_running_loop(self._run_on, self._loop, coro)
+        return off_running_loop(self._run_on, self._loop, coro)
 
     @staticmethod
     def _run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:

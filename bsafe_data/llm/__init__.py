@@ -1,4 +1,4 @@
-"""LLM plumbing: a lean async chat-completions engine, rate limiting, retries and a response cache."""
+"""Endpoint plumbing: one HTTP transport, one retry policy, rate limiting and the response cache."""
 
 from bsafe_data.llm.errors import FatalEndpointError, RequestFailed
 

@@ -1,9 +1,10 @@
-"""Errors raised by the LLM engine.
+"""Errors raised by the endpoint transport (``bsafe_data.llm.transport``).
 
 ``FatalEndpointError`` stops a run early (bad key, wrong URL, unknown model): the CLI prints its
-message and exits without a traceback. ``RequestFailed`` concerns one request only (retries
-exhausted, or a non-retryable per-request problem such as an over-long prompt); the generator turns
-it into ``error="generator_error"`` for that row and the run goes on.
+message, which names the role (generator, classifier, hub) and the endpoint, and exits without a
+traceback. ``RequestFailed`` concerns one request only (retries exhausted, or a non-retryable
+per-request problem such as an over-long prompt); the generator turns it into
+``error="generator_error"`` for that row, a classifier into an ``error`` score, and the run goes on.
 """
 
 from __future__ import annotations
@@ -23,17 +24,24 @@ def redact(text: str, secret: str | None = None, limit: int = 300) -> str:
 
 
 class FatalEndpointError(RuntimeError):
-    """The endpoint refuses every request (401/403/404/400 or unreachable): stop the run."""
+    """The endpoint refuses every request (401/403/404/400, exhausted quota, unreachable): stop the run.
 
-    def __init__(self, endpoint: str, status: int | None, message: str = ""):
+    ``role`` names who was talking to it: ``"generator"``, ``"classifier 'guard'"``, ``"hub"``.
+    """
+
+    def __init__(self, role: str, endpoint: str, status: int | None, message: str = ""):
+        self.role = role
         self.endpoint = endpoint
         self.status = status
         self.message = message
-        what = f"HTTP {status}" if status is not None else "error"
-        text = f"generator endpoint {endpoint} failed: {what}"
-        if message:
-            text += f": {message}"
-        super().__init__(text)
+        super().__init__(describe_failure(role, endpoint, status, message))
+
+
+def describe_failure(role: str, endpoint: str, status: int | None, message: str = "") -> str:
+    """``"<role> endpoint <url> failed: HTTP 401: <message>"``, the text of a fatal endpoint failure."""
+    what = f"HTTP {status}" if status is not None else "error"
+    text = f"{role} endpoint {endpoint} failed: {what}"
+    return f"{text}: {message}" if message else text
 
 
 class RequestFailed(Exception):

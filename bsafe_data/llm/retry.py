@@ -1,4 +1,16 @@
-"""Retry policy: which failures are retried, and how long to wait before the next attempt."""
+"""The one retry policy of every endpoint the package talks to (generator, classifiers, the Hub).
+
+``RetryPolicy.decide`` turns one failed attempt into ``Retry`` (wait ``delay_s``, then try again),
+``Fatal`` (the endpoint, key or model is wrong: stop the run) or ``Fail`` (give up on this request
+only). The same rules hold for every caller:
+
+* no answer (timeout, connection error) or a malformed body: retried;
+* 408, 409, 425, 429 and every 5xx (plus a caller's ``extra_retry_statuses``): retried with
+  exponential backoff and jitter, at least as long as ``Retry-After`` / ``retry-after-ms`` asks;
+* 400, 401, 403, 404: fatal, except a 400 about one prompt's context length (``Fail``);
+* a 429 that means the quota or credit is exhausted: fatal (waiting cannot help);
+* any other status, or retries exhausted: ``Fail``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +19,7 @@ import random
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 #: HTTP statuses that stop the whole run: the endpoint, key or model is wrong.
 FATAL_STATUSES = frozenset({400, 401, 403, 404})
@@ -34,15 +47,24 @@ def is_quota_exhausted(body: str) -> bool:
     return bool(_QUOTA.search(body))
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """``headers[name]`` for a lower-case ``name``; HTTP clients' header maps ignore case, plain
+    dicts are searched."""
+    value = headers.get(name)
+    if value is None and isinstance(headers, dict):
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
+
+
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Delay the server asked for: ``retry-after-ms`` first, then ``Retry-After`` (seconds or date)."""
-    ms = headers.get("retry-after-ms")
+    ms = _header(headers, "retry-after-ms")
     if ms:
         try:
             return max(0.0, float(ms) / 1000.0)
         except ValueError:
             pass
-    value = headers.get("retry-after")
+    value = _header(headers, "retry-after")
     if not value:
         return None
     try:
@@ -96,3 +118,80 @@ def backoff_s(
         return hint_s + hint_s * 0.1 * rand
     exp = min(max_s, base_s * (2 ** (attempt - 1)))
     return exp / 2 + exp / 2 * rand
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Try again after ``delay_s`` seconds; ``hint_s`` is the delay the server asked for, if any."""
+
+    delay_s: float
+    reason: str
+    hint_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal:
+    """Stop the run: the endpoint refuses every request (``status`` None: it cannot be reached)."""
+
+    status: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Give up on this request only (``reason`` says why and after how many attempts)."""
+
+    reason: str
+
+
+_NO_HEADERS: Mapping[str, str] = {}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Which failures are retried, how often and how long to wait (see the module docstring)."""
+
+    max_retries: int = 6  # attempts after the first one
+    base_s: float = 0.5  # first backoff step
+    max_s: float = 60.0  # longest backoff step (without a server hint)
+    max_hint_s: float = 600.0  # longest server-requested wait honoured
+    fatal_statuses: frozenset[int] = FATAL_STATUSES
+    extra_retry_statuses: frozenset[int] = frozenset()
+
+    def retryable(self, status: int) -> bool:
+        """True for the statuses worth another attempt."""
+        return is_retryable_status(status) or status in self.extra_retry_statuses
+
+    def decide(
+        self,
+        status: int | None,
+        message: str = "",
+        headers: Mapping[str, str] = _NO_HEADERS,
+        attempt: int = 1,
+    ) -> Retry | Fatal | Fail:
+        """The verdict on attempt number ``attempt`` (1-based).
+
+        ``status`` is the HTTP status of the answer, or None when there was no usable answer
+        (timeout, connection error, malformed body); ``message`` is the server's error message
+        (or, with no status, the reason there was no answer); ``headers`` the response headers.
+        """
+        hint: float | None = None
+        if status is None:
+            reason = message or "no answer"
+        else:
+            if status in self.fatal_statuses and not (status == 400 and is_row_level_400(message)):
+                return Fatal(status, message)
+            if status == 429 and is_quota_exhausted(message):  # billing, not rate: no retry helps
+                return Fatal(status, message)
+            if not self.retryable(status):
+                return Fail(f"HTTP {status}: {message}" if message else f"HTTP {status}")
+            reason = f"HTTP {status}"
+            hint = retry_after_s(headers)
+        if attempt > self.max_retries:
+            return Fail(f"{reason}; gave up after {attempt} attempts")
+        return Retry(self.backoff(attempt, hint), reason, hint)
+
+    def backoff(self, attempt: int, hint_s: float | None = None) -> float:
+        """The wait before retry number ``attempt``: ``backoff_s`` with this policy's limits."""
+        capped = None if hint_s is None else min(hint_s, self.max_hint_s)
+        return backoff_s(attempt, self.base_s, self.max_s, capped)

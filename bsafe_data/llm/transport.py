@@ -1,0 +1,277 @@
+"""The one HTTP transport to OpenAI-compatible endpoints, shared by the generator and the classifiers.
+
+The hot path is plain aiohttp: one ``ClientSession`` with ``TCPConnector(limit=max_concurrency)``,
+pre-serialised request bodies, and a parse of only the fields the caller needs (``extract``). The
+``openai`` SDK is several milliseconds of CPU per request, which caps a 2-core machine far below
+what a local vLLM server can deliver, so it is used only off the hot path (``check_endpoint``).
+
+``Transport.post(path, body, extract)`` sends one request with rate limiting (``RateLimiter``) and
+the package's one retry policy (``bsafe_data.llm.retry.RetryPolicy``): transient failures are
+retried, ``FatalEndpointError`` stops the run, ``RequestFailed`` fails that request only.
+``Transport.run`` is a worker pool of ``max_concurrency`` coroutines; each worker handles one item
+at a time, so at most ``max_concurrency`` requests are in flight.
+
+Endpoints are resolved in one place (``resolve_endpoint``): ``base_url`` defaults to
+``$OPENAI_BASE_URL`` (then OpenAI's), and the key is read from the environment variable the recipe
+names. The key lives only in the transport's session headers: never in a cache key, a message or a
+``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+from yarl import URL
+
+from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact
+from bsafe_data.llm.ratelimit import RateLimiter
+from bsafe_data.llm.retry import Fatal, Retry, RetryPolicy, retry_after_s
+
+try:  # orjson is optional: about 2x faster than json on response bodies
+    import orjson
+
+    loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - depends on the environment
+
+    def loads(raw: bytes) -> Any:
+        return json.loads(raw.decode("utf-8"))  # skips json's encoding detection on bytes
+
+
+T = TypeVar("T")
+ItemT = TypeVar("ItemT")
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+#: What ``extract`` may raise on a body it cannot read: the attempt is retried like a dropped one.
+_MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError)
+_NO_HEADERS: dict[str, str] = {}
+
+
+class MalformedResponse(ValueError):
+    """A 200 answer without the fields the caller needs (its text is the retry reason)."""
+
+
+def public_endpoint(base_url: str) -> str:
+    """``base_url`` without credentials, query or fragment: safe to print."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where to send requests, and the key to send (kept out of ``repr``)."""
+
+    base_url: str
+    api_key: str = field(default="EMPTY", repr=False)
+
+    @property
+    def public(self) -> str:
+        """The base URL, safe to print."""
+        return public_endpoint(self.base_url)
+
+
+def resolve_endpoint(base_url: str | None, api_key_env: str) -> Endpoint:
+    """A recipe's endpoint: ``base_url``, else ``$OPENAI_BASE_URL``, else OpenAI; the key from the
+    environment variable named ``api_key_env`` (``"EMPTY"`` when unset, as local servers expect)."""
+    url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    return Endpoint(url.rstrip("/"), os.environ.get(api_key_env) or "EMPTY")
+
+
+def _proxy_configured() -> bool:
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in names)
+
+
+@dataclass(slots=True)
+class TransportStats:
+    """Counters over the transport's lifetime (across sessions)."""
+
+    requests: int = 0  # HTTP requests sent (retries included)
+    retries: int = 0
+    input_tokens: int = 0  # as reported by the server (chat completions only)
+    output_tokens: int = 0
+    failed: int = 0  # requests given up on (RequestFailed)
+
+
+class Transport:
+    """Bounded, rate-limited, retrying HTTP client for one OpenAI-compatible endpoint.
+
+    ``role`` names the caller in fatal errors (``"generator"``, ``"classifier 'guard'"``). Use it
+    only inside the event loop that called ``open()`` (or ``async with transport:``); the counters
+    in ``stats`` and the rate limiter outlive ``close()``, so one transport can serve many loops.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "EMPTY",
+        *,
+        role: str = "generator",
+        max_concurrency: int = 64,
+        timeout_s: float = 60.0,
+        max_retries: int = 6,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 60.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.role = role
+        self._api_key = api_key
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.policy = RetryPolicy(max_retries=max_retries, base_s=backoff_base_s, max_s=backoff_max_s)
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        self.stats = TransportStats()
+        self._session: aiohttp.ClientSession | None = None
+        self._routes: dict[str, tuple[URL, str]] = {}
+
+    def route(self, path: str) -> tuple[URL, str]:
+        """The parsed URL of ``path`` (parsed once, not per request) and its printable form."""
+        found = self._routes.get(path)
+        if found is None:
+            url = self.base_url + path
+            found = self._routes[path] = (URL(url), public_endpoint(url))
+        return found
+
+    # -- session -------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Create the HTTP session (inside the running loop)."""
+        if self._session is not None and not self._session.closed:
+            return
+        connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s, connect=min(self.timeout_s, 30.0)),
+            headers={"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"},
+            cookie_jar=aiohttp.DummyCookieJar(),  # APIs set no cookies we need; skips per-request work
+            raise_for_status=False,
+            # proxies from the environment, as the openai SDK does; aiohttp reads the environment on
+            # every request when this is on, so only when a proxy variable is actually set
+            trust_env=_proxy_configured(),
+        )
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Transport:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- requests ------------------------------------------------------------------------------
+    async def run(
+        self, items: Iterable[ItemT], handler: Callable[[ItemT], Awaitable[None]], total: int | None = None
+    ) -> None:
+        """Call ``handler`` on every item with at most ``max_concurrency`` running at once.
+
+        ``items`` is consumed lazily (pass ``total`` to avoid starting idle workers). The first
+        exception (e.g. ``FatalEndpointError``) cancels the other workers and propagates.
+        """
+        if total is None:
+            items = list(items)
+            total = len(items)
+        if total == 0:
+            return
+        source = iter(items)
+
+        async def worker() -> None:
+            for item in source:  # shared iterator: each item is taken by exactly one worker
+                await handler(item)
+
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(total, self.max_concurrency))]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def post(self, path: str, body: bytes, extract: Callable[[bytes], T], est_tokens: int = 0) -> T:
+        """POST ``body`` to ``path`` (under the base URL) and return ``extract`` of the 200 body.
+
+        ``extract`` gets the raw body; a body it cannot read (``MalformedResponse`` or any
+        ``ValueError``/``KeyError``/``TypeError``/``IndexError``) is retried like a dropped
+        connection. ``est_tokens`` reserves that many tokens with a TPM limit.
+        """
+        value, _ = await self.send(path, body, extract, est_tokens)
+        return value
+
+    async def send(
+        self, path: str, body: bytes, extract: Callable[[bytes], T], est_tokens: int = 0
+    ) -> tuple[T, int]:
+        """``post``, also returning the number of HTTP attempts it took."""
+        if self._session is None:
+            await self.open()
+        session = self._session
+        assert session is not None
+        url, endpoint = self.route(path)
+        limiter, stats, policy = self.limiter, self.stats, self.policy
+        attempt = 0
+        while True:
+            attempt += 1
+            if not limiter.idle():
+                await limiter.acquire(est_tokens)
+            stats.requests += 1
+            status: int | None = None
+            try:
+                async with session.post(url, data=body) as resp:
+                    status = resp.status
+                    raw = await resp.read()
+                    headers = resp.headers
+            except asyncio.TimeoutError:
+                reason = f"timeout after {self.timeout_s:g} s"
+            except (aiohttp.ClientError, OSError) as exc:
+                reason = f"connection error ({type(exc).__name__})"
+            else:
+                if status == 200:
+                    try:
+                        value = extract(raw)
+                    except _MALFORMED as exc:
+                        status = None
+                        malformed = isinstance(exc, MalformedResponse)
+                        reason = str(exc) if malformed else f"malformed response ({type(exc).__name__})"
+                    else:
+                        limiter.observe(headers, est_tokens)
+                        return value, attempt
+            if status is None:
+                decision = policy.decide(None, reason, _NO_HEADERS, attempt)
+            else:
+                decision = policy.decide(status, self._error_message(raw), headers, attempt)
+                if status == 429 and not isinstance(decision, Fatal):
+                    hint = retry_after_s(headers)  # the server throttles every request: hold all back
+                    limiter.pause_for(hint if hint is not None else policy.backoff(attempt))
+                limiter.observe(headers, est_tokens)
+            if isinstance(decision, Retry):
+                stats.retries += 1
+                await asyncio.sleep(decision.delay_s)
+                continue
+            if isinstance(decision, Fatal):
+                raise FatalEndpointError(self.role, endpoint, decision.status, decision.message)
+            stats.failed += 1
+            raise RequestFailed(decision.reason, attempt)
+
+    def _error_message(self, raw: bytes) -> str:
+        """The server's error message (redacted, shortened), for error reports."""
+        try:
+            data = loads(raw)
+            error = data.get("error", data) if isinstance(data, dict) else data
+            message = error.get("message", "") if isinstance(error, dict) else str(error)
+        except ValueError:
+            message = raw[:300].decode("utf-8", "replace")
+        return redact(str(message), self._api_key)
