@@ -145,11 +145,17 @@ def build(
     _print_summary(result)
     if push:
         from bsafe_data.publish import PublishError, push_dataset
+        from bsafe_data.publish.cli import event_printer
 
         spec = loaded.publish
         try:
             pushed = push_dataset(
-                target, spec.repo, spec.version, private=spec.private, gated=spec.gated, console=console
+                target,
+                spec.repo,
+                spec.version,
+                private=spec.private,
+                gated=spec.gated,
+                on_event=event_printer(console),
             )
         except PublishError as exc:
             raise _fail(f"push failed: {exc}", 1) from None

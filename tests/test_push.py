@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bsafe_data.publish import PublishError, push_dataset
+from bsafe_data.publish import PublishError, changelog, push_dataset
 from bsafe_data.publish import push as push_module
 from tests.hub_server import HubServer
 from tests.publish_fixtures import build_dataset_folder, default_rows
@@ -376,36 +376,36 @@ def test_bad_version_and_oversized_shard_fail_before_network(tmp_path, monkeypat
 
 
 def test_changelog_merge_keeps_history_with_tag_shas():
-    old_entry = push_module.ChangelogEntry(
+    old_entry = changelog.ChangelogEntry(
         "1.0.0", "2025-01-01", {"default": {"train": 2}}, "ab" * 32, parent="0" * 40
     )
     old_card = (
         "# x\n<!-- changelog:start -->"
-        + push_module.render_changelog([old_entry], "1.0.0")
+        + changelog.render_changelog([old_entry], "1.0.0")
         + "<!-- changelog:end -->\n"
     )
-    new = push_module.ChangelogEntry(
+    new = changelog.ChangelogEntry(
         "1.2.0", "2025-02-01", {"default": {"train": 3}}, "cd" * 32, parent="1" * 40
     )
     tags = {"v1.0.0": "2" * 40, "v1.1.0": "3" * 40, "not-a-release": "4" * 40}
-    card = push_module.build_card(
+    card = changelog.build_card(
         "# x\n\n<!-- changelog:start -->\n<!-- changelog:end -->\n",
         gated="none",
         old_card=old_card,
         entry=new,
         tags=tags,
     )
-    entries, _ = push_module.read_changelog(card)
+    entries, _ = changelog.read_changelog(card)
     assert [e.version for e in entries] == ["1.2.0", "1.1.0", "1.0.0"]
     assert entries[2].commit == "2" * 40 and entries[2].date == "2025-01-01"  # sha from the tag
     assert entries[1].commit == "3" * 40 and entries[1].note == "not recorded"
     assert card.count("<!-- changelog:start -->") == 1
     # rows of a hand-written changelog (no machine data) are kept below the new ones
     legacy = "<!-- changelog:start -->\n| version | sha |\n|---|---|\n| 0.1 | abc |\n<!-- changelog:end -->"
-    kept = push_module.build_card(legacy, gated="none", old_card=legacy, entry=new, tags={})
+    kept = changelog.build_card(legacy, gated="none", old_card=legacy, entry=new, tags={})
     assert kept.index("| `v1.2.0` |") < kept.index("| 0.1 | abc |")
     # a card without the markers gets a changelog section appended
-    assert "## Changelog" in push_module.build_card("# y\n", gated="none", old_card=None, entry=new, tags={})
+    assert "## Changelog" in changelog.build_card("# y\n", gated="none", old_card=None, entry=new, tags={})
 
 
 API_CHECK = """
