@@ -303,6 +303,9 @@ def _register_optional_commands() -> None:
 
     app.command("refilter")(refilter_command)
     app.command("stats")(stats_command)
+    from bsafe_data.audit.cli import audit_app
+
+    app.add_typer(audit_app, name="audit")
     try:
         from bsafe_data.publish.cli import push_command
     except ImportError:
