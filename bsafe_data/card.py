@@ -88,25 +88,20 @@ def render_card(
     )
     funnel = manifest["funnel"]
     meta = card_metadata(recipe, files, funnel["kept"] + funnel["rejected"])
-    tokens = manifest["control_tokens"]
-    categories = list(recipe.sampling.categories)
-    x_atoms = [t for t in tokens if not any(c in t for c in categories)] or tokens
-    cat_atoms = [t for t in tokens if t not in x_atoms] or tokens
-    kept = max(1, funnel["kept"])
-    return env.get_template("dataset_card.md.j2").render(
+    from bsafe_data.methods.base import method_class
+
+    method = method_class(recipe)
+    own = f"methods/{recipe.method}.md.j2"
+    template = own if (_template_dir() / own).is_file() else "dataset_card.md.j2"
+    return env.get_template(template).render(
         yaml_header=yaml.safe_dump(meta, sort_keys=False, allow_unicode=True),
         pretty_name=meta["pretty_name"],
-        description=recipe.description or "A backtracking safety dataset built with bsafe-data.",
+        description=recipe.description or "A safety training dataset built with bsafe-data.",
         recipe=recipe,
         manifest=manifest,
         funnel=funnel,
         counts=manifest["counts"],
-        categories=sorted(stats.categories.items(), key=lambda kv: -kv[1]),
-        clean_pct=100.0 * funnel["kept_by_kind"].get("clean", 0) / kept,
-        control_example=recipe.control.format.format(category="c", x="X"),
-        category_atom_example=cat_atoms[0] if cat_atoms else "",
-        first_x_atom=x_atoms[0] if x_atoms else "",
-        last_x_atom=x_atoms[-1] if x_atoms else "",
         examples=examples,
         plots=plots,
+        **method.card_context(recipe, manifest, stats),
     )

@@ -13,10 +13,10 @@ from typing import Any
 
 from bsafe_data.generate.base import GenerationRequest
 from bsafe_data.generate.builtin import BuiltinGenerator
-from bsafe_data.methods.bsafe_plus import BsafePlusMethod
+from bsafe_data.methods.base import Resources, method_class
 from bsafe_data.recipe import Recipe
-from bsafe_data.segment import load_nlp
 from bsafe_data.sources import read_sources
+from bsafe_data.stages.segment import load_nlp
 from bsafe_data.tokenization import load_tokenizer
 
 _TAG_OVERHEAD_TOKENS = 16  # <harmful>…</harmful><category>…</category> around the text
@@ -53,14 +53,12 @@ def plan_build(recipe: Recipe, limit: int | None = None, latency_s: float = 2.0)
     """Plan a build without calling any model; ``latency_s`` is the assumed seconds per request."""
     tokenizer = load_tokenizer(recipe.tokenizers.primary)
     builtin = BuiltinGenerator()
-    method = BsafePlusMethod(
-        recipe,
+    resources = Resources(
         load_nlp(recipe.segmentation.spacy_model),
         {ref: load_tokenizer(ref) for ref in recipe.tokenizers.all},
         builtin,
-        [],
-        multi_source=len(recipe.sources) > 1,
     )
+    method = method_class(recipe)(recipe, resources)
     result = BuildPlan()
     proxy_tokens = 0
     items = read_sources(recipe.sources, limit)

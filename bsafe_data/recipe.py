@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -479,23 +479,30 @@ class PublishSpec(Strict):
 
 
 class Recipe(Strict):
-    """A whole build: sources → injection → labels → filters → dataset folder."""
+    """What every build has: sources → method → labels → filters → dataset folder.
+
+    Each method subclasses it with ``method: Literal[NAME]`` and its own sections (BSAFE+ adds
+    ``sampling`` and ``control``); ``parse_recipe`` picks the model from the ``method`` field.
+    """
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     version: str = Field("0.1.0", pattern=r"^\d+\.\d+\.\d+$")
     description: str = ""
-    method: Literal["bsafe_plus"] = "bsafe_plus"
+    method: str = "bsafe_plus"
     seed: int = 0
     sources: list[SourceSpec] = Field(..., min_length=1)
     split: SplitSpec = Field(default_factory=SplitSpec)
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
-    control: ControlSpec = Field(default_factory=ControlSpec)
     tokenizers: TokenizerSpec = Field(default_factory=TokenizerSpec)
     filters: FilterSpec = Field(default_factory=FilterSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
+
+    @property
+    def categories(self) -> list[str]:
+        """The taxonomy rows are labelled with (classifier categories map onto it)."""
+        return list(RLBF_CATEGORIES)
 
     def sha256(self) -> str:
         """Hash of the resolved recipe (canonical JSON): identifies what was built."""
@@ -505,6 +512,32 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         """The resolved recipe as YAML (written next to the dataset)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class BsafePlusRecipe(Recipe):
+    """BSAFE+: inject a violation into a safe answer, then ``[CATEGORY c][BACKTRACK_BY_X]``."""
+
+    method: Literal["bsafe_plus"] = "bsafe_plus"
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    control: ControlSpec = Field(default_factory=ControlSpec)
+
+    @property
+    def categories(self) -> list[str]:
+        """The sampled categories, in recipe order."""
+        return list(self.sampling.categories)
+
+
+#: method name -> its recipe model; ``register_recipe`` adds methods defined elsewhere.
+RECIPE_MODELS: dict[str, type[Recipe]] = {"bsafe_plus": BsafePlusRecipe}
+
+
+def register_recipe(model: type[Recipe]) -> type[Recipe]:
+    """Make ``parse_recipe`` accept ``method: NAME`` for ``model`` (its ``method`` default)."""
+    name = model.model_fields["method"].default
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{model.__name__}.method needs a default naming the method")
+    RECIPE_MODELS[name] = model
+    return model
 
 
 class RecipeError(Exception):
@@ -595,8 +628,14 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         apply_overrides(data, overrides or [])
     except (ValueError, IndexError, TypeError, KeyError) as exc:
         raise RecipeError(source, [("--set", None, str(exc))]) from None
+    method = data.get("method", "bsafe_plus")
+    model = RECIPE_MODELS.get(method) if isinstance(method, str) else None
+    if model is None:
+        known = ", ".join(sorted(RECIPE_MODELS))
+        line = _line_index(text).get(("method",))
+        raise RecipeError(source, [("method", line, f"unknown method {method!r} (known: {known})")])
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         lines = _line_index(text)
         problems = []
@@ -622,5 +661,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema of the recipe, generated from the pydantic models."""
-    return Recipe.model_json_schema()
+    """JSON Schema of the recipe, generated from the pydantic models (one branch per method)."""
+    from pydantic import TypeAdapter
+
+    # the package's own methods: a schema file must not depend on what a session registered
+    models = tuple(m for m in RECIPE_MODELS.values() if m.__module__.startswith("bsafe_data."))
+    union = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007
+    schema = TypeAdapter(union).json_schema()
+    schema["title"] = "Recipe"
+    return schema

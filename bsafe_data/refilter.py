@@ -17,8 +17,6 @@ changing anything of one but its threshold; any section other than ``filters``. 
 from __future__ import annotations
 
 import json
-import random
-import re
 import shutil
 import time
 from collections import Counter
@@ -29,18 +27,13 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
-from bsafe_data.classify.rules import (
-    FILTER_REASONS,
-    RELABEL_CLASSIFIER,
-    RuleSet,
-    relabel_entry,
-    requested_category,
-)
-from bsafe_data.label import control_text
+from bsafe_data.classify.rules import FILTER_REASONS, RuleSet, requested_category
+from bsafe_data.methods.base import method_class
 from bsafe_data.recipe import Recipe, RecipeError, load_recipe
-from bsafe_data.segment import row_seed
+from bsafe_data.stages.dedupe import find_duplicates
+from bsafe_data.stages.sample import split_of as sample_split
+from bsafe_data.stages.stats import funnel_of, merge_stats
 
-_VARIANT = re.compile(r"/v(\d+)$")
 _WORK = ".refilter-work"
 
 
@@ -102,12 +95,12 @@ def read_rows(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
-class _Order:
-    """The build's order: chunk, then (rejected only) source-level rows first, then source position."""
+class SourceOrder:
+    """Where each stored row sat in the build: its source row's position in the run, its chunk."""
 
     def __init__(self, recipe: Recipe, rows: list[dict[str, Any]]):
         counts: Counter[str] = Counter()
-        for row in rows:
+        for row in rows:  # every source row left at least one row, so max index + 1 = its rows read
             src = row["source"]
             counts[src["dataset"]] = max(counts[src["dataset"]], src["index"] + 1)
         self.offsets: dict[str, int] = {}
@@ -123,43 +116,12 @@ class _Order:
         self.chunk_rows = recipe.output.chunk_rows
 
     def position(self, row: dict[str, Any]) -> int:
+        """The source row's place in the stream the build read."""
         return self.offsets[row["source"]["dataset"]] + row["source"]["index"]
 
     def chunk(self, row: dict[str, Any]) -> int:
+        """The build chunk the row belongs to."""
         return self.position(row) // self.chunk_rows
-
-    def key(self, row: dict[str, Any]) -> tuple[int, int, int, int]:
-        match = _VARIANT.search(row["id"])
-        source_level = not row["segments"]
-        variant = int(match.group(1)) if match and not source_level else -1
-        return (self.chunk(row), 0 if source_level else 1, self.position(row), variant)
-
-
-def _split_of(recipe: Recipe, row: dict[str, Any]) -> str:
-    """The build's train/test assignment (``BsafePlusMethod.split_of``)."""
-    src = row["source"]
-    draw = random.Random(row_seed(recipe.seed, "split", src["dataset"], src["id"])).random()
-    return "test" if draw < recipe.split.test_fraction else "train"
-
-
-def _relabel(row: dict[str, Any], category: str, fmt: str) -> None:
-    """Give an injected row another category: control segment, completion, marker in ``scores``."""
-    inj = row["injection"]
-    old = inj["category"]
-    requested = requested_category(row)
-    row["scores"] = [s for s in row["scores"] if s["classifier"] != RELABEL_CLASSIFIER]
-    if category != requested:
-        row["scores"].append(relabel_entry(requested, category))
-    inj["category"] = category
-    if not row["backtrack"]:
-        return
-    x = row["backtrack"][0]["tokens"]
-    before, after = control_text(fmt, old, x), control_text(fmt, category, x)
-    for seg in row["segments"]:
-        if seg["kind"] == "control":
-            seg["text"] = after
-    if row["completion"].startswith(before):
-        row["completion"] = after + row["completion"][len(before) :]
 
 
 def _relabel_scores(row: dict[str, Any], rules: RuleSet) -> None:
@@ -172,8 +134,7 @@ def _relabel_scores(row: dict[str, Any], rules: RuleSet) -> None:
 
 def refilter(folder: str | Path, overrides: list[str] | None = None) -> RefilterResult:
     """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores."""
-    from bsafe_data.methods.bsafe_plus import ChunkOutput
-    from bsafe_data.pipeline import ChunkStats, _write_chunk, funnel_of, merge_stats
+    from bsafe_data.executor.local import write_chunk
     from bsafe_data.writer import write_dataset_folder
 
     started = time.perf_counter()
@@ -188,14 +149,14 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
         new = load_recipe(folder / "recipe.yaml", overrides)
     except RecipeError as exc:
         raise RefilterError(str(exc)) from None
+    method = method_class(old)
     manifest = json.loads(manifest_path.read_text())
     rows = read_rows(folder)
     recorded = {s["classifier"] for row in rows for s in row["scores"]}
     _check_classifiers(old, new, recorded)
-    rules = RuleSet(new.filters, list(new.sampling.categories), new.tokenizers.primary)
-    order = _Order(old, rows)
-    rows.sort(key=order.key)
-    fmt = new.control.format
+    rules = method.rules_for(new)
+    order = SourceOrder(old, rows)
+    rows.sort(key=lambda row: (order.chunk(row), *method.order_key(row, order.position(row))))
     was_kept = {row["id"]: row["_split"] != "rejected" for row in rows}
     relabeled = 0
     for row in rows:
@@ -207,44 +168,41 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
         if row["injection"]:
             category = decision.category or requested_category(row)
             if category and category != row["injection"]["category"]:
-                _relabel(row, category, fmt)
+                method.relabel(new, row, category)
                 relabeled += 1
         row["reasons"] = decision.reasons
-    dedupe = rules.new_dedupe()
-    if new.filters.enabled and dedupe.active:
+    if new.filters.enabled:
+        duplicates = find_duplicates(rules.new_dedupe(), rows)
         for row in rows:
-            if not row["reasons"] and row["kind"] == "injected":
-                duplicate = dedupe.check_and_add(row["injection"]["violation"])
-                if duplicate:
-                    row["reasons"] = [duplicate]
-    chunks: dict[int, ChunkOutput] = {}
+            if row["id"] in duplicates:
+                row["reasons"] = [duplicates[row["id"]]]
+    by_chunk: dict[int, list[dict[str, Any]]] = {}
     sources: Counter[int] = Counter()
     seen_sources: set[tuple[str, int]] = set()
+    split_of: dict[str, str] = {}
     for row in rows:
         index = order.chunk(row)
-        out = chunks.setdefault(index, ChunkOutput())
+        by_chunk.setdefault(index, []).append(row)
         src = (row["source"]["dataset"], row["source"]["index"])
         if src not in seen_sources:
             seen_sources.add(src)
             sources[index] += 1
         row.pop("_split")
-        if row["reasons"]:
-            out.rejected.append(row)
-        else:
-            row.pop("reasons", None)
-            out.kept[_split_of(old, row)].append(row)
+        split_of[row["id"]] = sample_split(
+            old.seed, old.split.test_fraction, row["source"]["dataset"], row["source"]["id"]
+        )
     work = folder / _WORK
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
-    parts = []
+    paths, parts = [], []
     try:
-        for position, index in enumerate(sorted(chunks)):
-            out = chunks[index]
+        for position, index in enumerate(sorted(by_chunk)):
+            out = method.chunk_from_rows(by_chunk[index], split_of)
+            out.stats.source_rows = sources[index]
             if position == 0:
-                out.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
-            stats = ChunkStats.from_output(sources[index], out)
-            _write_chunk(work, index, out, stats)
-            parts.append(stats)
+                out.stats.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
+            paths.append(write_chunk(work, index, out))
+            parts.append(out.stats)
         total = merge_stats(parts)
         total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
         funnel = funnel_of(total)
@@ -253,7 +211,7 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
                 stale.unlink()
         timings = {"refilter": round(time.perf_counter() - started, 3)}
         write_dataset_folder(
-            folder, work, new, total, funnel, usage=manifest.get("usage", {}), timings=timings
+            folder, paths, new, total, funnel, usage=manifest.get("usage", {}), timings=timings
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -266,7 +224,7 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
     }
     written["timings"] = {**manifest.get("timings", {}), **timings}
     manifest_path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n")
-    now_kept = {row["id"] for chunk in chunks.values() for split in chunk.kept.values() for row in split}
+    now_kept = {row["id"] for row in rows if not row.get("reasons")}
     return RefilterResult(
         folder=folder,
         before=manifest.get("funnel", {}),

@@ -16,10 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bsafe_data import __version__
-from bsafe_data.label import control_atoms, control_text
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import REJECTED_ARROW_SCHEMA, ROW_ARROW_SCHEMA, SCHEMA_VERSION
-from bsafe_data.segment import fifths_histogram
+from bsafe_data.stages.sample import fifths_histogram
 
 #: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
 SHARD_ROWS = 50_000
@@ -69,45 +68,6 @@ def _write_shards(sources: list[Path], schema: pa.Schema, folder: Path, split: s
     return [f"{folder.name}/{n}" for n in names]
 
 
-def control_vocabulary(recipe: Recipe, max_x: int) -> list[str]:
-    """Every control atom the dataset can contain (X from 1 to ``max_x``): add these as special tokens."""
-    atoms: dict[str, None] = {}
-    for category in recipe.sampling.categories:
-        for x in range(1, max(1, max_x) + 1):
-            atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
-    return list(atoms)
-
-
-def _plots(out_dir: Path, stats: Any) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir = out_dir / "plots"
-    plot_dir.mkdir(exist_ok=True)
-    written = []
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(stats.positions or [0.0], bins=20, range=(0, 1), color="#4C72B0")
-    ax.set_xlabel("relative injection position in the answer")
-    ax.set_ylabel("rows")
-    ax.set_title("Where violations were injected")
-    fig.tight_layout()
-    fig.savefig(plot_dir / "positions.png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    written.append("plots/positions.png")
-    cats = sorted(stats.categories.items(), key=lambda kv: -kv[1])
-    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.28 * len(cats) + 1)))
-    ax.barh([k for k, _ in cats][::-1], [v for _, v in cats][::-1], color="#DD8452")
-    ax.set_xlabel("kept injected rows")
-    ax.set_title("Categories")
-    fig.tight_layout()
-    fig.savefig(plot_dir / "categories.png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    written.append("plots/categories.png")
-    return written
-
-
 def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
     """Up to n rows for the card: injected first, then clean."""
     rows: list[dict[str, Any]] = []
@@ -123,7 +83,7 @@ def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> li
 
 def write_dataset_folder(
     out_dir: Path,
-    work: Path,
+    chunks: list[Path],
     recipe: Recipe,
     stats: Any,
     funnel: dict[str, Any],
@@ -131,10 +91,11 @@ def write_dataset_folder(
     usage: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, dict[str, int]]:
-    """Write shards, card, recipe and manifest; returns row counts per config and split."""
+    """Write shards from the finished ``chunks`` (in order), card, recipe and manifest; returns row
+    counts per config and split."""
     from bsafe_data.card import render_card
+    from bsafe_data.methods.base import method_class
 
-    chunks = sorted(p for p in work.glob("chunk-*") if p.is_dir() and not p.name.endswith(".tmp"))
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     for split in ("train", "test"):
@@ -154,7 +115,7 @@ def write_dataset_folder(
             stats.rejected,
         )
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
-    primary_x = max(stats.backtrack.get(_short(recipe.tokenizers.primary), [1]) or [1])
+    method = method_class(recipe)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "package": "bsafe-data",
@@ -166,8 +127,8 @@ def write_dataset_folder(
         "seed": recipe.seed,
         "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
         "tokenizers": {"primary": recipe.tokenizers.primary, "all": recipe.tokenizers.all},
-        "control_format": recipe.control.format,
-        "control_tokens": control_vocabulary(recipe, primary_x),
+        **method.manifest_fields(recipe),
+        "control_tokens": method.control_vocabulary(recipe, max_x),
         "funnel": funnel,
         "counts": counts,
         "categories": dict(sorted(stats.categories.items())),
@@ -178,15 +139,9 @@ def write_dataset_folder(
     }
     from bsafe_data.stats import write_score_plots
 
-    plots = _plots(out_dir, stats) + write_score_plots(out_dir, recipe)
+    plots = method.plots(out_dir, stats) + write_score_plots(out_dir, recipe)
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
     _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     _atomic_write_text(out_dir / "README.md", render_card(recipe, manifest, files, examples, plots, stats))
     return counts
-
-
-def _short(ref: str) -> str:
-    from bsafe_data.tokenization import short_name
-
-    return short_name(ref)

@@ -16,7 +16,7 @@ from datasets import load_dataset
 
 from bsafe_data import add_control_tokens, render, tokenize
 from bsafe_data.label import chat_frame
-from bsafe_data.segment import fifths_histogram
+from bsafe_data.stages.sample import fifths_histogram
 from tests.conftest import REPO
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))

@@ -1,4 +1,4 @@
-"""Segmentation: spaCy sentence spans, injection-point candidates, per-row seeds, position sampling."""
+"""Stages segment and sample: spaCy sentence spans, injection-point candidates, per-row seeds, position sampling."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import statistics
 import pytest
 
 from bsafe_data.recipe import PositionSpec
-from bsafe_data.segment import (
+from bsafe_data.stages.sample import (
     Candidate,
-    SegmentationError,
     candidates,
     draw_position,
     fifths_histogram,
-    load_nlp,
     pick_candidate,
     row_seed,
-    sentence_spans,
     weighted_choice,
 )
+from bsafe_data.stages.segment import SegmentationError, load_nlp, sentence_spans
 
 TEXTS = [
     "Dr. Smith arrived at 5 p.m. today. He left early.\n\nThen he came back!  Why? Nobody knows.",

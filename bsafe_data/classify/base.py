@@ -1,20 +1,23 @@
 """The classifier interface: a batch of texts in, one Score per text out.
 
-Simple backends implement ``score_batch(texts)``. Backends that read the conversation (guards, the
-LLM judge) also implement ``score_items(items)``, where an ``Item`` carries the user turns and the
-answer text before the span; ``score_items`` below calls whichever a backend has.
+Every backend subclasses ``Classifier``. Simple backends implement ``score_batch(texts)``; backends
+that read the conversation (guards, the LLM judge) implement ``score_items(items)``, where an
+``Item`` carries the user turns and the answer text before the span.
 """
 
 from __future__ import annotations
 
+from abc import ABC
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 #: Label of a score whose classifier call failed (rules reject the row with ``classifier_error``).
 ERROR_LABEL = "error"
+#: Every span a classifier can score.
+ALL_TARGETS: tuple[str, ...] = ("violation", "part1", "part2", "response")
 
 
 def is_unsafe(score: float, threshold: float) -> bool:
@@ -62,26 +65,36 @@ class Item:
         return self.before + (self.text if self.raw is None else self.raw)
 
 
-class Classifier(Protocol):
-    """A backend that scores texts."""
+class Classifier(ABC):
+    """A backend that scores spans. Subclasses implement ``score_items`` (or ``score_batch`` for
+    backends that only read the span text) and may release resources in ``close``."""
 
+    #: unique name recorded in the ``scores`` column
     name: str
+    #: score at or above which a span is unsafe
+    threshold: float = 0.5
+    #: the targets (violation, part1, part2, response) this backend scores
+    targets: tuple[str, ...] = ALL_TARGETS
+    #: True for judges whose verdict may move the injection point back (they run first)
+    adjusts_spans: bool = False
+
+    def __init__(self) -> None:
+        self.usage: dict[str, int] = {}
+
+    def score_items(self, items: Sequence[Item]) -> list[Score]:
+        """One Score per item, in order (default: ``score_batch`` on the span texts)."""
+        return self.score_batch([i.text for i in items])
 
     def score_batch(self, texts: Sequence[str]) -> list[Score]:
-        """One Score per text, in order."""
-        ...
+        """One Score per bare text, in order (default: ``score_items`` without conversation)."""
+        return self.score_items([Item(t) for t in texts])
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
+        """Release connections, caches and models."""
 
 
-def score_items(classifier: Any, items: Sequence[Item]) -> list[Score]:
-    """Score items with ``score_items`` when the backend has it, else ``score_batch`` on the texts."""
+def score_items(classifier: Classifier, items: Sequence[Item]) -> list[Score]:
+    """``classifier.score_items`` with the empty batch short-cut."""
     if not items:
         return []
-    method = getattr(classifier, "score_items", None)
-    if method is not None:
-        return list(method(items))
-    return list(classifier.score_batch([i.text for i in items]))
-
-
-def targets_of(classifier: Any) -> tuple[str, ...]:
-    """Targets a classifier scores (``targets`` attribute; default all four)."""
-    return tuple(getattr(classifier, "targets", None) or ("violation", "part1", "part2", "response"))
+    return list(classifier.score_items(items))

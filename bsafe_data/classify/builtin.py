@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from bsafe_data.classify.base import Score, is_unsafe
+from bsafe_data.classify.base import ALL_TARGETS, Classifier, Score, is_unsafe
 
 #: Offence probability from which the category ``offensive`` is recorded.
 OFFENSIVE_AT = 0.5
@@ -28,14 +28,15 @@ def pii_categories(text: str) -> list[str]:
     return [name for name, pattern in _PII_PATTERNS.items() if pattern.search(text)]
 
 
-class BuiltinClassifier:
+class BuiltinClassifier(Classifier):
     """Offence probability from alt-profanity-check; personal data found counts as unsafe (1.0)."""
 
     def __init__(self, name: str = "builtin", threshold: float = 0.5, targets: Sequence[str] | None = None):
+        super().__init__()
         self.name = name
         self.threshold = threshold
-        self.targets = tuple(targets) if targets else ("violation", "part1", "part2", "response")
-        self.usage: dict[str, int] = {"texts": 0}
+        self.targets = tuple(targets) if targets else ALL_TARGETS
+        self.usage = {"texts": 0}
 
     def score_batch(self, texts: Sequence[str]) -> list[Score]:
         """Score every text; empty texts are safe with score 0."""

@@ -41,5 +41,5 @@ def make_classifiers(recipe: Any, cache_dir: Path | str | None = None) -> list[A
     """Every classifier of the recipe, in recipe order (none when filters are disabled)."""
     if not recipe.filters.enabled:
         return []
-    categories = list(recipe.sampling.categories)
+    categories = recipe.categories
     return [make_classifier(spec, cache_dir, categories) for spec in recipe.filters.classifiers]

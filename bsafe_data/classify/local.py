@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bsafe_data.classify.base import Item, Score, is_unsafe
+from bsafe_data.classify.base import Classifier, Item, Score, is_unsafe
 from bsafe_data.classify.remote import canonical
 from bsafe_data.llm.cache import ResponseCache, request_key
 
@@ -29,7 +29,7 @@ class LocalModelUnavailable(RuntimeError):
     """PyTorch (the ``local`` extra) is not installed."""
 
 
-class LocalModelClassifier:
+class LocalModelClassifier(Classifier):
     """A ``transformers`` text-classification pipeline, run in-process, results cached."""
 
     provider = "transformers"
@@ -40,6 +40,7 @@ class LocalModelClassifier:
                 f"classifier {spec.name!r} (provider transformers) needs PyTorch: "
                 "install the extra with `pip install 'bsafe-data[local]'`"
             )
+        super().__init__()
         self.spec = spec
         self.name = spec.name
         self.threshold = spec.threshold
@@ -47,7 +48,7 @@ class LocalModelClassifier:
         self.model = spec.model
         self._cache = ResponseCache(cache_dir)
         self._pipe: Any = None
-        self.usage: dict[str, int] = {"texts": 0, "cache_hits": 0}
+        self.usage = {"texts": 0, "cache_hits": 0}
 
     def _pipeline(self) -> Any:
         if self._pipe is None:

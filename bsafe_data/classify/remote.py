@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bsafe_data.classify.base import ERROR_LABEL, Item, Score, is_unsafe
+from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, is_unsafe
 from bsafe_data.llm.cache import ResponseCache, request_key
 from bsafe_data.llm.errors import RequestFailed
 from bsafe_data.llm.loop import off_running_loop
@@ -131,13 +131,14 @@ def find_span(stream: str, span: str) -> int | None:
     return found
 
 
-class RemoteClassifier:
+class RemoteClassifier(Classifier):
     """Base of the HTTP classifiers: subclasses build requests and parse stored answers."""
 
     provider = "remote"
     protocol = "classify/remote/1"  # part of every cache key: bump when requests or storage change
 
     def __init__(self, spec: Any, cache_dir: Path | str | None = None, *, backoff_base_s: float = 0.5):
+        super().__init__()
         self.spec = spec
         self.name: str = spec.name
         self.threshold: float = spec.threshold
@@ -156,7 +157,7 @@ class RemoteClassifier:
             backoff_max_s=30.0,
         )
         self._cache = ResponseCache(cache_dir)
-        self.usage: dict[str, int] = {"requests": 0, "cache_hits": 0, "retries": 0, "errors": 0}
+        self.usage = {"requests": 0, "cache_hits": 0, "retries": 0, "errors": 0}
 
     # -- to implement --------------------------------------------------------------------------
     def request(self, item: Item) -> Request:
@@ -172,10 +173,6 @@ class RemoteClassifier:
         return stored_choice(body)
 
     # -- scoring -------------------------------------------------------------------------------
-    def score_batch(self, texts: Sequence[str]) -> list[Score]:
-        """Score bare texts (no conversation around them)."""
-        return self.score_items([Item(t) for t in texts])
-
     def score_items(self, items: Sequence[Item]) -> list[Score]:
         """One Score per item; identical requests are sent once; cached answers are not re-sent."""
         if not items:

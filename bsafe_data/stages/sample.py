@@ -1,4 +1,4 @@
-"""Sentence boundaries (spaCy) and injection-point sampling.
+"""Stage *sample*: per-row seeds, injection-point candidates and the draws that pick among them.
 
 Candidate injection points sit *before* the whitespace that separates two pieces of text, so
 ``part1 = response[:offset]`` ends on a non-space character and ``part2 = response[offset:]``
@@ -7,7 +7,6 @@ starts with the original whitespace. Offset 0 (before the first sentence) is a c
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import random
 import re
@@ -17,44 +16,6 @@ from dataclasses import dataclass
 from bsafe_data.recipe import PositionSpec
 
 _WORD_END = re.compile(r"\S(?=\s+\S)")
-
-
-class SegmentationError(Exception):
-    """The configured spaCy pipeline cannot be loaded."""
-
-
-@functools.lru_cache(maxsize=4)
-def load_nlp(model: str):  # -> spacy.Language
-    """``blank:LANG`` (+ sentencizer), or an installed trained pipeline with a parser/senter."""
-    import spacy
-
-    if model.startswith("blank:"):
-        nlp = spacy.blank(model.split(":", 1)[1])
-        nlp.add_pipe("sentencizer")
-        return nlp
-    try:
-        nlp = spacy.load(model, exclude=["ner", "lemmatizer", "textcat"])
-    except OSError as exc:
-        raise SegmentationError(f"spaCy pipeline {model!r} is not installed: {exc}") from None
-    if not ({"parser", "senter", "sentencizer"} & set(nlp.pipe_names)):
-        nlp.add_pipe("sentencizer")
-    return nlp
-
-
-def sentence_spans(nlp, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
-    """Character spans of the sentences of each text (whitespace-only sentences dropped)."""
-    out = []
-    for doc in nlp.pipe(texts, batch_size=256):
-        spans = []
-        for sent in doc.sents:
-            text = sent.text
-            stripped = text.rstrip()
-            if not stripped.strip():
-                continue
-            start = sent.start_char + (len(text) - len(text.lstrip()))
-            spans.append((start, sent.start_char + len(stripped)))
-        out.append(spans)
-    return out
 
 
 @dataclass(frozen=True)
@@ -86,6 +47,12 @@ def row_seed(*parts: object) -> int:
     """A 63-bit seed from (recipe seed, source row id, ...): independent of order and sharding."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF  # fits int64 columns
+
+
+def split_of(seed: int, test_fraction: float, dataset: str, source_id: str) -> str:
+    """train/test for a source row, from (recipe seed, source row): no answer is in both splits."""
+    draw = random.Random(row_seed(seed, "split", dataset, source_id)).random()
+    return "test" if draw < test_fraction else "train"
 
 
 def draw_position(rng: random.Random, spec: PositionSpec) -> float:

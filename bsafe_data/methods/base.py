@@ -1,0 +1,314 @@
+"""The Method interface: what a data-construction method declares and the hooks it implements.
+
+A method turns source conversations into rows. It declares its recipe model (a subclass of
+``Recipe`` with ``method: Literal[NAME]``), its row kinds and loss segments, and implements small
+hooks; ``Method.process`` runs the shared stages around them, in this order::
+
+    segment → plan (hook) → generate (hooks request / apply_generation) → label (hook: X)
+            → classify (hook items_of; judges first, hook on_judge) → rules → rows (hook build_row)
+
+Dataset-wide duplicate detection runs after all chunks (``stages.dedupe``). Adding a method is one
+module with a ``Method`` subclass decorated with ``@register_method``, one recipe and its tests;
+``pipeline.build``, ``plan`` and ``refilter`` find it from the recipe's ``method``.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from bsafe_data.classify.base import Classifier, Item, Score
+from bsafe_data.classify.rules import RuleSet
+from bsafe_data.errors import BuildError
+from bsafe_data.generate.base import Generation, GenerationRequest, Generator
+from bsafe_data.recipe import Recipe, register_recipe
+from bsafe_data.sources import Conversation, SourceItem, SourceReject
+from bsafe_data.stages import classify as classify_stage
+from bsafe_data.stages import count as count_stage
+from bsafe_data.stages import generate as generate_stage
+from bsafe_data.stages import rules as rules_stage
+from bsafe_data.stages.record import Record
+from bsafe_data.stages.rows import base_row, rejected_row
+from bsafe_data.stages.sample import row_seed, split_of
+from bsafe_data.stages.segment import sentence_spans
+from bsafe_data.stages.stats import ChunkStats
+
+#: method name -> Method class (``register_method``); the package's own are imported lazily.
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``method: cls.name`` buildable (and its recipe model parseable)."""
+    if cls.recipe_model.model_fields["method"].default != cls.name:
+        raise ValueError(f"{cls.recipe_model.__name__}.method must default to {cls.name!r}")
+    METHODS[cls.name] = cls
+    register_recipe(cls.recipe_model)
+    return cls
+
+
+def method_class(recipe: Recipe | str) -> type[Method]:
+    """The Method class for a recipe (or a method name)."""
+    import bsafe_data.methods  # noqa: F401 - registers the package's own methods
+
+    name = recipe if isinstance(recipe, str) else recipe.method
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise BuildError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})") from None
+
+
+@dataclass
+class Resources:
+    """What a worker loads once: spaCy, tokenizers (primary first), generator, classifiers.
+
+    ``close`` releases what was opened here (a generator passed in by the caller stays open).
+    """
+
+    nlp: Any
+    tokenizers: dict[str, Any]
+    generator: Generator
+    classifiers: list[Classifier] = field(default_factory=list)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    @classmethod
+    def load(
+        cls, recipe: Recipe, cache_dir: Path | None = None, generator: Generator | None = None
+    ) -> Resources:
+        """Load everything ``recipe`` names; unloadable parts raise BuildError with the reason."""
+        from bsafe_data.classify.factory import make_classifiers
+        from bsafe_data.generate.factory import make_generator
+        from bsafe_data.stages.segment import load_nlp
+        from bsafe_data.tokenization import load_tokenizer
+
+        stack = ExitStack()
+        try:
+            tokenizers = {ref: load_tokenizer(ref) for ref in recipe.tokenizers.all}
+            nlp = load_nlp(recipe.segmentation.spacy_model)
+            if generator is None:
+                generator = make_generator(recipe.generator, cache_dir=cache_dir)
+                stack.callback(generator.close)
+            classifiers = make_classifiers(recipe, cache_dir)
+            for classifier in classifiers:
+                stack.callback(classifier.close)
+        except Exception as exc:  # TokenizerLoadError, SegmentationError, GeneratorUnavailable, ...
+            stack.close()  # all carry readable messages
+            raise BuildError(str(exc)) from None
+        return cls(nlp, tokenizers, generator, classifiers, stack)
+
+    def close(self) -> None:
+        """Close the generator and classifiers this object opened."""
+        self._stack.close()
+
+
+@dataclass
+class ChunkOutput:
+    """What one chunk produced: kept rows per split, rejected rows, and their counters."""
+
+    kept: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"train": [], "test": []})
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    stats: ChunkStats = field(default_factory=ChunkStats)
+
+
+class Method(ABC):
+    """Base of every method: shared identities, splits and stage order; hooks for the rest."""
+
+    #: the ``method`` value of its recipes
+    name: ClassVar[str]
+    #: its recipe model (``method: Literal[name]`` plus the method's own sections)
+    recipe_model: ClassVar[type[Recipe]]
+    #: the values of the ``kind`` column it produces
+    kinds: ClassVar[tuple[str, ...]]
+    #: the segment kinds trained on (``loss`` true)
+    loss_segments: ClassVar[tuple[str, ...]]
+
+    def __init__(self, recipe: Recipe, resources: Resources):
+        self.recipe = recipe
+        self.resources = resources
+        self.tokenizers = resources.tokenizers
+        self.primary = recipe.tokenizers.primary
+        self.rules = self.rules_for(recipe)
+        self.multi_source = len(recipe.sources) > 1
+        self.timings: Counter[str] = Counter()  # seconds per stage, summed over chunks
+
+    @classmethod
+    def rules_for(cls, recipe: Recipe) -> RuleSet:
+        """The recipe's filter rules (the same for build and refilter)."""
+        return RuleSet(recipe.filters, recipe.categories, recipe.tokenizers.primary)
+
+    # -- identities (shared) ------------------------------------------------------------------
+    def source_key(self, item: SourceItem) -> str:
+        """The id of a source row (prefixed with its dataset when the recipe has several sources)."""
+        ref = item.ref
+        return f"{ref.dataset}:{ref.id}" if self.multi_source else ref.id
+
+    def split_of(self, dataset: str, source_id: str) -> str:
+        """train/test by source row, so no answer appears in both splits."""
+        return split_of(self.recipe.seed, self.recipe.split.test_fraction, dataset, source_id)
+
+    def record_seed(self, conv: Conversation, variant: int) -> int:
+        """The seed of one row: from (recipe seed, source row, variant), independent of order."""
+        return row_seed(self.recipe.seed, conv.ref.dataset, conv.ref.id, variant)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def source_reason(self, conv: Conversation, spans: list[tuple[int, int]]) -> str | None:
+        """A reason code when a usable conversation still cannot serve this method (default none)."""
+        return None
+
+    @abstractmethod
+    def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
+        """The records (future rows) of one source conversation."""
+
+    def needs_generation(self, record: Record) -> bool:
+        """True when the record needs a generator answer (default: never)."""
+        return False
+
+    def request(self, record: Record) -> GenerationRequest:
+        """The generator request of a record that needs one."""
+        raise NotImplementedError(f"method {self.name!r} makes no generator requests")
+
+    def apply_generation(self, record: Record, generation: Generation) -> None:
+        """Take a usable generator answer into the record."""
+        raise NotImplementedError(f"method {self.name!r} makes no generator requests")
+
+    def label(self, records: list[Record]) -> int:
+        """Token bookkeeping (chat frames; X for methods that backtrack). Returns repaired count."""
+        count_stage.frame(self.tokenizers, records)
+        return 0
+
+    def items_of(self, record: Record, targets: Sequence[str]) -> list[Item]:
+        """The spans of a record a classifier with these targets scores."""
+        return classify_stage.span_items(record, targets)
+
+    def on_judge(self, verdicts: list[tuple[Record, Item, Score]]) -> None:  # noqa: B027 - optional hook
+        """React to the verdicts of span-adjusting judges (default: nothing)."""
+
+    @abstractmethod
+    def build_row(self, record: Record) -> dict[str, Any]:
+        """The row of the row contract for a record (reasons are added by the caller)."""
+
+    @classmethod  # noqa: B027 - optional hook
+    def count_row(cls, stats: ChunkStats, row: dict[str, Any]) -> None:
+        """Method-specific counters of a kept row (categories, positions, X)."""
+
+    @classmethod
+    def plots(cls, out_dir: Path, stats: ChunkStats) -> list[str]:
+        """Write the method's plots into ``out_dir/plots``; their paths relative to ``out_dir``."""
+        return []
+
+    @classmethod
+    def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:
+        """Variables of the method's card sections (``data_cards/methods/NAME.md.j2``)."""
+        return {}
+
+    @classmethod
+    def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
+        """Method-specific manifest entries (e.g. the control format)."""
+        return {}
+
+    @classmethod
+    def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
+        """The control atoms a trainer adds as special tokens (``max_x``: largest X per tokenizer)."""
+        return []
+
+    @classmethod
+    def order_key(cls, row: dict[str, Any], position: int) -> tuple[Any, ...]:
+        """Where a stored row sat in its chunk (``position`` = its source row's place in the run).
+
+        Rejected source rows come first, then rows in source order (default: ordered by id)."""
+        source_level = not row["segments"]
+        return (0 if source_level else 1, position, row["id"])
+
+    @classmethod
+    def relabel(cls, recipe: Recipe, row: dict[str, Any], category: str) -> None:
+        """Give a stored row another category (refilter's ``category_mismatch: relabel``)."""
+        raise NotImplementedError(f"method {cls.name!r} has no categories to relabel")
+
+    # -- the flow ------------------------------------------------------------------------------
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of a block to ``timings[stage]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] += time.perf_counter() - started
+
+    def prepare(self, items: Sequence[SourceItem], out: ChunkOutput) -> list[Record]:
+        """Reject unusable source rows into ``out``; segment and plan the others."""
+        convs: list[Conversation] = []
+        for item in items:
+            if isinstance(item, SourceReject):
+                self.emit(out, rejected_row(base_row(item, self.source_key(item)), [item.reason]), None)
+            else:
+                convs.append(item)
+        spans = sentence_spans(self.resources.nlp, [c.response for c in convs])
+        records: list[Record] = []
+        for conv, conv_spans in zip(convs, spans, strict=True):
+            reason = self.source_reason(conv, conv_spans)
+            if reason:
+                self.emit(out, rejected_row(base_row(conv, self.source_key(conv)), [reason]), None)
+                continue
+            records.extend(self.plan(conv, conv_spans))
+        return records
+
+    def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
+        """Turn source items into rows; every item ends up kept or rejected."""
+        out = ChunkOutput()
+        out.stats.source_rows = len(items)
+        with self.timed("segment"):
+            records = self.prepare(items, out)
+        with self.timed("generate"):
+            wanted = [r for r in records if r.live and self.needs_generation(r)]
+            if wanted:
+                generate_stage.generate(
+                    self.resources.generator, wanted, self.request, self.apply_generation
+                )
+        with self.timed("label"):
+            out.stats.repaired += self.label(records)
+        with self.timed("classify"):
+            if self.recipe.filters.enabled and self.resources.classifiers:
+                classify_stage.classify(self.resources.classifiers, records, self.items_of, self.on_judge)
+            if self.recipe.filters.enabled:
+                rules_stage.apply_rules(self.rules, records)
+        for record in records:
+            row = self.build_row(record)
+            if record.reasons:
+                self.emit(out, rejected_row(row, record.reasons), None)
+            else:
+                self.emit(out, row, record.split)
+        return out
+
+    @classmethod
+    def emit(cls, out: ChunkOutput, row: dict[str, Any], split: str | None) -> None:
+        """Add a finished row to the chunk (kept in ``split``, or rejected) and count it."""
+        if split is None:
+            out.rejected.append(row)
+        else:
+            out.kept[split].append(row)
+            cls.count_row(out.stats, row)
+        out.stats.emitted(row, split)
+
+    def generation_requests(self, items: Sequence[SourceItem]) -> tuple[list[GenerationRequest], int]:
+        """The generator requests a chunk would make, and how many rows it rejects before that."""
+        out = ChunkOutput()
+        records = [r for r in self.prepare(items, out) if r.live and self.needs_generation(r)]
+        return [self.request(r) for r in records], len(out.rejected)
+
+    @classmethod
+    def chunk_from_rows(cls, rows: list[dict[str, Any]], split_of: dict[str, str]) -> ChunkOutput:
+        """A chunk rebuilt from stored rows (refilter, dedupe): rows with ``reasons`` are rejected,
+        the others kept in ``split_of[row id]``; counters recomputed."""
+        out = ChunkOutput()
+        for row in rows:
+            if row.get("reasons"):
+                cls.emit(out, row, None)
+            else:
+                row.pop("reasons", None)
+                cls.emit(out, row, split_of[row["id"]])
+        return out
