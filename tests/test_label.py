@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import string
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,22 +20,31 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from bsafe_data.label import (
+    _FACTS,
     DEFAULT_CONTROL_FORMAT,
+    RENDER_REASONS,
+    ControlTokenError,
     RenderError,
     add_control_tokens,
+    anchor,
     backtrack_counts,
     chat_frame,
     clean_segments,
     control_atoms,
     control_text,
+    control_tokens,
+    end_of_turn,
     render,
     segments_for,
     tokenize,
 )
 from bsafe_data.rows import SEGMENT_ORDER, empty_row
-from tests.conftest import TOKENIZER_DIRS
+from tests.conftest import REPO, TOKENIZER_DIRS
 
 NAMES = sorted(TOKENIZER_DIRS)
+# The token each completion ends with, and the template text after it that training leaves out.
+END_OF_TURN = {"qwen2.5": "<|im_end|>", "phi-3-mini": "<|end|>"}
+AFTER_END = {"qwen2.5": "\n", "phi-3-mini": "\n<|endoftext|>"}
 
 
 def encode(tok, text: str) -> list[int]:
@@ -251,7 +263,9 @@ def test_render_injected_row_is_the_chat_template_of_the_spliced_stream(tokenize
     rendered = render(row, tok)
     stream = "".join(s["text"] for s in row["segments"])
     assert stream == RESPONSE[:OFFSET] + STEERING + VIOLATION + control + RESPONSE[OFFSET:]
-    assert rendered.prompt + rendered.completion == full_template(tok, context, stream)
+    # The training text is the template's, cut after the end-of-turn token.
+    assert full_template(tok, context, stream) == rendered.prompt + rendered.completion + AFTER_END[name]
+    assert rendered.completion.endswith(END_OF_TURN[name])
     assert rendered.backtrack == x
     assert rendered.completion.startswith(control)
     assert rendered.prompt.endswith(RESPONSE[:OFFSET] + STEERING + VIOLATION)
@@ -268,7 +282,8 @@ def test_render_clean_row(tokenizers, name):
     assert rendered.backtrack is None
     assert rendered.prompt == head
     assert rendered.completion == RESPONSE + tail
-    assert rendered.prompt + rendered.completion == full_template(tok, context, RESPONSE)
+    assert tail == END_OF_TURN[name]
+    assert full_template(tok, context, RESPONSE) == rendered.prompt + rendered.completion + AFTER_END[name]
 
 
 def test_render_for_another_tokenizer_uses_its_own_x(tokenizers):
@@ -284,7 +299,8 @@ def test_render_for_another_tokenizer_uses_its_own_x(tokenizers):
     assert f"BACKTRACK_BY_{x_qwen}]" not in rendered.completion
     control_phi = control_text(DEFAULT_CONTROL_FORMAT, CATEGORY, x_phi)
     stream = RESPONSE[:OFFSET] + STEERING + VIOLATION + control_phi + RESPONSE[OFFSET:]
-    assert rendered.prompt + rendered.completion == full_template(phi, context, stream)
+    after = AFTER_END["phi-3-mini"]
+    assert full_template(phi, context, stream) == rendered.prompt + rendered.completion + after
     # The row's own format is inferred, also when it is not the default one.
     custom = make_injected_row(qwen, "qwen2.5", context, fmt="<bt cat={category} n={x}>")
     assert render(custom, phi).completion.startswith(f"<bt cat={CATEGORY} n={x_phi}>")
@@ -366,3 +382,348 @@ def test_tokenize_for_a_second_tokenizer_and_a_clean_row():
     assert clean["labels"][:m] == [-100] * m
     assert -100 not in clean["labels"][m:]
     assert qwen.decode(clean["input_ids"][m:]) == RESPONSE + chat_frame(qwen, context)[1]
+
+
+# -- endings for every template family ----------------------------------------------------------
+# Real tokenizers (copies of the fixtures) with small chat templates written after the families'
+# published ones: nothing is downloaded.
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# Qwen3-style: the final assistant turn gets a (here empty) thinking block before the answer.
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' and loop.last %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + (message.reasoning_content | default('')) + '\n</think>\n\n'"
+    " + message.content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}"
+    "{%- endif %}"
+)
+# Plain-text format (Alpaca-like): no special token after the answer.
+PLAIN_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{{- '### Response:\n' + message.content + '\n\n' }}"
+    "{%- else %}{{- '### ' + message.role | capitalize + ':\n' + message.content + '\n\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '### Response:\n' }}{%- endif %}"
+)
+
+# family -> (end-of-turn token, template text after it, whether it is also the tokenizer's EOS)
+FAMILIES = {
+    "qwen2.5": ("<|im_end|>", "\n", True),
+    "phi-3-mini": ("<|end|>", "\n<|endoftext|>", False),
+    "llama3": ("<|eot_id|>", "", True),
+    "llama3-base-eos": ("<|eot_id|>", "", False),
+    "mistral": ("</s>", "", True),
+    "thinking": ("<|im_end|>", "\n", True),
+    "plain": ("<|endoftext|>", None, True),
+    "no_template": ("<|im_end|>", None, True),
+    "bytes": ("<|im_end|>", "\n", True),
+}
+BOS_FAMILIES = {"llama3", "llama3-base-eos", "mistral"}
+
+
+def family_tokenizer(family: str):
+    """A fresh tokenizer of ``family`` (see FAMILIES), built from a fixture tokenizer."""
+    if family in TOKENIZER_DIRS:
+        return fresh_tokenizer(family)
+    if family.startswith("llama3"):
+        tok = fresh_tokenizer("qwen2.5")  # byte-level BPE like Llama 3's
+        tok.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], special_tokens=True)
+        # Llama 3.1 Instruct ends generation at <|eot_id|>; the base/3.0 config has <|end_of_text|>.
+        eos = "<|eot_id|>" if family == "llama3" else "<|end_of_text|>"
+        tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": eos})
+        tok.add_bos_token = True  # Llama 3 prepends <|begin_of_text|> on encode
+        tok.chat_template = LLAMA3_TEMPLATE
+        return tok
+    if family == "mistral":
+        tok = fresh_tokenizer("phi-3-mini")  # SentencePiece-style like Mistral's
+        tok.add_tokens(["[INST]", "[/INST]"], special_tokens=True)
+        tok.add_special_tokens({"eos_token": "</s>"})
+        tok.add_bos_token = True  # Mistral prepends <s> on encode
+        tok.chat_template = MISTRAL_TEMPLATE
+        return tok
+    if family == "bytes":
+        return bytes_tokenizer()
+    tok = fresh_tokenizer("qwen2.5")
+    if family == "thinking":
+        tok.add_tokens(["<think>", "</think>"])  # ordinary added tokens, as in Qwen3
+        tok.chat_template = THINKING_TEMPLATE
+    elif family == "plain":
+        tok.add_special_tokens({"eos_token": "<|endoftext|>"})
+        tok.chat_template = PLAIN_TEMPLATE
+    elif family == "no_template":
+        tok.chat_template = None
+    else:
+        raise KeyError(family)
+    return tok
+
+
+def bytes_tokenizer():
+    """A real byte-level tokenizer without merges (one token per byte) and Qwen's ChatML template.
+
+    Its X values are far larger than any recipe tokenizer's: a family whose control atoms the
+    dataset's manifest does not list.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = fresh_tokenizer("qwen2.5").chat_template
+    return tok
+
+
+@pytest.fixture(scope="module")
+def families():
+    return {family: family_tokenizer(family) for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_completion_ends_exactly_at_the_end_of_turn_token(families, family):
+    tok = copy.deepcopy(families[family])
+    end, after, is_eos = FAMILIES[family]
+    assert end_of_turn(tok) == end
+    assert (tok.eos_token == end) is is_eos  # where False, SFTConfig(eos_token=end_of_turn(tok))
+    context = CONTEXTS[0]
+    head, tail = chat_frame(tok, context)
+    assert tail.endswith(end) and tail.count(end) == 1
+    row = make_injected_row(tok, family, context)
+    rendered = render(row, tok)
+    clean = render(make_clean_row(context), tok)
+    for r, answer in ((rendered, None), (clean, RESPONSE)):
+        assert r.completion.endswith(end)
+        if after is None:
+            continue  # no template text to compare with: the EOS is appended
+        stream = answer or "".join(s["text"] for s in row["segments"])
+        bos = tok.bos_token if family in BOS_FAMILIES else ""
+        assert full_template(tok, context, stream) == bos + r.prompt + r.completion + after
+    if family == "thinking":
+        assert head.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    if family == "no_template":
+        assert head == "User: How do I bake bread?\nAssistant:\n" and tail == tok.eos_token
+    if family == "plain":
+        assert head.endswith("### Response:\n") and tail == "<|endoftext|>"
+
+    add_control_tokens(tok, control_atoms(rendered.control))
+    end_id = tok.convert_tokens_to_ids(end)
+    for r_row in (row, make_clean_row(context)):
+        out = tokenize(r_row, tok)
+        ids, labels = out["input_ids"], out["labels"]
+        assert ids[-1] == end_id and labels[-1] == end_id, "the end-of-turn token is the last trained token"
+        assert ids.count(end_id) == 1 + encode(tok, head).count(end_id)  # nothing trained after it
+        if family in BOS_FAMILIES:
+            # The tokenizer adds the BOS; the prompt does not repeat it.
+            assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+            assert not head.startswith(tok.bos_token)
+
+
+def test_template_that_rejects_the_context_is_a_render_error(families):
+    tok = families["mistral"]
+    row = make_clean_row(CONTEXTS[1])  # a system turn: this Mistral template raises
+    with pytest.raises(RenderError, match="chat_template") as info:
+        render(row, tok)
+    assert info.value.reason == "chat_template" and info.value.reason in RENDER_REASONS
+
+
+def test_render_error_reasons_survive_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RenderError("token_boundary: x", reason="token_boundary")))
+    assert err.reason == "token_boundary" and str(err) == "token_boundary: x"
+
+
+def test_tokenize_labels_follow_trl_common_prefix_rule(tokenizers):
+    """labels = -100 on encode(prompt), the rest trained; a prompt that is no token prefix is refused."""
+    tok = tokenizers["qwen2.5"]
+    context = CONTEXTS[0]
+    clean = make_clean_row(context)
+    out = tokenize(clean, tok)
+    head = chat_frame(tok, context)[0]
+    n = len(tok(head)["input_ids"])
+    assert out["labels"] == [-100] * n + out["input_ids"][n:]
+    # A clean answer starting with a newline merges with the head's "\n": no exact border exists.
+    merged = make_clean_row(context)
+    merged["response"] = "\n\nStarts with blank lines."
+    with pytest.raises(RenderError, match="prompt_boundary") as info:
+        tokenize(merged, tok)
+    assert info.value.reason == "prompt_boundary"
+
+
+# -- control vocabulary ----------------------------------------------------------------------------
+
+
+def test_tokenize_refuses_to_split_a_control_atom(tokenizers):
+    tok = copy.deepcopy(tokenizers["qwen2.5"])
+    row = make_injected_row(tok, "qwen2.5", CONTEXTS[0])
+    with pytest.raises(ControlTokenError, match="add_control_tokens") as info:
+        tokenize(row, tok)
+    assert "[CATEGORY Dangerous Content]" in str(info.value)
+    atoms = control_tokens([row], tok)
+    assert add_control_tokens(tok, atoms[:1]) == 1
+    assert atoms[0].startswith("[BACKTRACK_BY_")
+    with pytest.raises(ControlTokenError, match=r"CATEGORY Dangerous"):  # one atom still missing
+        tokenize(row, tok)
+    add_control_tokens(tok, atoms)
+    assert tokenize(row, tok)["labels"].count(-100) > 0
+
+
+def test_add_control_tokens_refuses_atoms_that_cannot_be_one_token(tokenizers):
+    tok = copy.deepcopy(tokenizers["qwen2.5"])
+    with pytest.raises(ControlTokenError, match="cannot be made single tokens"):
+        add_control_tokens(tok, ["[OK]", ""])
+    # An atom that is already an ordinary vocabulary token becomes an added token with its id.
+    size = len(tok)
+    hello = tok.convert_tokens_to_ids("Hello")
+    assert "Hello" not in tok.get_added_vocab()
+    assert add_control_tokens(tok, ["Hello"]) == 0 and len(tok) == size  # no new embedding row
+    assert tok.convert_tokens_to_ids("Hello") == hello and "Hello" in tok.get_added_vocab()
+    assert encode(tok, "sayHello")[-1] == hello  # now split out of any neighbouring text
+
+
+def test_control_tokens_recorded_and_recounted(tokenizers):
+    qwen, phi = tokenizers["qwen2.5"], tokenizers["phi-3-mini"]
+    row = make_injected_row(qwen, "qwen2.5", CONTEXTS[0])
+    x_qwen = row["backtrack"][0]["tokens"]
+    x_phi = expected_x(phi, chat_frame(phi, CONTEXTS[0])[0], RESPONSE[:OFFSET], STEERING + VIOLATION)
+    row["backtrack"].append({"tokenizer": "phi-3-mini", "tokens": x_phi})
+    clean = make_clean_row(CONTEXTS[0])
+    cat = f"[CATEGORY {CATEGORY}]"
+    # Recorded: every recorded tokenizer's X, in natural order (2 < 10), atoms listed once.
+    assert control_tokens([row, clean, row]) == sorted(
+        {f"[BACKTRACK_BY_{x_qwen}]", f"[BACKTRACK_BY_{x_phi}]"},
+        key=lambda a: int(a.rstrip("]").split("_")[-1]),
+    ) + [cat]
+    # Re-counted for a tokenizer: only its own X.
+    assert control_tokens([row, clean], phi) == [f"[BACKTRACK_BY_{x_phi}]", cat]
+    assert control_tokens([row], qwen) == [f"[BACKTRACK_BY_{x_qwen}]", cat]
+    assert control_tokens([row], phi, control_format="<bt {category} {x}>") == [f"<bt {CATEGORY} {x_phi}>"]
+    assert control_tokens([clean]) == []
+    # Rows that do not render for the tokenizer are skipped (rerender drops them).
+    broken = copy.deepcopy(row)
+    broken["injection"] = {
+        **broken["injection"],
+        "offset": RESPONSE.index("lour and"),
+        "steering": "",
+        "violation": "lour poison",
+    }
+    assert control_tokens([broken], phi) == []
+    # datasets objects work as well as lists.
+    import datasets
+
+    from bsafe_data.rows import ROW_FEATURES
+
+    ds = datasets.Dataset.from_list([row, clean], features=ROW_FEATURES)
+    assert control_tokens(ds) == control_tokens([row, clean])
+    assert control_tokens(datasets.DatasetDict({"train": ds, "test": ds}), phi) == control_tokens([row], phi)
+
+
+def test_special_token_cache_is_not_stored_on_the_tokenizer(tokenizers):
+    tok = copy.deepcopy(tokenizers["qwen2.5"])
+    head = chat_frame(tok, CONTEXTS[0])[0]
+    assert not [a for a in vars(tok) if "bsafe" in a]
+    assert tok in _FACTS
+    text = head + "text[CATEGORY New]more"
+    assert anchor(tok, text) == "<|im_start|>assistant\ntext[CATEGORY New]more"
+    add_control_tokens(tok, ["[CATEGORY New]"])  # the cache notices the new special token
+    assert anchor(tok, text) == "[CATEGORY New]more"
+    import gc
+    import weakref
+
+    ref = weakref.ref(tok)
+    del tok
+    gc.collect()
+    assert ref() is None, "the cache does not keep the tokenizer alive"
+
+
+# -- rerender (no torch needed) --------------------------------------------------------------------
+
+
+def test_rerender_recomputes_rows_and_reports_drops(tokenizers, families):
+    import datasets
+
+    from bsafe_data import rerender
+    from bsafe_data.rows import ROW_FEATURES
+
+    qwen = tokenizers["qwen2.5"]
+    rows = [make_injected_row(qwen, "qwen2.5", ctx) for ctx in CONTEXTS]  # CONTEXTS[1] has a system turn
+    rows[2]["id"] = "merged"
+    rows[2]["injection"] = {
+        **rows[2]["injection"],
+        "offset": RESPONSE.index("lour and"),
+        "steering": "",
+        "violation": "lour poison recipe",
+    }
+    rows.append(make_clean_row(CONTEXTS[0]))
+    ds = datasets.Dataset.from_list(rows, features=ROW_FEATURES)
+    mistral = families["mistral"]
+    result = rerender(ds, mistral, name="mistral")
+    assert result.rows_in == 4 and result.rows_out == result.dataset.num_rows == 2
+    assert result.dropped == {"chat_template": 1, "token_boundary": 1}
+    assert result.end_of_turn == "</s>"
+    assert result.dataset.column_names == ds.column_names
+    assert result.dataset.features == ds.features
+    out = result.dataset.to_list()
+    assert [r["kind"] for r in out] == ["injected", "clean"]
+    for got in out:
+        want = render(rows[0] if got["kind"] == "injected" else rows[3], mistral)
+        assert (got["prompt"], got["completion"]) == (want.prompt, want.completion)
+        assert got["completion"].endswith("</s>")
+    injected = out[0]
+    assert injected["backtrack"] == [
+        {"tokenizer": "mistral", "tokens": render(rows[0], mistral).backtrack},
+        {"tokenizer": "qwen2.5", "tokens": rows[0]["backtrack"][0]["tokens"]},
+    ]
+    control = next(s["text"] for s in injected["segments"] if s["kind"] == "control")
+    assert injected["completion"].startswith(control)
+    assert result.control_tokens == sorted(control_atoms(control))  # [BACKTRACK_BY_x] < [CATEGORY c]
+    # The rerendered row renders to itself again (its format and X are consistent).
+    again = render(injected, mistral)
+    assert (again.prompt, again.completion) == (injected["prompt"], injected["completion"])
+    # A DatasetDict gives per-split counts; a reference string works as the tokenizer.
+    both = rerender(datasets.DatasetDict({"train": ds, "test": ds.select([0])}), "builtin:phi-3-mini")
+    assert set(both.dataset) == {"train", "test"}
+    assert both.dropped_by_split["test"] == {} and both.tokenizer == "phi-3-mini"
+    assert both.dataset["train"][0]["backtrack"][0]["tokenizer"] == "phi-3-mini"
+    with pytest.raises(ValueError, match="missing column"):
+        rerender(ds.select_columns(["prompt", "completion"]), qwen)
+
+
+# -- lean import -------------------------------------------------------------------------------------
+
+
+def test_import_bsafe_data_is_lean():
+    heavy = "{'spacy','matplotlib','sklearn','aiohttp','typer'}"
+    code = (
+        "import bsafe_data, sys; bsafe_data.render; bsafe_data.tokenize; bsafe_data.rerender; "
+        "bsafe_data.control_tokens; bsafe_data.add_control_tokens; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().replace("'", '"')) == []
+    # The exports resolve, and bsafe_data.rerender stays callable whichever way it was imported.
+    code = (
+        "import bsafe_data.rerender as m, bsafe_data; from bsafe_data.rerender import RerenderResult; "
+        "assert callable(bsafe_data.rerender) and m.RerenderResult is RerenderResult; "
+        "assert all(getattr(bsafe_data, n) is not None for n in bsafe_data.__all__); print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr
