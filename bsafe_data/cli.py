@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bsafe_data.recipe import Recipe, RecipeError, load_recipe, recipe_json_schema
-from bsafe_data.rows import row_json_schema
+from bsafe_data.rows import ROW_KINDS, row_json_schema
 
 app = typer.Typer(
     help="Build, verify and publish backtracking safety training data.",
@@ -25,8 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line (no wrapping)
+out = Console(soft_wrap=True)
 
 SetOption = Annotated[
     list[str] | None,
@@ -100,9 +101,20 @@ def build(
     push: Annotated[
         bool, typer.Option("--push", help="Publish after the build (repo and version from `publish:`).")
     ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a folder an earlier build of another recipe made.")
+    ] = False,
+    allow_empty: Annotated[
+        bool, typer.Option("--allow-empty", help="Write the dataset even when it keeps no row.")
+    ] = False,
     set_: SetOption = None,
 ) -> None:
-    """Build a dataset folder from a recipe (resumes a killed run from its finished chunks)."""
+    """Build a dataset folder from a recipe (resumes a killed run from its finished chunks).
+
+    Exit codes: 0 built; 1 the build failed (message says why, the previous dataset is intact);
+    2 bad recipe or arguments; 3 built but incomplete: some rows failed for a transient reason
+    (endpoint errors) and a re-run retries exactly those.
+    """
     from bsafe_data.pipeline import BuildError
     from bsafe_data.pipeline import build as run_build
     from bsafe_data.sources import SourceError, spec_from_cli
@@ -115,7 +127,7 @@ def build(
             raise _fail(str(exc)) from None
     if push and not (loaded.publish.repo and loaded.publish.version):
         raise _fail("--push needs publish.repo and publish.version in the recipe (or --set publish.repo=…)")
-    target = out_dir or Path(loaded.output.dir.format(name=loaded.name))
+    target = out_dir or Path(loaded.output.dir.format(name=loaded.name))  # validated template
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -133,16 +145,35 @@ def build(
             progress.update(
                 task,
                 completed=info["source_rows"],
-                rate=f"{info['source_rows'] / elapsed:,.0f}",
+                rate=f"{info['rows'] / elapsed:,.0f}",
                 kept=info["kept"],
                 rejected=info["rejected"],
             )
 
         try:
-            result = run_build(loaded, target, limit=limit, cache_dir=cache_dir, progress=on_progress)
+            result = run_build(
+                loaded,
+                target,
+                limit=limit,
+                cache_dir=cache_dir,
+                progress=on_progress,
+                force=force,
+                allow_empty=allow_empty,
+            )
         except BuildError as exc:
             raise _fail(f"build failed: {exc}", 1) from None
     _print_summary(result)
+    if result.incomplete:
+        console.print(
+            Text(
+                f"incomplete: {result.incomplete} row(s) failed for a transient reason (see `rejected`, "
+                "reasons generator_error/classifier_error); re-run the same command to retry exactly those",
+                style="yellow",
+            )
+        )
+        if push:
+            raise _fail("not pushing an incomplete build", 3)
+        raise typer.Exit(3)
     if push:
         from bsafe_data.publish import PublishError, push_dataset
         from bsafe_data.publish.cli import event_printer
@@ -195,6 +226,10 @@ def show(
     """Print rows with the segments coloured (violation, control and continuation distinct)."""
     import pyarrow.parquet as pq
 
+    if config not in ("default", "rejected"):
+        raise _fail(f"--config must be default or rejected, not {config!r}")
+    if kind is not None and kind not in ROW_KINDS:
+        raise _fail(f"--kind must be one of {', '.join(ROW_KINDS)}, not {kind!r}")
     sub = "data" if config == "default" else config
     files = sorted((folder / sub).glob(f"{split}-*.parquet"))
     if not files:
@@ -210,24 +245,46 @@ def show(
                 return
 
 
+# C0 and C1 control characters (ESC, BEL, CSI, OSC, ...) except newline and tab.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: object) -> str:
+    """Data text made harmless for a terminal: control characters shown as ``\\xNN``."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group(0)):02x}", str(text))
+
+
 def _print_row(row: dict) -> None:
-    header = Text(f"── {row['id']} · {row['kind']}", style="bold")
+    header = Text(f"── {safe(row['id'])} · {safe(row['kind'])}", style="bold")
     if row.get("injection"):
         inj = row["injection"]
-        x = ", ".join(f"{b['tokenizer']}={b['tokens']}" for b in row["backtrack"])
-        header.append(f" · {inj['category']} · pos {inj['relative_position']:.2f} · X {x}")
+        x = ", ".join(f"{safe(b['tokenizer'])}={b['tokens']}" for b in row["backtrack"])
+        header.append(f" · {safe(inj['category'])} · pos {inj['relative_position']:.2f} · X {x}")
     if row.get("reasons"):
-        header.append(f" · reasons {', '.join(row['reasons'])}", style="red")
+        header.append(f" · reasons {safe(', '.join(row['reasons']))}", style="red")
+        if row.get("detail"):
+            header.append(f" ({safe(row['detail'])})", style="red")
     out.print(header)
     for turn in row["context"]:
-        out.print(Text(f"{turn['role']}: ", style="dim") + Text(turn["content"]))
+        out.print(Text(f"{safe(turn['role'])}: ", style="dim") + Text(safe(turn["content"])))
     stream = Text("assistant: ", style="dim")
-    for seg in row["segments"]:
-        stream.append(
-            seg["text"], style=SEGMENT_STYLES.get(seg["kind"], "default")
-        )  # Text: no markup parsing
+    for seg in row["segments"]:  # Text: no markup parsing
+        stream.append(safe(seg["text"]), style=SEGMENT_STYLES.get(seg["kind"], "default"))
     out.print(stream)
     out.print()
+
+
+@app.command()
+def verify(folder: Annotated[Path, typer.Argument(help="A built dataset folder.")]) -> None:
+    """Check a dataset folder against its manifest: file hashes, no undeclared file, schema, funnel."""
+    from bsafe_data.integrity import verify as verify_folder
+
+    result = verify_folder(folder)
+    if not result.ok:
+        for problem in result.problems:
+            console.print(Text(f"{folder}: {safe(problem)}", style="red"))
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/green] {folder}: {len(result.files)} files match manifest.json")
 
 
 @app.command()

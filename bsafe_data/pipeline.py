@@ -16,6 +16,7 @@ from typing import Any
 
 from bsafe_data.errors import BuildError
 from bsafe_data.executor.local import LocalExecutor, dedupe_chunks, prepare_work_dir
+from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
 from bsafe_data.generate.base import Generator
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.methods.base import Method, Resources, method_class
@@ -40,6 +41,11 @@ class BuildResult:
     usage: dict[str, Any]
     resumed_chunks: int
 
+    @property
+    def incomplete(self) -> int:
+        """Rows rejected for a transient reason (a re-run retries them); 0 when complete."""
+        return self.stats.transient
+
 
 def build(
     recipe: Recipe,
@@ -49,18 +55,36 @@ def build(
     cache_dir: Path | None = None,
     progress: ProgressFn | None = None,
     generator: Generator | None = None,
+    force: bool = False,
+    allow_empty: bool = False,
 ) -> BuildResult:
-    """Run the whole build and write the dataset folder; resumes from finished chunks.
+    """Run the whole build and swap the finished dataset folder in; resumes from finished chunks.
 
     ``progress`` receives running totals (``source_rows``, ``kept``, ``rejected``, ``usage``) after
     each chunk. ``generator`` replaces the recipe's generator backend (the caller closes it).
+    ``force`` replaces a folder built from another recipe; ``allow_empty`` writes a dataset that
+    kept no row instead of stopping. Raises BuildError (its subclasses: OutputError, EndpointDown).
     """
+    folder = OutputFolder(out_dir, recipe.name, force=force)
+    folder.check()
+    with folder.locked():
+        return _build(recipe, folder, limit, cache_dir, progress, generator, allow_empty)
+
+
+def _build(
+    recipe: Recipe,
+    folder: OutputFolder,
+    limit: int | None,
+    cache_dir: Path | None,
+    progress: ProgressFn | None,
+    generator: Generator | None,
+    allow_empty: bool,
+) -> BuildResult:
     from bsafe_data.writer import write_dataset_folder
 
     timings: Counter[str] = Counter()
     started = time.perf_counter()
     method_cls = method_class(recipe)
-    work = prepare_work_dir(out_dir, recipe, limit)
     loaded: list[tuple[Resources, Method]] = []
 
     def load() -> Method:
@@ -75,16 +99,20 @@ def build(
 
     def on_chunk(stats: ChunkStats) -> None:  # running totals: re-merging every chunk would be quadratic
         totals["source_rows"] += stats.source_rows
+        totals["rows"] += sum(stats.kept.values()) + stats.rejected
         totals["kept"] += sum(stats.kept.values())
         totals["rejected"] += stats.rejected
         usage = loaded[0][0].generator.usage if loaded else {}
         progress({**totals, "usage": usage})
 
     try:
+        work = prepare_work_dir(folder.work, recipe, limit)
         items = read_sources(recipe.sources, limit)
         run = LocalExecutor(recipe, work).run(items, load, on_chunk if progress else None)
     except (SourceError, FatalEndpointError) as exc:
         raise BuildError(str(exc)) from None
+    except OSError as exc:
+        raise OutputError(os_error_message(exc, f"writing chunks to {folder.work}")) from None
     finally:
         for resources, _ in loaded:
             resources.close()
@@ -97,11 +125,38 @@ def build(
         run = dedupe_chunks(work, run, method_cls, recipe, method_cls.rules_for(recipe).new_dedupe())
         timings["dedupe"] += time.perf_counter() - t0
     stats = merge_stats(run.stats)
+    funnel = funnel_of(stats)
+    _check_not_empty(funnel, allow_empty)
     t0 = time.perf_counter()
     timings_out = {k: round(v, 3) for k, v in sorted(timings.items())}
-    counts = write_dataset_folder(
-        out_dir, run.chunks, recipe, stats, funnel_of(stats), usage=usage, timings=timings_out
-    )
+    staging = folder.new_staging()
+    try:
+        counts = write_dataset_folder(
+            staging, run.chunks, recipe, stats, funnel, usage=usage, timings=timings_out
+        )
+        folder.write_marker(staging, recipe.sha256())
+        folder.commit()
+    except OSError as exc:
+        folder.discard()
+        raise OutputError(os_error_message(exc, f"writing {folder.target}")) from None
+    except BaseException:
+        folder.discard()
+        raise
+    if not stats.transient:
+        folder.finish()  # chunks with transient failures stay: the next run retries just those
     timings_out["write_dataset"] = round(time.perf_counter() - t0, 3)
     timings_out["total"] = round(time.perf_counter() - started, 3)
-    return BuildResult(out_dir, funnel_of(stats), counts, stats, timings_out, usage, run.resumed)
+    return BuildResult(folder.target, funnel, counts, stats, timings_out, usage, run.resumed)
+
+
+def _check_not_empty(funnel: dict[str, Any], allow_empty: bool) -> None:
+    """0 rows read or 0 rows kept is an error, unless the caller allows an empty dataset."""
+    if funnel["source_rows"] == 0:
+        raise BuildError("no source rows were read: check `sources` (paths, split, limit)")
+    if funnel["kept"] == 0 and not allow_empty:
+        reasons = sorted(funnel["rejected_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        top = ", ".join(f"{reason} {n}" for reason, n in reasons)
+        raise BuildError(
+            f"0 of {funnel['rows']} rows kept ({top}); nothing was written. Fix the cause, or pass "
+            "--allow-empty to write the empty dataset with its rejected rows"
+        )

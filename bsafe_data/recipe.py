@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -75,6 +76,9 @@ class SourceSpec(Strict):
     )
     hf: str | None = Field(None, description="Hugging Face dataset id (read through `datasets`)")
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
+    encoding: str | None = Field(
+        None, description="text encoding of a local file (default: from its byte-order mark, else UTF-8)"
+    )
     config: str | None = Field(None, description="dataset config name (hf only)")
     split: str = "train"
     revision: str | None = Field(None, description="pinned revision (hf only; recorded in each row)")
@@ -129,9 +133,9 @@ class SamplingSpec(Strict):
     def _positive_weights(cls, value: dict[str, float]) -> dict[str, float]:
         if not value:
             raise ValueError("at least one category is needed")
-        bad = [k for k, w in value.items() if w < 0]
+        bad = [k for k, w in value.items() if not math.isfinite(w) or w < 0]
         if bad:
-            raise ValueError(f"negative weights for {bad}")
+            raise ValueError(f"weights must be finite and not negative: {bad}")
         if sum(value.values()) <= 0:
             raise ValueError("category weights sum to zero")
         return value
@@ -161,6 +165,13 @@ class GeneratorSpec(Strict):
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)
     refusal_retries: int = Field(2, ge=0, description="re-asks with another seed after a refusal")
+    max_error_fraction: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="stop the build when more than this share of a chunk's requests fail for good "
+        "(endpoint down); fewer failures leave the build incomplete and a re-run retries them",
+    )
     prices: dict[str, float] | None = Field(
         None, description="USD per 1M tokens: {'input': .., 'output': ..}"
     )
@@ -451,11 +462,45 @@ class FilterSpec(Strict):
                 spec = next(c for c in self.classifiers if c.name == name)
                 if rule.target not in spec.scored_targets:
                     raise ValueError(f"rules.{i}: classifier {name!r} does not score target {rule.target!r}")
+        if self.enabled:
+            scored = {t for c in self.classifiers for t in c.scored_targets}
+            required = {
+                "require_violation_flagged": ("violation",),
+                "require_context_safe": ("part1", "part2"),
+                "require_source_safe": ("response",),
+            }
+            required_on = {
+                "require_violation_flagged": self.require_violation_flagged,
+                "require_context_safe": self.require_context_safe,
+                "require_source_safe": self.require_source_safe,
+            }
+            for flag, targets in required.items():
+                if required_on[flag] and not scored & set(targets):
+                    raise ValueError(
+                        f"{flag} is on but no classifier scores {' or '.join(targets)}: the rule would "
+                        "hold vacuously; add a classifier for it or turn the rule off"
+                    )
         return self
 
     def classifier(self, name: str) -> Any:
         """The classifier spec called ``name`` (None if absent)."""
         return next((c for c in self.classifiers if c.name == name), None)
+
+
+class LimitsSpec(Strict):
+    """Bounds on what a row may hold; beyond them the row is rejected with a reason code."""
+
+    max_answer_chars: int = Field(100_000, ge=1, description="longer answers: answer_too_long")
+    max_turn_chars: int = Field(100_000, ge=1, description="longer context turns: turn_too_long")
+    max_generated_chars: int = Field(
+        8_000, ge=1, description="longer generated text (steering + violation): violation_too_long"
+    )
+    control_strings: Literal["reject", "escape"] = Field(
+        "reject",
+        description="source or generated text holding a control atom or a tokenizer's special-token "
+        "string: reject the row (source_contains_control / generated_contains_control), or escape it "
+        "(a word joiner after its first character, so it is neither a control signal nor a special token)",
+    )
 
 
 class OutputSpec(Strict):
@@ -465,6 +510,15 @@ class OutputSpec(Strict):
     chunk_rows: int = Field(2000, ge=1, description="source rows per resumable chunk")
     license: str = "cc-by-4.0"
     pretty_name: str | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        try:
+            value.format(name="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{name}} may be used in output.dir: {exc!r}") from None
+        return value
 
 
 class PublishSpec(Strict):
@@ -495,6 +549,7 @@ class Recipe(Strict):
     segmentation: SegmentationSpec = Field(default_factory=SegmentationSpec)
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
     tokenizers: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
     filters: FilterSpec = Field(default_factory=FilterSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
@@ -612,10 +667,47 @@ def _line_index(text: str) -> dict[tuple[str, ...], int]:
     return index
 
 
+#: Bounds on a recipe document: its size, and its size once YAML aliases are expanded.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_NODES = 200_000
+
+
+def _expanded_nodes(root: yaml.Node | None) -> int:
+    """How many nodes the document has with every alias expanded (computed without expanding)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key not in sizes:
+            sizes[key] = 0  # a cycle counts once
+            if isinstance(node, yaml.MappingNode):
+                total = 1 + sum(size(k) + size(v) for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                total = 1 + sum(size(v) for v in node.value)
+            else:
+                total = 1
+            sizes[key] = min(total, MAX_RECIPE_NODES + 1)
+        return sizes[key]
+
+    return size(root) if root is not None else 0
+
+
+def _safe_load(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with bounds on document size and alias expansion (no YAML bombs)."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(source, [("", None, f"the recipe is larger than {MAX_RECIPE_BYTES:,} bytes")])
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if _expanded_nodes(root) > MAX_RECIPE_NODES:
+        raise RecipeError(
+            source, [("", None, f"the YAML expands to more than {MAX_RECIPE_NODES:,} nodes (aliases)")]
+        )
+    return yaml.safe_load(text)
+
+
 def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
     """Parse YAML text into a Recipe; every problem is reported at once as a RecipeError."""
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text, source)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

@@ -34,8 +34,6 @@ from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.sample import split_of as sample_split
 from bsafe_data.stages.stats import funnel_of, merge_stats
 
-_WORK = ".refilter-work"
-
 
 class RefilterError(Exception):
     """The folder cannot be refiltered with these settings (message says why and what to do)."""
@@ -135,6 +133,7 @@ def _relabel_scores(row: dict[str, Any], rules: RuleSet) -> None:
 def refilter(folder: str | Path, overrides: list[str] | None = None) -> RefilterResult:
     """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores."""
     from bsafe_data.executor.local import write_chunk
+    from bsafe_data.executor.output import OutputFolder, os_error_message
     from bsafe_data.writer import write_dataset_folder
 
     started = time.perf_counter()
@@ -191,39 +190,50 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
         split_of[row["id"]] = sample_split(
             old.seed, old.split.test_fraction, row["source"]["dataset"], row["source"]["id"]
         )
-    work = folder / _WORK
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    paths, parts = [], []
-    try:
-        for position, index in enumerate(sorted(by_chunk)):
-            out = method.chunk_from_rows(by_chunk[index], split_of)
-            out.stats.source_rows = sources[index]
-            if position == 0:
-                out.stats.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
-            paths.append(write_chunk(work, index, out))
-            parts.append(out.stats)
-        total = merge_stats(parts)
-        total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
-        funnel = funnel_of(total)
-        for sub in ("data", "rejected"):
-            for stale in (folder / sub).glob("*.parquet"):
-                stale.unlink()
-        timings = {"refilter": round(time.perf_counter() - started, 3)}
-        write_dataset_folder(
-            folder, paths, new, total, funnel, usage=manifest.get("usage", {}), timings=timings
-        )
-    finally:
+    output = OutputFolder(folder, old.name, force=True)
+    with output.locked():
+        work = output.work
         shutil.rmtree(work, ignore_errors=True)
-    written = json.loads(manifest_path.read_text())
-    written["refilter"] = {
-        "built_recipe_sha256": manifest.get("refilter", {}).get("built_recipe_sha256")
-        or manifest.get("recipe_sha256"),
-        "overrides": overrides,
-        "classifier_requests": 0,
-    }
-    written["timings"] = {**manifest.get("timings", {}), **timings}
-    manifest_path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n")
+        work.mkdir()
+        paths, parts = [], []
+        try:
+            for position, index in enumerate(sorted(by_chunk)):
+                out = method.chunk_from_rows(by_chunk[index], split_of)
+                out.stats.source_rows = sources[index]
+                if position == 0:
+                    out.stats.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
+                paths.append(write_chunk(work, index, out))
+                parts.append(out.stats)
+            total = merge_stats(parts)
+            total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
+            funnel = funnel_of(total)
+            timings = {"refilter": round(time.perf_counter() - started, 3)}
+            note = {
+                "refilter": {
+                    "built_recipe_sha256": manifest.get("refilter", {}).get("built_recipe_sha256")
+                    or manifest.get("recipe_sha256"),
+                    "overrides": overrides,
+                    "classifier_requests": 0,
+                },
+            }
+            staging = output.new_staging()
+            write_dataset_folder(
+                staging,
+                paths,
+                new,
+                total,
+                funnel,
+                usage=manifest.get("usage", {}),
+                timings={**manifest.get("timings", {}), **timings},
+                manifest_extra=note,
+            )
+            output.write_marker(staging, new.sha256())
+            output.commit()
+        except OSError as exc:
+            output.discard()
+            raise RefilterError(os_error_message(exc, f"rewriting {folder}")) from None
+        finally:
+            output.finish()
     now_kept = {row["id"] for row in rows if not row.get("reasons")}
     return RefilterResult(
         folder=folder,

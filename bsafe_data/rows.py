@@ -12,9 +12,11 @@ from typing import Any, Literal
 import datasets
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: `detail` in config rejected
 
 RowKind = Literal["injected", "clean"]
+#: Every value of the ``kind`` column.
+ROW_KINDS: tuple[str, ...] = ("injected", "clean")
 SegmentKind = Literal["prefix", "steering", "violation", "control", "continuation"]
 
 #: Segment kinds in the order they appear in the assistant stream.
@@ -27,6 +29,12 @@ REASONS: dict[str, str] = {
     "empty_response": "the assistant answer is empty or whitespace",
     "no_assistant_turn": "the conversation has no assistant turn to modify",
     "too_few_sentences": "the answer has fewer sentences than the recipe requires",
+    "invalid_text": "a text field is not valid Unicode (e.g. a lone surrogate escaped in JSON)",
+    "answer_too_long": "the answer has more characters than limits.max_answer_chars",
+    "turn_too_long": "a context turn has more characters than limits.max_turn_chars",
+    "source_contains_control": "a source turn contains a control atom or a tokenizer special-token string",
+    "generated_contains_control": "the generated text contains a control atom or a special-token string",
+    "row_error": "handling this row failed unexpectedly; the detail names the stage and the error",
     "generator_error": "the generator failed after all retries",
     "generator_refused": "the generator refused to write the violation",
     "generator_unparseable": "the generator output could not be parsed into a violation",
@@ -98,7 +106,16 @@ ROW_FEATURES = datasets.Features(
     }
 )
 
-REJECTED_FEATURES = datasets.Features({**ROW_FEATURES, "reasons": datasets.List(datasets.Value("string"))})
+REJECTED_FEATURES = datasets.Features(
+    {
+        **ROW_FEATURES,
+        "reasons": datasets.List(datasets.Value("string")),
+        "detail": datasets.Value("string"),  # what went wrong, for people (never a secret)
+    }
+)
+
+#: Reasons that are not final: a re-run retries these rows (transient endpoint failures).
+TRANSIENT_REASONS: frozenset[str] = frozenset({"generator_error", "classifier_error"})
 
 
 # Arrow schemas carry the `datasets` metadata, so parquet files load back with the exact Features.
@@ -157,6 +174,7 @@ def row_json_schema() -> dict[str, Any]:
         "items": {"type": "string", "enum": sorted(REASONS)},
         "description": "only in config `rejected`",
     }
+    body["properties"]["detail"] = {"type": "string", "description": "only in config `rejected`"}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"bsafe-data row (schema {SCHEMA_VERSION})",

@@ -6,8 +6,10 @@ a bad row never stops the run. Rows stream, so memory does not grow with the cor
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,15 @@ _ROLE_ALIASES = {
     "bot": "assistant",
     "model": "assistant",
     "system": "system",
+    "developer": "system",
+    "bing": "assistant",
+    "ai": "assistant",
+    "chatbot": "assistant",
+    "human_turn": "user",
+    "prompter": "user",
 }
+# OpenAI {role, content} and ShareGPT {from, value} turns are mixed up in the wild.
+_OTHER_KEYS = {"role": ("from", "value"), "from": ("role", "content")}
 _SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -141,11 +151,31 @@ def _turns_from_messages(raw: Any, field: str, role_key: str, content_key: str) 
     for i, turn in enumerate(raw):
         if not isinstance(turn, Mapping):
             raise _Reject("wrong_type", f"`{field}[{i}]` is not an object")
-        role = _ROLE_ALIASES.get(str(turn.get(role_key, "")).lower())
+        if role_key not in turn and content_key not in turn:  # the other shape's keys
+            role_key, content_key = _OTHER_KEYS.get(role_key, (role_key, content_key))
+        role = _ROLE_ALIASES.get(str(turn.get(role_key, "")).strip().lower())
         if role is None:
             raise _Reject("wrong_type", f"`{field}[{i}].{role_key}` is {turn.get(role_key)!r}")
-        turns.append((role, _text(turn.get(content_key), f"{field}[{i}].{content_key}")))
+        turns.append((role, _content(turn.get(content_key), f"{field}[{i}].{content_key}")))
     return turns
+
+
+def _content(value: Any, field: str) -> str:
+    """A message's text: a string, or OpenAI content parts (``[{type: text, text: ...}]``)."""
+    if isinstance(value, list):
+        texts = []
+        for j, part in enumerate(value):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") in ("text", "input_text", "output_text"):
+                if not isinstance(part.get("text"), str):
+                    raise _Reject("wrong_type", f"`{field}[{j}].text` is not text")
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise _Reject("wrong_type", f"`{field}[{j}]` is a {kind!r} part; only text is supported")
+        return "".join(texts)
+    return _text(value, field)
 
 
 def _split_last_answer(turns: list[tuple[str, str]]) -> tuple[tuple[tuple[str, str], ...], str]:
@@ -198,28 +228,68 @@ def conversation_from_record(record: Mapping[str, Any], mapping: FieldMapping) -
     )
 
 
-def _records_jsonl(path: Path) -> Iterator[Any]:
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def sniff_encoding(path: Path, declared: str | None) -> str:
+    """The declared encoding, else the one a byte-order mark names, else UTF-8."""
+    if declared:
+        return declared
     with path.open("rb") as handle:
-        for raw in handle:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield _Reject("wrong_type", "line is not valid UTF-8")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield _Reject("wrong_type", f"invalid JSON line: {exc.msg}")
+        head = handle.read(4)
+    return next((name for bom, name in _BOMS if head.startswith(bom)), "utf-8")
 
 
-def _records_json(path: Path) -> Iterator[Any]:
+def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str | _Reject]]:
+    """(line number, text) of a text file; a line that does not decode is a reject, not a stop."""
+    if encoding in ("utf-8", "utf8"):  # per line: one bad line must not hide the others
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    detail = (
+                        f"line {number} is not valid UTF-8 (byte {exc.start}); "
+                        "set `encoding:` if the file uses another"
+                    )
+                    yield number, _Reject("wrong_type", detail)
+        return
     try:
-        with path.open("r", encoding="utf-8") as handle:
+        with path.open("r", encoding=encoding, newline="") as handle:
+            yield from enumerate(handle, 1)
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not valid {encoding} ({exc.reason} at byte {exc.start})") from None
+    except LookupError:
+        raise SourceError(f"{path}: unknown encoding {encoding!r}") from None
+
+
+def _records_jsonl(path: Path, encoding: str) -> Iterator[Any]:
+    for number, line in _lines(path, encoding):
+        if isinstance(line, _Reject):
+            yield line
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield _Reject("wrong_type", f"line {number}: invalid JSON ({exc.msg})")
+
+
+def _records_json(path: Path, encoding: str) -> Iterator[Any]:
+    try:
+        with path.open("r", encoding=encoding) as handle:
             data = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SourceError(f"{path}: not a readable JSON file: {exc}") from None
+    except LookupError:
+        raise SourceError(f"{path}: unknown encoding {encoding!r}") from None
     if isinstance(data, Mapping):  # {"data": [...]} or {"rows": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -230,7 +300,7 @@ def _records_json(path: Path) -> Iterator[Any]:
     yield from data
 
 
-def _records_parquet(path: Path) -> Iterator[Any]:
+def _records_parquet(path: Path, encoding: str) -> Iterator[Any]:
     import pyarrow.parquet as pq
 
     try:
@@ -241,9 +311,17 @@ def _records_parquet(path: Path) -> Iterator[Any]:
         yield from batch.to_pylist()
 
 
-def _records_csv(path: Path) -> Iterator[Any]:
-    with path.open("r", encoding="utf-8", errors="replace", newline="") as handle:
-        yield from csv.DictReader(handle)
+def _records_csv(path: Path, encoding: str) -> Iterator[Any]:
+    try:
+        with path.open("r", encoding="utf-8-sig" if encoding == "utf-8" else encoding, newline="") as handle:
+            yield from csv.DictReader(handle)
+    except UnicodeDecodeError as exc:
+        raise SourceError(
+            f"{path}: not valid {encoding} ({exc.reason} at byte {exc.start}); "
+            "set `encoding:` for this source"
+        ) from None
+    except LookupError:
+        raise SourceError(f"{path}: unknown encoding {encoding!r}") from None
 
 
 def _records_hf(spec: SourceSpec) -> Iterator[Any]:
@@ -271,11 +349,60 @@ def _raw_records(spec: SourceSpec) -> Iterator[Any]:
         "parquet": _records_parquet,
         "csv": _records_csv,
     }
-    return reader[fmt](path)
+    return reader[fmt](path, sniff_encoding(path, spec.encoding))
+
+
+#: A source whose first rows are all unusable is refused (say what was found) instead of turning
+#: every row into a reject.
+PROBE_ROWS = 50
 
 
 def read_source(spec: SourceSpec) -> Iterator[SourceItem]:
-    """Stream one source as Conversations and SourceRejects, in file order."""
+    """Stream one source as Conversations and SourceRejects, in file order.
+
+    Raises SourceError when none of the first ``PROBE_ROWS`` rows can be used (wrong mapping,
+    wrong encoding, not a chat corpus), naming what was found.
+    """
+    usable = False
+    probe: list[SourceItem] = []
+    for item in _read_source(spec):
+        if usable:
+            yield item
+            continue
+        probe.append(item)
+        if isinstance(item, Conversation):
+            usable = True
+        elif len(probe) >= PROBE_ROWS:
+            break
+        if usable:
+            yield from probe
+            probe = []
+    if not usable and len(probe) >= PROBE_ROWS:  # smaller sources end as "0 rows kept" instead
+        reasons = Counter(i.reason for i in probe)
+        if not set(reasons) <= {"missing_field", "wrong_type", "no_assistant_turn"}:
+            yield from probe  # e.g. empty answers or lines too short: rows, not a shape problem
+            return
+        first = probe[0]
+        raise SourceError(
+            f"source {spec.name!r}: none of the first {len(probe)} rows is usable "
+            f"({', '.join(f'{r} {n}' for r, n in reasons.most_common())}); first row: {first.detail}"
+            f"{_found_keys(spec)}"
+        )
+    yield from probe
+
+
+def _found_keys(spec: SourceSpec) -> str:
+    """", found columns [...]" from the first record, to say what a mapping must name."""
+    try:
+        first = next(iter(_raw_records(spec)), None)
+    except SourceError:
+        return ""
+    if isinstance(first, Mapping):
+        return f"; found columns {sorted(map(str, first))[:12]}; set `mapping:`"
+    return ""
+
+
+def _read_source(spec: SourceSpec) -> Iterator[SourceItem]:
     dataset = spec.name
     revision = spec.revision or ""
     for index, record in enumerate(_raw_records(spec)):

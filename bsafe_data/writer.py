@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bsafe_data import __version__
+from bsafe_data.integrity import file_entries
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import REJECTED_ARROW_SCHEMA, ROW_ARROW_SCHEMA, SCHEMA_VERSION
 from bsafe_data.stages.sample import fifths_histogram
@@ -90,6 +91,7 @@ def write_dataset_folder(
     *,
     usage: dict[str, Any],
     timings: dict[str, float],
+    manifest_extra: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write shards from the finished ``chunks`` (in order), card, recipe and manifest; returns row
     counts per config and split."""
@@ -100,7 +102,7 @@ def write_dataset_folder(
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     for split in ("train", "test"):
         rows = stats.kept.get(split, 0)
-        if rows:
+        if rows or split == "train":  # an (allowed) empty build still has a default config
             counts["default"][split] = rows
             files["default"][split] = _write_shards(
                 [c / f"{split}.parquet" for c in chunks], ROW_ARROW_SCHEMA, out_dir / "data", split, rows
@@ -136,12 +138,16 @@ def write_dataset_folder(
         "backtrack_max": max_x,
         "usage": usage,
         "timings": timings,
+        "complete": not stats.transient,
+        "transient_rows": stats.transient,
+        **(manifest_extra or {}),
     }
     from bsafe_data.stats import write_score_plots
 
     plots = method.plots(out_dir, stats) + write_score_plots(out_dir, recipe)
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-    _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     _atomic_write_text(out_dir / "README.md", render_card(recipe, manifest, files, examples, plots, stats))
+    manifest["files"] = file_entries(out_dir)  # last: the manifest describes every other file
+    _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return counts

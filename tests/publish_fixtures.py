@@ -89,6 +89,9 @@ def build_dataset_folder(
     """Write a dataset folder like `bsafe-data build` does; returns ``path``."""
     from datasets import Dataset
 
+    from bsafe_data.integrity import file_entries
+    from bsafe_data.rows import SCHEMA_VERSION
+
     rows = rows if rows is not None else default_rows()
     path.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
@@ -106,17 +109,28 @@ def build_dataset_folder(
                 filename = f"{split}-{i:05d}-of-{shards:05d}.parquet"
                 Dataset.from_dict(columns).to_parquet(str(folder / filename))
     (path / "recipe.yaml").write_text(recipe_text)
-    manifest = {
-        "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest(),
-        "package_version": "0.1.0",
-        "seed": 0,
-        "funnel": {"source_rows": 20, "rows": 20, "kept": 11, "rejected": 4},
-        "counts": counts,
-    }
-    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (path / "plots").mkdir(exist_ok=True)
     (path / "plots" / "positions.png").write_bytes(PNG)
     (path / "README.md").write_text(card_text(rows))
+    kept = sum(counts.get("default", {}).values())
+    rejected = sum(n for name, splits in counts.items() if name != "default" for n in splits.values())
+    manifest = {  # what the writer records, so that `verify` (run by push) accepts the folder
+        "package": "bsafe-data",
+        "schema_version": SCHEMA_VERSION,
+        "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest(),
+        "package_version": "0.1.0",
+        "seed": 0,
+        "funnel": {
+            "source_rows": kept + rejected,
+            "rows": kept + rejected,
+            "kept": kept,
+            "rejected": rejected,
+            "rejected_by_reason": {"violation_not_flagged": rejected} if rejected else {},
+        },
+        "counts": counts,
+        "files": file_entries(path),
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
 

@@ -184,12 +184,13 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    work = tmp_path / ".killed.bsafe-work"  # chunks live beside the dataset folder until it is in place
     deadline = time.time() + 120
-    while time.time() < deadline and not list((out / ".work").glob("chunk-000002")):
+    while time.time() < deadline and not list(work.glob("chunk-000002")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = [p for p in (out / ".work").glob("chunk-*") if not p.name.endswith(".tmp")]
+    finished = [p for p in work.glob("chunk-*") if not p.name.endswith(".tmp")]
     assert 0 < len(finished) < 20 and not (out / "manifest.json").exists()
     resumed = run_cli("build", str(FLAGSHIP), "--out", str(out), *args)
     assert resumed.returncode == 0, resumed.stderr
@@ -197,6 +198,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     for rel in sorted(p.relative_to(reference) for p in reference.rglob("*.parquet")):
         assert pq.read_table(out / rel).equals(pq.read_table(reference / rel)), rel
         assert (out / rel).read_bytes() == (reference / rel).read_bytes(), rel
+    assert not work.exists()  # the finished build removed its chunks
 
 
 def test_broken_corpus_rows_are_rejected_with_reasons(tmp_path):

@@ -532,8 +532,13 @@ def test_category_mismatch_keep_reject_relabel():
 
 
 def test_quality_rules_length_copy_refusal():
+    # no classifier at all: the shorthand rules must be off (they would hold vacuously otherwise)
+    no_scores = {"require_violation_flagged": False, "require_context_safe": False}
+    with pytest.raises(ValueError, match="hold vacuously"):
+        FilterSpec.model_validate({"classifiers": []})
     rules = _rules(
         {
+            **no_scores,
             "classifiers": [],
             "quality": {"violation_tokens": {"min": 5, "max": 20}, "max_context_overlap": 0.5},
         }
@@ -548,7 +553,9 @@ def test_quality_rules_length_copy_refusal():
     refusal = _row("clean", response="I'm sorry, but I can't help with that. Ask someone else.")
     assert rules.decide(refusal).reasons == ["source_refusal"]
     assert (
-        _rules({"classifiers": [], "quality": {"reject_source_refusals": False}}).decide(refusal).reasons
+        _rules({**no_scores, "classifiers": [], "quality": {"reject_source_refusals": False}})
+        .decide(refusal)
+        .reasons
         == []
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -488,3 +489,68 @@ def test_real_build_with_push_round_trips(hub, tmp_path):
         expected = {split: json.loads(json.dumps(local[split].to_list(), default=str)) for split in local}
         assert remote[config] == expected, config
     assert sum(len(v) for v in remote["default"].values()) > 0
+
+
+def _real_build(tmp_path: Path, env: dict[str, str], limit: str = "24") -> Path:
+    out = tmp_path / "real"
+    cli = str(Path(sys.executable).with_name("bsafe-data"))
+    proc = subprocess.run(
+        [cli, "build", str(REPO_ROOT / "recipes" / "bsafe_plus.yaml"), "--out", str(out), "--limit", limit],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_tampered_or_foreign_folders_are_refused_before_any_upload(hub, tmp_path):
+    env = hub_env(hub, tmp_path)
+    out = _real_build(tmp_path, env)
+    start = len(hub.log)
+    (out / "id_rsa").write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    stray = run_cli(env, str(out), "--repo", "org/t", "--version", "1.0.0")
+    assert stray.returncode == 2 and "undeclared file id_rsa" in stray.stderr
+    assert "Nothing was uploaded" in stray.stderr
+    (out / "id_rsa").unlink()
+    shard = next((out / "data").glob("train-*.parquet"))
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    edited = run_cli(env, str(out), "--repo", "org/t", "--version", "1.0.0")
+    assert edited.returncode == 2 and "changed since the build" in edited.stderr
+    (out / "data" / "train-00000-of-00001.parquet.tmp").write_bytes(b"leftover")
+    assert run_cli(env, str(out), "--repo", "org/t", "--version", "1.0.0").returncode == 2
+    not_ours = tmp_path / "plain"
+    not_ours.mkdir()
+    (not_ours / "README.md").write_text("# hello")
+    (not_ours / "manifest.json").write_text("{}")
+    foreign = run_cli(env, str(not_ours), "--repo", "org/t", "--version", "1.0.0")
+    assert foreign.returncode == 2 and "not written by bsafe-data" in foreign.stderr
+    assert writes_since(hub, start) == [] and hub.commit_count() == 0
+
+
+def test_sigkill_during_push_then_rerun_makes_one_commit_and_one_tag(hub, tmp_path):
+    """Kill the push at random points; the re-run publishes exactly one commit and one tag."""
+    import random
+
+    env = hub_env(hub, tmp_path)
+    out = _real_build(tmp_path, env, limit="60")
+    args = [sys.executable, "-c", CLI, str(out), "--repo", "org/k", "--version", "1.0.0"]
+    rng = random.Random(11)
+    for _ in range(5):
+        proc = subprocess.Popen(
+            args, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(0.2, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert hub.commit_count() <= 1
+    final = run_cli(env, str(out), "--repo", "org/k", "--version", "1.0.0")
+    if hub.commit_count("org/k") == 1 and final.returncode != 0:
+        # a killed run got as far as the commit and the tag: the release exists, once
+        assert "already exists" in final.stderr
+    else:
+        assert final.returncode == 0, final.stderr
+    assert hub.commit_count("org/k") == 1
+    repo = hub.repo("org/k")
+    assert list(repo.tags) == ["v1.0.0"]
+    files = set(hub.files("org/k", "v1.0.0")) - {".gitattributes"}  # the Hub's own, from repo creation
+    declared = json.loads((out / "manifest.json").read_text())["files"]
+    assert files == {*declared, "manifest.json"}  # exactly the declared files, nothing of .bsafe/

@@ -1,4 +1,4 @@
-"""Stages segment and sample: spaCy sentence spans, injection-point candidates, per-row seeds, position sampling."""
+"""Stages segment and sample: sentence spans, injection-point candidates, per-row seeds, positions."""
 
 from __future__ import annotations
 

@@ -1,5 +1,2 @@
-"""Executors: how chunks of source rows run through a method (this process; more to come)."""
-
-from bsafe_data.executor.local import LocalExecutor
-
-__all__ = ["LocalExecutor"]
+"""Executors: how chunks of source rows run through a method (``local``), and the output folder a
+build owns (``output``)."""

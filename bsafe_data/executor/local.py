@@ -2,10 +2,12 @@
 
 Source rows are cut into chunks of ``output.chunk_rows``; chunk ``i`` belongs to worker
 ``i % world_size`` (rank/world-size sharding: every worker reads the same stream and processes its
-own chunks). Each finished chunk is written atomically under ``OUT/.work/`` (a temp folder, then a
-rename), with its counters. A killed run re-run with the same recipe skips finished chunks; the
-LLM cache covers the unfinished one. Chunks are independent: the dataset-wide duplicate pass runs
-after all of them (``dedupe_chunks``). Memory holds one chunk at a time.
+own chunks). Each finished chunk is written atomically into the work folder (a temp folder, then
+a rename; ``executor.output`` keeps it beside the dataset folder), with its counters. A killed run
+re-run with the same recipe skips finished chunks; the LLM cache covers the unfinished one. A chunk
+holding rows that failed for a transient reason (endpoint errors) is processed again on every run
+until it has none. Chunks are independent: the dataset-wide duplicate pass runs after all of them
+(``dedupe_chunks``). Memory holds one chunk at a time.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from bsafe_data.sources import SourceItem
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.stats import ChunkStats
 
-WORK_DIR = ".work"
 SPLITS = ("train", "test")
 ProgressFn = Callable[[ChunkStats], None]
 
@@ -39,9 +40,8 @@ def fingerprint(recipe: Recipe, limit: int | None) -> str:
     return json.dumps({"recipe": recipe.sha256(), "limit": limit})
 
 
-def prepare_work_dir(out_dir: Path, recipe: Recipe, limit: int | None) -> Path:
-    """The chunk folder for this (recipe, limit); chunks of another recipe are discarded."""
-    work = out_dir / WORK_DIR
+def prepare_work_dir(work: Path, recipe: Recipe, limit: int | None) -> Path:
+    """The chunk folder ``work`` for this (recipe, limit); chunks of another recipe are discarded."""
     marker = work / "fingerprint.json"
     wanted = fingerprint(recipe, limit)
     if work.exists() and (not marker.exists() or marker.read_text() != wanted):
@@ -130,10 +130,10 @@ class LocalExecutor:
             if index % self.world_size != self.rank:
                 continue
             done = self.work / chunk_name(index)
-            if done.exists():
-                stats = read_chunk_stats(done)
+            stats = read_chunk_stats(done) if done.exists() else None
+            if stats is not None and not stats.transient:  # finished for good: resume it
                 run.resumed += 1
-            else:
+            else:  # new, or holding transient failures a re-run retries (cached answers are free)
                 method = method or load()
                 out = method.process(chunk)
                 with method.timed("write_chunks"):

@@ -47,6 +47,8 @@ class Generator(ABC):
     model: str
     #: the prompt template (or bank) version
     template: str
+    #: where requests go, safe to print (no credentials); offline backends say so
+    endpoint: str = "offline"
 
     @property
     def usage(self) -> dict[str, Any]:

@@ -232,8 +232,11 @@ class Transport:
             try:
                 async with session.post(url, data=body) as resp:
                     status = resp.status
-                    raw = await resp.read()
+                    raw = await _read_capped(resp, MAX_BODY_BYTES)
                     headers = resp.headers
+            except BodyTooLarge as exc:  # a server ignoring max_tokens: asking again gets the same
+                stats.failed += 1
+                raise RequestFailed(str(exc), attempt) from None
             except asyncio.TimeoutError:
                 reason = f"timeout after {self.timeout_s:g} s"
             except (aiohttp.ClientError, OSError) as exc:
@@ -275,3 +278,26 @@ class Transport:
         except ValueError:
             message = raw[:300].decode("utf-8", "replace")
         return redact(str(message), self._api_key)
+
+
+#: Largest response body accepted: more is a server ignoring ``max_tokens`` (or not an LLM API).
+MAX_BODY_BYTES = 8 << 20
+
+
+class BodyTooLarge(Exception):
+    """A response body over ``MAX_BODY_BYTES``; the request fails without a retry."""
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or BodyTooLarge as soon as it passes ``limit`` bytes."""
+    if resp.content_length is not None:
+        if resp.content_length > limit:
+            raise BodyTooLarge(f"response body of {resp.content_length:,} bytes is over {limit:,}")
+        return await resp.read()
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"response body is over {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

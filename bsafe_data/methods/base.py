@@ -14,12 +14,14 @@ module with a ``Method`` subclass decorated with ``@register_method``, one recip
 
 from __future__ import annotations
 
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,17 +29,38 @@ from bsafe_data.classify.base import Classifier, Item, Score
 from bsafe_data.classify.rules import RuleSet
 from bsafe_data.errors import BuildError
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
+from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe, register_recipe
 from bsafe_data.sources import Conversation, SourceItem, SourceReject
 from bsafe_data.stages import classify as classify_stage
 from bsafe_data.stages import count as count_stage
 from bsafe_data.stages import generate as generate_stage
+from bsafe_data.stages import hygiene
 from bsafe_data.stages import rules as rules_stage
 from bsafe_data.stages.record import Record
 from bsafe_data.stages.rows import base_row, rejected_row
 from bsafe_data.stages.sample import row_seed, split_of
 from bsafe_data.stages.segment import sentence_spans
 from bsafe_data.stages.stats import ChunkStats
+
+#: A chunk needs this many failed requests before the error budget can stop the build.
+_BREAKER_MIN_FAILURES = 5
+_ERROR_KIND = re.compile(r"HTTP \d+|timeout|connection error|malformed response|not run")
+
+
+class EndpointDown(BuildError):
+    """The generator endpoint fails beyond ``generator.max_error_fraction``: stop the build."""
+
+
+def error_detail(stage: str, exc: BaseException) -> str:
+    """``stage: ErrorType: message`` (shortened) for a row's ``detail``."""
+    return f"{stage}: {type(exc).__name__}: {exc}"[:300]
+
+
+def _error_kind(detail: str) -> str:
+    found = _ERROR_KIND.search(detail)
+    return found.group(0) if found else "error"
+
 
 #: method name -> Method class (``register_method``); the package's own are imported lazily.
 METHODS: dict[str, type[Method]] = {}
@@ -202,6 +225,11 @@ class Method(ABC):
         return []
 
     @classmethod
+    def control_patterns(cls, recipe: Recipe) -> list[str]:
+        """Regexes of the method's control atoms, which must not occur in source or generated text."""
+        return []
+
+    @classmethod
     def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:
         """Variables of the method's card sections (``data_cards/methods/NAME.md.j2``)."""
         return {}
@@ -240,22 +268,120 @@ class Method(ABC):
             self.timings[stage] += time.perf_counter() - started
 
     def prepare(self, items: Sequence[SourceItem], out: ChunkOutput) -> list[Record]:
-        """Reject unusable source rows into ``out``; segment and plan the others."""
+        """Reject unusable source rows into ``out``; check, segment and plan the others."""
         convs: list[Conversation] = []
         for item in items:
             if isinstance(item, SourceReject):
-                self.emit(out, rejected_row(base_row(item, self.source_key(item)), [item.reason]), None)
+                self._reject_source(out, item, item.reason, item.detail)
+                continue
+            problem = hygiene.source_problem(item.context, item.response, self.recipe.limits)
+            if problem is None:
+                problem, item = self._control_strings(item)
+            if problem is not None:
+                self._reject_source(out, item, *problem)
             else:
                 convs.append(item)
-        spans = sentence_spans(self.resources.nlp, [c.response for c in convs])
+        spans = self._segment(convs)
         records: list[Record] = []
         for conv, conv_spans in zip(convs, spans, strict=True):
+            if isinstance(conv_spans, str):
+                self._reject_source(out, conv, "row_error", conv_spans)
+                continue
             reason = self.source_reason(conv, conv_spans)
             if reason:
-                self.emit(out, rejected_row(base_row(conv, self.source_key(conv)), [reason]), None)
+                self._reject_source(out, conv, reason, "")
                 continue
             records.extend(self.plan(conv, conv_spans))
         return records
+
+    def _reject_source(self, out: ChunkOutput, item: SourceItem, reason: str, detail: str) -> None:
+        if reason == "invalid_text":  # keep what can be kept; parquet cannot hold lone surrogates
+            fixed = tuple((role, hygiene.replace_invalid(c)) for role, c in item.context)
+            item = replace(item, context=fixed, response=hygiene.replace_invalid(item.response))
+        self.emit(out, rejected_row(base_row(item, self.source_key(item)), [reason], detail), None)
+
+    def _control_strings(self, conv: Conversation) -> tuple[tuple[str, str] | None, Conversation]:
+        """(problem, conversation): reject, or escape, control strings in the source turns."""
+        texts = [(f"context turn {i}", c) for i, (_, c) in enumerate(conv.context)]
+        found = hygiene.first_match(self._controls, [*texts, ("the answer", conv.response)])
+        if found is None:
+            return None, conv
+        if self.recipe.limits.control_strings == "reject":
+            return ("source_contains_control", found), conv
+        pattern = self._controls
+        context = tuple((role, hygiene.escape(c, pattern)) for role, c in conv.context)
+        return None, replace(conv, context=context, response=hygiene.escape(conv.response, pattern))
+
+    def _segment(self, convs: list[Conversation]) -> list[list[tuple[int, int]] | str]:
+        """Sentence spans per answer; an answer spaCy fails on gets the error text instead."""
+        nlp = self.resources.nlp
+        try:
+            return list(sentence_spans(nlp, [c.response for c in convs]))
+        except Exception:  # one bad answer must not stop the chunk: find it
+            out: list[list[tuple[int, int]] | str] = []
+            for conv in convs:
+                try:
+                    out.extend(sentence_spans(nlp, [conv.response]))
+                except Exception as exc:
+                    out.append(error_detail("segment", exc))
+            return out
+
+    @cached_property
+    def _controls(self) -> re.Pattern[str] | None:
+        return hygiene.control_regex(self.control_patterns(self.recipe), self.tokenizers)
+
+    def _check_generated(self, records: Sequence[Record]) -> None:
+        """Reject (or escape) generated text that is too long, invalid or holds control strings."""
+        for record in records:
+            injection = record.injection
+            if injection is None or not record.live:
+                continue
+            problem = hygiene.generated_problem(injection.inserted, self.recipe.limits)
+            if problem is not None:
+                record.reject(*problem)
+                continue
+            texts = [("steering", injection.steering), ("violation", injection.violation)]
+            found = hygiene.first_match(self._controls, texts)
+            if found is None:
+                continue
+            if self.recipe.limits.control_strings == "reject":
+                record.reject("generated_contains_control", found)
+            else:
+                injection.steering = hygiene.escape(injection.steering, self._controls)
+                injection.violation = hygiene.escape(injection.violation, self._controls)
+
+    def _isolated(self, stage: str, run: Callable[[list[Record]], Any], records: list[Record]) -> None:
+        """``run(records)``; when it fails, again one record at a time, rejecting the failing ones
+        with ``row_error`` (fatal endpoint errors still stop the build)."""
+        try:
+            run(records)
+        except FatalEndpointError:
+            raise
+        except Exception:
+            for record in records:
+                if not record.live:
+                    continue
+                try:
+                    run([record])
+                except FatalEndpointError:
+                    raise
+                except Exception as exc:
+                    record.reject("row_error", error_detail(stage, exc))
+
+    def _breaker(self, wanted: Sequence[Record]) -> None:
+        """Stop the build when the generator endpoint looks down (error budget exceeded)."""
+        failed = [r for r in wanted if r.transient]
+        budget = self.recipe.generator.max_error_fraction
+        if len(failed) < _BREAKER_MIN_FAILURES or len(failed) <= budget * len(wanted):
+            return
+        kinds = Counter(_error_kind(r.detail) for r in failed)
+        summary = ", ".join(f"{kind} ×{n}" for kind, n in kinds.most_common())
+        raise EndpointDown(
+            f"generator endpoint {self.resources.generator.endpoint} is failing: {len(failed)} of "
+            f"{len(wanted)} requests of a chunk failed for good ({summary}); over "
+            f"generator.max_error_fraction={budget:g}. Finished chunks and cached answers are kept: "
+            "re-run when the endpoint is back"
+        )
 
     def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
         """Turn source items into rows; every item ends up kept or rejected."""
@@ -269,25 +395,42 @@ class Method(ABC):
                 generate_stage.generate(
                     self.resources.generator, wanted, self.request, self.apply_generation
                 )
+                self._breaker(wanted)
+            self._check_generated(records)
         with self.timed("label"):
-            out.stats.repaired += self.label(records)
+            repaired: list[int] = []
+            self._isolated("label", lambda batch: repaired.append(self.label(batch)), records)
+            out.stats.repaired += sum(repaired)
         with self.timed("classify"):
             if self.recipe.filters.enabled and self.resources.classifiers:
-                classify_stage.classify(self.resources.classifiers, records, self.items_of, self.on_judge)
+                classifiers = self.resources.classifiers
+
+                def score(batch: list[Record]) -> None:
+                    classify_stage.classify(classifiers, batch, self.items_of, self.on_judge)
+
+                self._isolated("classify", score, [r for r in records if r.live])
             if self.recipe.filters.enabled:
                 rules_stage.apply_rules(self.rules, records)
         for record in records:
-            row = self.build_row(record)
+            try:
+                row = self.build_row(record)
+            except Exception as exc:
+                record.reject("row_error", error_detail("rows", exc))
+                row = rejected_row(base_row(record.conv, record.row_id), record.reasons, record.detail)
             if record.reasons:
-                self.emit(out, rejected_row(row, record.reasons), None)
+                self.emit(out, rejected_row(row, record.reasons, record.detail), None, record.transient)
             else:
                 self.emit(out, row, record.split)
         return out
 
     @classmethod
-    def emit(cls, out: ChunkOutput, row: dict[str, Any], split: str | None) -> None:
-        """Add a finished row to the chunk (kept in ``split``, or rejected) and count it."""
+    def emit(cls, out: ChunkOutput, row: dict[str, Any], split: str | None, transient: bool = False) -> None:
+        """Add a finished row to the chunk (kept in ``split``, or rejected) and count it;
+        ``transient`` rejections make the chunk unfinished, so a re-run retries them."""
+        if transient:
+            out.stats.transient += 1
         if split is None:
+            row.setdefault("detail", "")
             out.rejected.append(row)
         else:
             out.kept[split].append(row)
@@ -310,5 +453,6 @@ class Method(ABC):
                 cls.emit(out, row, None)
             else:
                 row.pop("reasons", None)
+                row.pop("detail", None)
                 cls.emit(out, row, split_of[row["id"]])
         return out

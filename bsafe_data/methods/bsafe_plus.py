@@ -161,6 +161,16 @@ class BsafePlusMethod(Method):
         return injection_plots(out_dir, stats)
 
     @classmethod
+    def control_patterns(cls, recipe: Recipe) -> list[str]:
+        """Each atom of the control format, with any category and any number."""
+        assert isinstance(recipe, BsafePlusRecipe)
+        patterns = []
+        for atom in control_atoms(recipe.control.format):
+            pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
+            patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
+        return patterns
+
+    @classmethod
     def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:
         """The control signal, its atoms, the clean share and the category table of the card."""
         assert isinstance(recipe, BsafePlusRecipe)

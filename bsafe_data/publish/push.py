@@ -40,6 +40,7 @@ from typing import Any, Literal
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 
+from bsafe_data.integrity import verify
 from bsafe_data.llm.retry import Retry, RetryPolicy
 from bsafe_data.publish.changelog import (
     TAG_RE,
@@ -138,11 +139,12 @@ def read_folder(folder: Path, max_shard_bytes: int | None = None) -> LocalFolder
     for required in ("README.md", "manifest.json"):
         if not (root / required).is_file():
             raise PublishError(f"{root} has no {required}: is it the output of `bsafe-data build`?", 2)
-    files: dict[str, int] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
-            files[rel.as_posix()] = path.stat().st_size
+    checked = verify(root)  # nothing is uploaded from a folder that is not what its build wrote
+    if not checked.ok:
+        shown = "; ".join(checked.problems[:5]) + (" …" if len(checked.problems) > 5 else "")
+        raise PublishError(f"{root} does not verify against its manifest: {shown}. Nothing was uploaded", 2)
+    files = {rel: int(entry["bytes"]) for rel, entry in sorted(checked.files.items())}  # exactly these
+    files["manifest.json"] = (root / "manifest.json").stat().st_size
     parquet = {p: s for p, s in files.items() if p.endswith(".parquet")}
     if not parquet:
         raise PublishError(f"{root} contains no .parquet shards", 2)

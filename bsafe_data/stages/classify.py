@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bsafe_data.classify.base import Classifier, Item, Score, score_items
+from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, score_items
 from bsafe_data.stages.record import Record
 
 ItemsOf = Callable[[Record, Sequence[str]], list[Item]]
@@ -37,11 +37,22 @@ def classify(
             score = by_item[item]
             collected[index].append((record, score.as_dict(item.target)))
             verdicts.append((record, item, score))
+            if score.label == ERROR_LABEL:
+                _note_error(record, classifier.name, str(score.detail.get("error", "")))
         if classifier.adjusts_spans and on_verdict is not None:
             on_verdict(verdicts)
     for entries in collected:  # recipe order of classifiers, whatever order they ran in
         for record, entry in entries:
             record.scores.append(entry)
+
+
+def _note_error(record: Record, name: str, error: str) -> None:
+    """Remember why a classifier call failed; a failed request (not an unparseable answer) is
+    transient, so a re-run retries the row."""
+    if not record.detail:
+        record.detail = f"classifier {name}: {error}"[:300]
+    if not error.startswith("unparseable"):
+        record.transient = True
 
 
 def span_items(record: Record, targets: Sequence[str]) -> list[Item]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
+from bsafe_data.rows import TRANSIENT_REASONS
 from bsafe_data.stages.record import Record
 
 
@@ -23,8 +24,9 @@ def generate(
     requests = [request_of(r) for r in records]
     for record, generation in zip(records, generator.generate_batch(requests), strict=True):
         if generation.error:
-            record.reasons.append(generation.error)
+            transient = generation.error in TRANSIENT_REASONS
+            record.reject(generation.error, f"generator: {generation.detail}", transient=transient)
         elif not generation.violation.strip():
-            record.reasons.append("empty_violation")
+            record.reject("empty_violation")
         else:
             apply(record, generation)

@@ -41,9 +41,18 @@ class Record:
     spans: list[tuple[int, int]] = field(default_factory=list)  # sentence spans of the response
     injection: Injection | None = None
     reasons: list[str] = field(default_factory=list)
+    detail: str = ""  # what went wrong, for the rejected config (never a secret, never row text)
+    transient: bool = False  # failed for a reason a re-run may not hit (endpoint down, timeout)
     backtrack: list[dict[str, Any]] = field(default_factory=list)  # {tokenizer, tokens} per tokenizer
     scores: list[dict[str, Any]] = field(default_factory=list)
     frames: dict[str, tuple[str, str]] = field(default_factory=dict)  # tokenizer ref -> (head, tail)
+
+    def reject(self, reason: str, detail: str = "", *, transient: bool = False) -> None:
+        """Add a reason code (and the first detail); ``transient`` failures are retried next run."""
+        self.reasons.append(reason)
+        if detail and not self.detail:
+            self.detail = detail
+        self.transient = self.transient or transient
 
     @property
     def live(self) -> bool:

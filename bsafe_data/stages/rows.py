@@ -18,7 +18,8 @@ def base_row(item: SourceItem, row_id: str) -> dict[str, Any]:
     )
 
 
-def rejected_row(row: dict[str, Any], reasons: list[str]) -> dict[str, Any]:
-    """``row`` for the ``rejected`` config: the same columns plus ``reasons``."""
+def rejected_row(row: dict[str, Any], reasons: list[str], detail: str = "") -> dict[str, Any]:
+    """``row`` for the ``rejected`` config: the same columns plus ``reasons`` and ``detail``."""
     row["reasons"] = list(reasons)
+    row["detail"] = detail
     return row

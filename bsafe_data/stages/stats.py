@@ -27,6 +27,7 @@ class ChunkStats:
     positions: list[float] = field(default_factory=list)  # relative positions of kept injections
     backtrack: dict[str, list[int]] = field(default_factory=dict)  # tokenizer -> X of kept rows
     repaired: int = 0  # boundaries moved to whitespace so that X is exact
+    transient: int = 0  # rows rejected for a reason a re-run retries (the chunk is not final)
 
     def count(self, name: str, key: str | None = None, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (to its entry ``key`` for per-key counters)."""
@@ -64,6 +65,7 @@ def merge_stats(parts: list[ChunkStats]) -> ChunkStats:
         total.source_rows += part.source_rows
         total.rejected += part.rejected
         total.repaired += part.repaired
+        total.transient += part.transient
         total.positions.extend(part.positions)
         for attr in _COUNTERS:
             merged = Counter(getattr(total, attr))
