@@ -12,7 +12,7 @@ from typing import Any, Literal
 import datasets
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: `detail` in config rejected
+SCHEMA_VERSION = "1.2"  # 1.1: `detail` in config rejected; 1.2: PROMPT_FEATURES (rlbf_prompts)
 
 RowKind = Literal["injected", "clean"]
 #: Every value of the ``kind`` column.
@@ -180,3 +180,42 @@ def row_json_schema() -> dict[str, Any]:
         "title": f"bsafe-data row (schema {SCHEMA_VERSION})",
         **body,
     }
+
+
+# -- prompt sets (method ``rlbf_prompts``): RL prompts, not SFT rows ------------------------------
+
+#: Values of the ``attack`` column of a prompt set.
+ATTACKS: tuple[str, ...] = ("none", "middle_fill", "suffix", "decoding")
+#: Values of the ``expect`` column: what the policy should do with the prompt.
+EXPECTS: tuple[str, ...] = ("backtrack", "answer", "refuse")
+
+#: A prompt-set row: the shared core columns (``completion`` dropped: the policy writes it) with
+#: ``prompt`` as TRL's conversational prompt (a list of messages, ending with the assistant prefill
+#: when there is one), plus the attack metadata and the per-row sampling parameters.
+PROMPT_FEATURES = datasets.Features(
+    {
+        **{k: v for k, v in ROW_FEATURES.items() if k not in ("prompt", "completion")},
+        "prompt": CONTEXT_FEATURE,
+        "prefill": datasets.Value("string"),  # the assistant prefill ('' when none)
+        "suffix": datasets.Value("string"),  # text appended to the last user turn ('' when none)
+        "attack": datasets.Value("string"),  # one of ATTACKS
+        "category": datasets.Value("string"),  # '' for benign rows
+        "expect": datasets.Value("string"),  # one of EXPECTS
+        "sampling": {
+            "temperature": datasets.Value("float32"),
+            "top_p": datasets.Value("float32"),
+            "top_k": datasets.Value("int32"),  # 0 = no top-k cut
+        },
+    }
+)
+
+
+def rejected_features(features: datasets.Features) -> datasets.Features:
+    """The ``rejected`` config's features for a method's row features: plus ``reasons``, ``detail``."""
+    return datasets.Features(
+        {
+            **features,
+            "reasons": datasets.List(datasets.Value("string")),
+            "detail": datasets.Value("string"),
+        }
+    )

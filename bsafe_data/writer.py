@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from bsafe_data import __version__
 from bsafe_data.integrity import file_entries
 from bsafe_data.recipe import Recipe
-from bsafe_data.rows import REJECTED_ARROW_SCHEMA, ROW_ARROW_SCHEMA, SCHEMA_VERSION
+from bsafe_data.rows import SCHEMA_VERSION, rejected_features
 from bsafe_data.stages.sample import fifths_histogram
 
 #: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
@@ -73,8 +73,14 @@ def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> li
     """Up to n rows for the card: injected first, then clean."""
     rows: list[dict[str, Any]] = []
     for path in data_files.get("train", []):
-        table = pq.read_table(out_dir / path, columns=["id", "kind", "prompt", "completion", "injection"])
-        rows.extend(table.slice(0, 200).to_pylist())
+        wanted = ["id", "kind", "prompt", "completion", "injection"]
+        names = pq.read_schema(out_dir / path).names
+        table = pq.read_table(out_dir / path, columns=[c for c in wanted if c in names])
+        for row in table.slice(0, 200).to_pylist():
+            if isinstance(row["prompt"], list):  # conversational prompt (prompt sets): as text
+                row["prompt"] = "\n".join(f"{m['role']}: {m['content']}" for m in row["prompt"])
+            row.setdefault("completion", "")
+            rows.append(row)
         if len(rows) >= 200:
             break
     injected = [r for r in rows if r["kind"] == "injected"][: n - 1]
@@ -98,6 +104,7 @@ def write_dataset_folder(
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
 
+    method = method_class(recipe)  # its `features` are the shards' columns
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     for split in ("train", "test"):
@@ -105,19 +112,22 @@ def write_dataset_folder(
         if rows or split == "train":  # an (allowed) empty build still has a default config
             counts["default"][split] = rows
             files["default"][split] = _write_shards(
-                [c / f"{split}.parquet" for c in chunks], ROW_ARROW_SCHEMA, out_dir / "data", split, rows
+                [c / f"{split}.parquet" for c in chunks],
+                method.features.arrow_schema,
+                out_dir / "data",
+                split,
+                rows,
             )
     if stats.rejected:
         counts["rejected"]["train"] = stats.rejected
         files["rejected"]["train"] = _write_shards(
             [c / "rejected.parquet" for c in chunks],
-            REJECTED_ARROW_SCHEMA,
+            rejected_features(method.features).arrow_schema,
             out_dir / "rejected",
             "train",
             stats.rejected,
         )
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
-    method = method_class(recipe)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "package": "bsafe-data",

@@ -3,6 +3,8 @@
     pip install -e '.[train]'
     python examples/grpo_rlbf.py --model my-sft-checkpoint            # a BSAFE+ SFT model
     python examples/grpo_rlbf.py --tiny --max-steps 2                 # smoke run: tiny random model, CPU
+    bsafe-data build recipes/rlbf_prompts.yaml --out out/rlbf_prompts
+    python examples/grpo_rlbf.py --tiny --dataset out/rlbf_prompts    # on a built prompt set
 
 What it does, in order:
 
@@ -69,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--max-x", type=int, default=128, help="register [BACKTRACK_BY_1..N] atoms")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", help="a folder built from recipes/rlbf_prompts.yaml (default: built-in)")
+    parser.add_argument("--rows", type=int, default=None, help="use only the first N rows of --dataset")
     parser.add_argument("--cpu", action="store_true", help="force CPU")
     return parser.parse_args(argv)
 
@@ -95,6 +99,29 @@ def prompt_dataset() -> Any:
             {"prompt": [{"role": "user", "content": user}], "expect": "answer", "attack": "", "category": ""}
         )
     return Dataset.from_list(rows)
+
+
+def built_prompt_set(folder: str, rows: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(train split, manifest) of a built ``rlbf_prompts`` folder, in the reward's column names.
+
+    The prompt set's ``attack`` column names the variant (none / middle_fill / suffix / decoding);
+    ``BacktrackReward`` reads ``attack`` as the violating text inside the prefill, so it becomes
+    ``attack`` = the injected steering + violation ('' without one) and the variant ``attack_kind``.
+    """
+    from datasets import load_dataset
+
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    train = load_dataset(folder, split="train")
+    if rows is not None:
+        train = train.select(range(min(rows, len(train))))
+
+    def to_reward_columns(row: dict[str, Any]) -> dict[str, Any]:
+        inj = row["injection"]
+        return {"attack_kind": row["attack"], "attack": (inj["steering"] + inj["violation"]) if inj else ""}
+
+    train = train.map(to_reward_columns)
+    keep = {"prompt", "expect", "category", "attack", "attack_kind", "prefill", "sampling"}
+    return train.remove_columns([c for c in train.column_names if c not in keep]), manifest
 
 
 def control_atoms_for(categories: list[str], max_x: int) -> list[str]:
@@ -157,12 +184,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     added = add_control_tokens(tokenizer, control_atoms_for(list(RLBF_CATEGORIES), args.max_x))
+    dataset, spec = prompt_dataset(), RewardSpec()  # builtin critic; any classifier spec works
+    if args.dataset:  # the recipe's `reward` section, recorded in the manifest
+        dataset, manifest = built_prompt_set(args.dataset, args.rows)
+        spec = RewardSpec(**manifest["reward"])
+        added += add_control_tokens(tokenizer, manifest["control_tokens"])
     model_ref = tiny_model(tokenizer, out / "tiny_model") if args.tiny else args.model
     model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
 
-    reward = BacktrackReward(tokenizer, RewardSpec())  # builtin critic; any classifier spec works
+    reward = BacktrackReward(tokenizer, spec)
     config = GRPOConfig(
         output_dir=str(out),
         max_steps=args.max_steps,
@@ -183,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model=model,
         reward_funcs=[reward],
         args=config,
-        train_dataset=prompt_dataset(),
+        train_dataset=dataset,
         processing_class=tokenizer,
     )
     trainer.train()
@@ -196,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "logged_backtrack_metrics": sorted({k for e in steps for k in e if "backtrack/" in k}),
         "last_reward_samples": len(reward.last_breakdown),
         "critic_texts": reward.calls,
+        "train_rows": len(dataset),
+        "expects": sorted(set(dataset["expect"])),
     }
     print(json.dumps(summary))
     return summary

@@ -42,3 +42,54 @@ def test_prompt_set_prefills_end_with_their_attack():
     attacks = [r for r in rows if r["expect"] == "backtrack"]
     assert attacks and all(r["prompt"][-1]["content"].endswith(r["attack"]) for r in attacks)
     assert any(r["expect"] == "answer" and r["prompt"][-1]["role"] == "user" for r in rows)
+
+
+def test_grpo_two_steps_on_a_built_prompt_set(tmp_path):
+    """The prompt set of recipes/rlbf_prompts.yaml, built through the CLI, trains with GRPO on
+    BacktrackReward with the reward settings its manifest records."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "prompts"
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bsafe_data",
+            "build",
+            str(REPO / "recipes" / "rlbf_prompts.yaml"),
+            "--out",
+            str(folder),
+            "--limit",
+            "12",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    example = _example()
+    rows, manifest = example.built_prompt_set(str(folder), 8)
+    middle = [r for r in rows if r["attack_kind"] == "middle_fill"]
+    assert middle and all(r["prompt"][-1]["content"].endswith(r["attack"]) for r in middle)
+    assert manifest["reward"]["unsafe"] == 3.0
+    summary = example.main(
+        [
+            "--tiny",
+            "--max-steps",
+            "2",
+            "--out",
+            str(tmp_path / "grpo"),
+            "--dataset",
+            str(folder),
+            "--rows",
+            "8",
+        ]
+    )
+    assert summary["steps"] == 2 and summary["rewards_finite"] and summary["train_rows"] == 8
+    assert len(summary["mean_reward_per_step"]) == 2
+    assert all(-4.0 <= r <= 1.0 for r in summary["mean_reward_per_step"])
+    assert "backtrack/term/unsafe" in summary["logged_backtrack_metrics"]
+    assert summary["critic_texts"]["builtin"] > 0
+    assert len(summary["expects"]) >= 2  # the first rows mix backtrack / refuse / answer prompts

@@ -22,11 +22,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datasets import Features
 
 from bsafe_data.classify.dedupe import DedupeIndex
 from bsafe_data.methods.base import ChunkOutput, Method
 from bsafe_data.recipe import Recipe
-from bsafe_data.rows import REJECTED_ARROW_SCHEMA, ROW_ARROW_SCHEMA
+from bsafe_data.rows import ROW_FEATURES, rejected_features
 from bsafe_data.sources import SourceItem
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.stats import ChunkStats
@@ -67,15 +68,16 @@ def _write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> N
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, compression="zstd")
 
 
-def write_chunk(work: Path, index: int, out: ChunkOutput) -> Path:
-    """Write a chunk's rows and counters atomically: the folder exists only when complete."""
+def write_chunk(work: Path, index: int, out: ChunkOutput, features: Features = ROW_FEATURES) -> Path:
+    """Write a chunk's rows (columns: the method's ``features``) and counters atomically: the folder
+    exists only when complete."""
     final = work / chunk_name(index)
     tmp = work / f"{chunk_name(index)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for split, rows in out.kept.items():
-        _write_table(rows, ROW_ARROW_SCHEMA, tmp / f"{split}.parquet")
-    _write_table(out.rejected, REJECTED_ARROW_SCHEMA, tmp / "rejected.parquet")
+        _write_table(rows, features.arrow_schema, tmp / f"{split}.parquet")
+    _write_table(out.rejected, rejected_features(features).arrow_schema, tmp / "rejected.parquet")
     (tmp / "stats.json").write_text(json.dumps(out.stats.to_json()))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -137,7 +139,7 @@ class LocalExecutor:
                 method = method or load()
                 out = method.process(chunk)
                 with method.timed("write_chunks"):
-                    write_chunk(self.work, index, out)
+                    write_chunk(self.work, index, out, method.features)
                 stats = out.stats
             run.chunks.append(done)
             run.stats.append(stats)
@@ -191,6 +193,6 @@ def dedupe_chunks(
         rebuilt = method.chunk_from_rows(ordered, split_of)
         rebuilt.stats.source_rows, rebuilt.stats.repaired = stats.source_rows, stats.repaired
         index_no = int(path.name.split("-")[1])
-        out.chunks.append(write_chunk(folder, index_no, rebuilt))
+        out.chunks.append(write_chunk(folder, index_no, rebuilt, method.features))
         out.stats.append(rebuilt.stats)
     return out

@@ -3,7 +3,10 @@
 Importing this package registers the package's own methods (``method_class`` does it for you).
 """
 
-from bsafe_data.methods import bsafe_plus  # noqa: F401 - registers BSAFE+
+from bsafe_data.methods import (
+    bsafe_plus,  # noqa: F401 - registers BSAFE+
+    rlbf_prompts,  # noqa: F401 - registers the RLBF prompt sets
+)
 from bsafe_data.methods.base import METHODS, Method, register_method
 
 __all__ = ["METHODS", "Method", "register_method"]

@@ -25,12 +25,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
+import datasets
+
 from bsafe_data.classify.base import Classifier, Item, Score
 from bsafe_data.classify.rules import RuleSet
 from bsafe_data.errors import BuildError
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe, register_recipe
+from bsafe_data.rows import ROW_FEATURES
 from bsafe_data.sources import Conversation, SourceItem, SourceReject
 from bsafe_data.stages import classify as classify_stage
 from bsafe_data.stages import count as count_stage
@@ -149,6 +152,8 @@ class Method(ABC):
     kinds: ClassVar[tuple[str, ...]]
     #: the segment kinds trained on (``loss`` true)
     loss_segments: ClassVar[tuple[str, ...]]
+    #: the columns of its rows (``rows.ROW_FEATURES``; the rejected config adds reasons and detail)
+    features: ClassVar[datasets.Features] = ROW_FEATURES
 
     def __init__(self, recipe: Recipe, resources: Resources):
         self.recipe = recipe
