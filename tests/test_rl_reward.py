@@ -267,3 +267,16 @@ def test_the_package_imports_without_torch_or_transformers():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_prompt_set_columns_locate_the_attack_like_the_attack_text(tok):
+    """A built prompt set names the variant in `attack` and keeps the text in `injection`."""
+    completions = list(attack_completions(_x(tok)).values())
+    prompts = [attack_prompt()] * len(completions)
+    n = len(completions)
+    by_text = BacktrackReward(tok)(prompts, completions, attack=[ATTACK] * n)
+    injection = {"offset": len(PREFIX), "steering": "", "violation": ATTACK, "category": "Toxic"}
+    by_row = BacktrackReward(tok)(prompts, completions, attack=["middle_fill"] * n, injection=[injection] * n)
+    assert by_row == by_text
+    unlocated = BacktrackReward(tok)(prompts, completions, attack=["middle_fill"] * n)
+    assert unlocated != by_text  # a variant name is not mistaken for text inside the prompt

@@ -223,7 +223,7 @@ class BacktrackReward:
             at = prompt_text.rfind(self._marker) if self._marker else -1
             floor = at + len(self._marker) if at >= 0 else len(prompt_text)
         attack = None
-        attack_text = cols.get("attack")
+        attack_text = _attack_text(cols)
         if attack_text:
             for candidate in (attack_text, attack_text.strip()):
                 at = prompt_text.rfind(candidate) if candidate else -1
@@ -419,12 +419,26 @@ def _load_tokenizer(ref: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_tokenizer_path(ref))
 
 
+#: Values of a prompt set's ``attack`` column that name a variant, not the violating text.
+ATTACK_KINDS = frozenset({"none", "middle_fill", "suffix", "decoding"})
+
+
+def _attack_text(cols: Mapping[str, Any]) -> str:
+    """The violating text inside the prefill: a prompt set row's ``injection`` (steering +
+    violation), else the ``attack`` column when it holds text rather than a variant name."""
+    injection = cols.get("injection")
+    if isinstance(injection, Mapping) and (injection.get("steering") or injection.get("violation")):
+        return (injection.get("steering") or "") + (injection.get("violation") or "")
+    text = cols.get("attack")
+    return text if isinstance(text, str) and text not in ATTACK_KINDS else ""
+
+
 def _columns_at(columns: Mapping[str, Any], i: int, n: int) -> dict[str, Any]:
     """Sample ``i``'s value of each column (lists aligned with the batch; scalars broadcast)."""
     out: dict[str, Any] = {}
-    for name in ("expect", "category", "attack", "prefill", "completion_ids"):
+    for name in ("expect", "category", "attack", "injection", "prefill", "completion_ids"):
         value = columns.get(name)
-        if isinstance(value, str):
+        if isinstance(value, (str, dict)):
             out[name] = value
         elif isinstance(value, (list, tuple)) and len(value) == n:
             out[name] = value[i]
