@@ -33,6 +33,24 @@ def size_category(rows: int) -> str:
     return "1M<n<10M"
 
 
+def head_words(text: str, limit: int) -> str:
+    """At most ``limit`` characters of the start of ``text``, cut at a word boundary with "…"."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    space = max(cut.rfind(" "), cut.rfind("\n"))
+    return (cut[:space] if space > 0 else cut).rstrip() + "…"
+
+
+def tail_words(text: str, limit: int) -> str:
+    """At most ``limit`` characters of the end of ``text``, cut at a word boundary with "…"."""
+    if len(text) <= limit:
+        return text
+    cut = text[-limit:]
+    space = min((i for i in (cut.find(" "), cut.find("\n")) if i >= 0), default=-1)
+    return "…" + (cut[space + 1 :] if space >= 0 else cut).lstrip()
+
+
 def hub_configs(files: dict[str, Any]) -> list[dict[str, Any]]:
     """The card's ``configs``: one entry per config with splits, data_files globs by split."""
     configs = []
@@ -78,14 +96,19 @@ def render_card(
     examples: list[dict[str, Any]],
     plots: list[str],
     stats: Any,
+    *,
+    audit: dict[str, Any] | None = None,
 ) -> str:
-    """The README.md text of the dataset folder."""
+    """The README.md text of the dataset folder; ``audit`` (from
+    ``bsafe_data.audit.report.card_section``) adds an "Audit" section."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(_template_dir())),
         autoescape=False,  # Markdown; untrusted text is escaped explicitly with |e
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["head_words"] = head_words
+    env.filters["tail_words"] = tail_words
     funnel = manifest["funnel"]
     meta = card_metadata(recipe, files, funnel["kept"] + funnel["rejected"])
     from bsafe_data.methods.base import method_class
@@ -103,5 +126,7 @@ def render_card(
         counts=manifest["counts"],
         examples=examples,
         plots=plots,
+        audit=audit,
+        hub_ids=manifest["tokenizers"].get("hub_ids", {}),
         **method.card_context(recipe, manifest, stats),
     )

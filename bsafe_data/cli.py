@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 # "PyTorch was not found" is expected (tokenizers only): keep transformers' import-time notice quiet.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -288,6 +290,29 @@ def verify(folder: Annotated[Path, typer.Argument(help="A built dataset folder."
 
 
 @app.command()
+def rerender(
+    folder: Annotated[Path, typer.Argument(help="A built dataset folder.")],
+    tokenizer: Annotated[str, typer.Option(help="builtin:NAME, a tokenizer folder or a Hub id.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The new dataset folder (new or empty).")],
+    num_proc: Annotated[int | None, typer.Option(help="Worker processes.", min=1)] = None,
+) -> None:
+    """Re-render the kept rows for another tokenizer into a new verified folder (no model call)."""
+    from bsafe_data.label import ControlTokenError
+    from bsafe_data.rerender import RerenderFolderError, rerender_folder
+
+    try:
+        result = rerender_folder(folder, tokenizer, out_dir, num_proc=num_proc)
+    except (RerenderFolderError, ControlTokenError) as exc:
+        raise _fail(str(exc)) from None
+    dropped = ", ".join(f"{n} {reason}" for reason, n in result.dropped.items()) or "none"
+    out.print(
+        f"[green]wrote[/green] {out_dir}: {result.funnel['kept']} kept, {result.funnel['rejected']} rejected "
+        f"rows for {tokenizer}; dropped: {dropped}; {len(result.control_tokens)} control atoms; "
+        "0 model requests"
+    )
+
+
+@app.command()
 def plan(
     recipe: RecipeArg,
     limit: Annotated[int | None, typer.Option(help="Only the first N source rows.", min=1)] = None,
@@ -371,6 +396,63 @@ def _register_optional_commands() -> None:
 
 
 _register_optional_commands()
+
+
+def _hide_flag_types(command: click.Command, ctx: click.Context) -> None:
+    for param in command.get_params(ctx):
+        if isinstance(param, (click.Option, TyperOption)) and param.is_flag:
+            param.metavar = ""  # typer prints the metavar instead of "<bool>"
+
+
+class _Command(TyperCommand):
+    """A command whose help shows no value type for plain flags (typer would print ``<bool>``)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The help page, flags without a value type."""
+        _hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+class _Group(TyperGroup):
+    """The command group, flags without a value type in its help."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The help page, flags without a value type."""
+        _hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+def _use_flag_help(typer_app: typer.Typer) -> None:
+    """Every command of ``typer_app`` and its sub-apps uses ``_Command``."""
+    if not isinstance(typer_app.info.cls, type):  # typer's default placeholder: a TyperGroup
+        typer_app.info.cls = _Group
+    for info in typer_app.registered_commands:
+        if info.cls in (None, TyperCommand):
+            info.cls = _Command
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _use_flag_help(group.typer_instance)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from bsafe_data import __version__
+
+        out.print(f"bsafe-data {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Build, verify and publish backtracking safety training data."""
+
+
+_use_flag_help(app)
 
 
 def main() -> None:  # pragma: no cover - console script entry

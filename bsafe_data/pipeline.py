@@ -131,8 +131,17 @@ def _build(
     timings_out = {k: round(v, 3) for k, v in sorted(timings.items())}
     staging = folder.new_staging()
     try:
+        from bsafe_data.audit.report import card_section
+
         counts = write_dataset_folder(
-            staging, run.chunks, recipe, stats, funnel, usage=usage, timings=timings_out
+            staging,
+            run.chunks,
+            recipe,
+            stats,
+            funnel,
+            usage=usage,
+            timings=timings_out,
+            audit=card_section(folder.target),  # the audit store is carried over from the target
         )
         folder.write_marker(staging, recipe.sha256())
         folder.commit()

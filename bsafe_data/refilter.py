@@ -12,6 +12,11 @@ What can change: thresholds, rules and shorthands, the category-mismatch mode an
 rules, removing classifiers. What cannot (the scores are not recorded): adding a classifier or
 changing anything of one but its threshold; any section other than ``filters``. Those need
 ``bsafe-data build`` again, which answers from the response cache.
+
+``audit="any"|"majority"`` also moves the kept rows annotators judged bad
+(``bsafe_data.audit.apply.annotator_rejections``) to ``rejected`` with reason
+``annotator_rejected``. Like the reasons given before classification, that reason is never
+re-decided by a later refilter; such rows keep their place in near-duplicate detection.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from bsafe_data.audit.apply import REASON as ANNOTATOR_REJECTED
+from bsafe_data.audit.apply import Policy, annotator_rejections
 from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
 from bsafe_data.classify.rules import FILTER_REASONS, RuleSet, requested_category
 from bsafe_data.methods.base import method_class
@@ -50,6 +57,7 @@ class RefilterResult:
     newly_kept: int
     relabeled: int
     seconds: float
+    annotator_rejected: int = 0
 
 
 def _check_overrides(overrides: list[str]) -> None:
@@ -130,8 +138,17 @@ def _relabel_scores(row: dict[str, Any], rules: RuleSet) -> None:
             entry["label"] = "unsafe" if is_unsafe(entry["score"], spec.threshold) else "safe"
 
 
-def refilter(folder: str | Path, overrides: list[str] | None = None) -> RefilterResult:
-    """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores."""
+def _unless_judged(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as dedupe should see it: an annotator rejection does not free its violation."""
+    return {**row, "reasons": []} if row.get("reasons") == [ANNOTATOR_REJECTED] else row
+
+
+def refilter(
+    folder: str | Path, overrides: list[str] | None = None, *, audit: Policy | None = None
+) -> RefilterResult:
+    """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores;
+    with ``audit`` (a policy) also reject the kept rows annotators judged bad."""
+    from bsafe_data.audit.report import card_section
     from bsafe_data.executor.local import write_chunk
     from bsafe_data.executor.output import OutputFolder, os_error_message
     from bsafe_data.writer import write_dataset_folder
@@ -150,6 +167,7 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
         raise RefilterError(str(exc)) from None
     method = method_class(old)
     manifest = json.loads(manifest_path.read_text())
+    judged_bad = annotator_rejections(folder, audit) if audit else {}
     rows = read_rows(folder)
     recorded = {s["classifier"] for row in rows for s in row["scores"]}
     _check_classifiers(old, new, recorded)
@@ -170,10 +188,17 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
                 method.relabel(new, row, category)
                 relabeled += 1
         row["reasons"] = decision.reasons
+    moved = 0
+    for row in rows:
+        if row["id"] in judged_bad and not row["reasons"]:
+            row["reasons"] = [ANNOTATOR_REJECTED]
+            row["detail"] = judged_bad[row["id"]]
+            moved += 1
     if new.filters.enabled:
-        duplicates = find_duplicates(rules.new_dedupe(), rows)
+        # annotator-rejected rows still hold their place: their duplicates stay rejected
+        duplicates = find_duplicates(rules.new_dedupe(), (_unless_judged(row) for row in rows))
         for row in rows:
-            if row["id"] in duplicates:
+            if row["id"] in duplicates and row["reasons"] != [ANNOTATOR_REJECTED]:
                 row["reasons"] = [duplicates[row["id"]]]
     by_chunk: dict[int, list[dict[str, Any]]] = {}
     sources: Counter[int] = Counter()
@@ -216,6 +241,8 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
                     "classifier_requests": 0,
                 },
             }
+            if audit:
+                note["refilter"]["audit"] = {"policy": audit, "annotator_rejected": moved}
             staging = output.new_staging()
             write_dataset_folder(
                 staging,
@@ -226,6 +253,7 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
                 usage=manifest.get("usage", {}),
                 timings={**manifest.get("timings", {}), **timings},
                 manifest_extra=note,
+                audit=card_section(folder),
             )
             output.write_marker(staging, new.sha256())
             output.commit()
@@ -243,4 +271,5 @@ def refilter(folder: str | Path, overrides: list[str] | None = None) -> Refilter
         newly_kept=sum(1 for i, k in was_kept.items() if not k and i in now_kept),
         relabeled=relabeled,
         seconds=round(time.perf_counter() - started, 3),
+        annotator_rejected=moved,
     )

@@ -10,18 +10,25 @@ cannot render are dropped and counted by reason (``label.RENDER_REASONS``):
 * ``chat_template``: its chat template fails on the row's context (e.g. no system role);
 * ``prompt_boundary``: a clean row whose prompt tokens are not a prefix of prompt+completion.
 
-Writing a new dataset folder is left to the caller (``datasets.Dataset.to_parquet`` or the CLI).
-This module imports ``datasets`` only when ``rerender`` runs.
+``rerender_folder(src, tokenizer, out)`` (``bsafe-data rerender DIR --tokenizer ID --out DIR2``)
+writes a new dataset folder in the same Hub layout: ``data/`` re-rendered, ``rejected/`` the same
+rows, a card, the recipe with the new primary tokenizer and a manifest with file hashes, so
+``bsafe-data verify DIR2`` passes. No model is called. This module imports ``datasets`` only when
+it runs.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
+import json
+import shutil
 import sys
 import types
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bsafe_data.label import (
@@ -219,6 +226,118 @@ def rerender(
         end_of_turn=end_of_turn(tokenizer),
         dropped_by_split=by_split,
     )
+
+
+class RerenderFolderError(Exception):
+    """The folder cannot be re-rendered (message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class RerenderFolderResult:
+    """The new folder, its funnel, rows dropped by reason and the control atoms of the kept rows."""
+
+    folder: Path
+    funnel: dict[str, Any]
+    dropped: dict[str, int]
+    control_tokens: list[str]
+
+
+def rerender_folder(
+    folder: str | Path, tokenizer: str, out: str | Path, *, num_proc: int | None = None
+) -> RerenderFolderResult:
+    """Re-render the kept rows of the built ``folder`` for ``tokenizer`` (a reference:
+    ``builtin:NAME``, folder or Hub id) into the new dataset folder ``out``; see the module
+    docstring. Rows the tokenizer cannot render are left out and counted in the manifest's
+    ``rerender`` entry (the rejected config is carried over unchanged)."""
+    import datasets
+    import pyarrow as pa
+
+    from bsafe_data.executor.local import write_chunk
+    from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
+    from bsafe_data.integrity import verify
+    from bsafe_data.methods.base import method_class
+    from bsafe_data.recipe import RecipeError, load_recipe
+    from bsafe_data.refilter import read_rows
+    from bsafe_data.rows import ROW_ARROW_SCHEMA
+    from bsafe_data.stages.stats import funnel_of
+    from bsafe_data.writer import write_dataset_folder
+
+    folder, out = Path(folder), Path(out)
+    checked = verify(folder)
+    if not checked.ok:
+        raise RerenderFolderError(f"{folder} does not verify against its manifest: {checked.problems[0]}")
+    if out.resolve() == folder.resolve():
+        raise RerenderFolderError("--out must be a new folder, not the folder being re-rendered")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    old_refs = list(manifest["tokenizers"]["all"])
+    overrides = [f"tokenizers.primary={json.dumps(tokenizer)}"]
+    overrides.append(f"tokenizers.extra={json.dumps([r for r in old_refs if r != tokenizer])}")
+    try:
+        recipe = load_recipe(folder / "recipe.yaml", overrides)
+    except RecipeError as exc:
+        raise RerenderFolderError(str(exc)) from None
+    rows = read_rows(folder)
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["_split"] != "rejected":
+            kept.setdefault(row["_split"], []).append({k: v for k, v in row.items() if k != "_split"})
+    parts = {
+        split: datasets.Dataset(pa.Table.from_pylist(split_rows, schema=ROW_ARROW_SCHEMA))
+        for split, split_rows in kept.items()
+    }
+    result = rerender(datasets.DatasetDict(parts), tokenizer, num_proc=num_proc)
+    split_of: dict[str, str] = {}
+    new_rows: list[dict[str, Any]] = []
+    for split in kept:
+        for row in result.dataset[split].to_list():
+            split_of[row["id"]] = split
+            new_rows.append(row)
+    new_rows += [
+        {k: v for k, v in row.items() if k != "_split"} for row in rows if row["_split"] == "rejected"
+    ]
+    method = method_class(recipe)
+    chunk = method.chunk_from_rows(new_rows, split_of)
+    chunk.stats.source_rows = int(manifest["funnel"].get("source_rows", chunk.stats.source_rows))
+    chunk.stats.repaired = int(manifest["funnel"].get("repaired_boundaries", 0))
+    funnel = funnel_of(chunk.stats)
+    note = {
+        "rerender": {
+            "from_manifest_sha256": hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest(),
+            "tokenizer": tokenizer,
+            "dropped": result.dropped,
+            "dropped_by_split": result.dropped_by_split,
+            "model_requests": 0,
+        }
+    }
+    target = OutputFolder(out, recipe.name)
+    try:
+        target.check()
+        with target.locked():
+            shutil.rmtree(target.work, ignore_errors=True)
+            target.work.mkdir(parents=True)
+            try:
+                path = write_chunk(target.work, 0, chunk)
+                staging = target.new_staging()
+                write_dataset_folder(
+                    staging,
+                    [path],
+                    recipe,
+                    chunk.stats,
+                    funnel,
+                    usage=manifest.get("usage", {}),
+                    timings=manifest.get("timings", {}),
+                    manifest_extra=note,
+                )
+                target.write_marker(staging, recipe.sha256())
+                target.commit()
+            except OSError as exc:
+                target.discard()
+                raise RerenderFolderError(os_error_message(exc, f"writing {out}")) from None
+            finally:
+                target.finish()
+    except OutputError as exc:
+        raise RerenderFolderError(str(exc)) from None
+    return RerenderFolderResult(out, funnel, result.dropped, result.control_tokens)
 
 
 class _CallableModule(types.ModuleType):

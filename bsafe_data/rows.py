@@ -1,8 +1,8 @@
 """The row contract: the one place that defines what a dataset row is.
 
 Everything that reads or writes rows (pipeline, writer, render, show, push, audit) imports the
-schema from here. Column names and meanings are the public API (DESIGN.md §4); changing them needs
-a bump of ``SCHEMA_VERSION``.
+schema from here. Column names and meanings are the public API (README "The row contract");
+changing them needs a bump of ``SCHEMA_VERSION``.
 """
 
 from __future__ import annotations
@@ -51,17 +51,8 @@ REASONS: dict[str, str] = {
     "violation_copies_context": "the violation copies the original answer (word 3-gram overlap too high)",
     "duplicate_violation": "the violation equals (after normalising) one already kept in the dataset",
     "near_duplicate_violation": "the violation is a near-duplicate (MinHash Jaccard) of one already kept",
+    "annotator_rejected": "annotators judged the kept row bad (`refilter --apply-audit`); detail says how",
 }
-
-# -- BSAFE (detect-and-repair, methods/bsafe.py): its row kind and reason codes ----------------
-ROW_KINDS = (*ROW_KINDS, "repaired")
-REASONS.update(
-    {
-        "no_violation_found": "BSAFE: the detector found no violating span in the unsafe answer",
-        "continuation_flagged": "BSAFE: a classifier flagged the safe continuation as unsafe",
-        "continuation_missing": "BSAFE offline: the bundled set has no safe continuation for this row",
-    }
-)
 
 CONTEXT_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 

@@ -2,9 +2,10 @@
 
 ``bsafe-data stats DIR`` prints what the card's funnel shows (rows each rule removed: as first
 reason, and every row it failed) and a table per classifier and target (rows scored, errors, mean,
-share at or above the threshold), saves one score histogram per classifier as
-``plots/scores_<name>.png`` and re-renders the card so it embeds them (``refilter`` does the same).
-Reading only: no classifier call, no change to the data files.
+share at or above the threshold); with ``--plots OUT`` it also saves one score histogram per
+classifier as ``OUT/scores_<name>.png``. It never changes the dataset folder (the build and
+``refilter`` write the same histograms into ``plots/`` and embed them in the card, so ``verify``
+still passes after ``stats``). Reading only: no classifier call.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
 from bsafe_data.recipe import ALL_TARGETS, Recipe, load_recipe
 
-_CHANGELOG = re.compile(r"<!-- changelog:start -->.*?<!-- changelog:end -->", re.S)
 SCORE_PLOT_PREFIX = "plots/scores_"
 
 
@@ -88,8 +87,12 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def write_score_plots(folder: str | Path, recipe: Recipe | None = None) -> list[str]:
-    """One PNG per classifier (a histogram per target, threshold marked); relative paths written."""
+def write_score_plots(
+    folder: str | Path, recipe: Recipe | None = None, out_dir: str | Path | None = None
+) -> list[str]:
+    """One PNG per classifier (a histogram per target, threshold marked) of the rows of ``folder``,
+    into ``folder/plots`` or ``out_dir``; returns the paths written relative to ``folder`` (with
+    ``out_dir``: the full paths)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,8 +101,8 @@ def write_score_plots(folder: str | Path, recipe: Recipe | None = None) -> list[
     folder = Path(folder)
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     summaries = score_summaries(folder, recipe)
-    plot_dir = folder / "plots"
-    plot_dir.mkdir(exist_ok=True)
+    plot_dir = Path(out_dir) if out_dir is not None else folder / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
     for stale in plot_dir.glob("scores_*.png"):
         stale.unlink()
     written = []
@@ -119,53 +122,20 @@ def write_score_plots(folder: str | Path, recipe: Recipe | None = None) -> list[
         fig.suptitle(f"Scores of classifier {name} (dashed: threshold)", fontsize=10)
         fig.tight_layout()
         rel = f"{SCORE_PLOT_PREFIX}{_safe_name(name)}.png"
-        fig.savefig(folder / rel, dpi=90, metadata={"Software": None})
+        path = plot_dir / rel.split("/", 1)[1]
+        fig.savefig(path, dpi=90, metadata={"Software": None})
         plt.close(fig)
-        written.append(rel)
+        written.append(str(path) if out_dir is not None else rel)
     return written
 
 
-def rerender_card(
-    folder: str | Path, recipe: Recipe | None = None, score_plots: list[str] | None = None
-) -> None:
-    """Render README.md again from manifest.json with the score plots (the changelog block is kept)."""
-    from bsafe_data.card import render_card
-    from bsafe_data.writer import _examples
-
-    folder = Path(folder)
-    recipe = recipe or load_recipe(folder / "recipe.yaml")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
-    for config, sub in (("default", "data"), ("rejected", "rejected")):
-        for split in ("train", "test"):
-            paths = sorted(p.name for p in (folder / sub).glob(f"{split}-*.parquet"))
-            if paths:
-                files[config][split] = [f"{sub}/{p}" for p in paths]
-    if score_plots is None:
-        score_plots = sorted(f"plots/{p.name}" for p in (folder / "plots").glob("scores_*.png"))
-    base = [p for p in ("plots/positions.png", "plots/categories.png") if (folder / p).exists()]
-    stats = SimpleNamespace(categories=manifest.get("categories", {}))
-    card = render_card(
-        recipe, manifest, files, _examples(folder, files["default"]), base + score_plots, stats
-    )
-    path = folder / "README.md"
-    if path.exists():
-        old = _CHANGELOG.search(path.read_text(encoding="utf-8"))
-        if old is not None:
-            card = _CHANGELOG.sub(lambda _: old.group(0), card, count=1)
-    tmp = path.with_name("README.md.tmp")
-    tmp.write_text(card, encoding="utf-8")
-    tmp.replace(path)
-
-
-def stats(folder: str | Path, plots: bool = True) -> dict[str, Any]:
-    """Funnel per rule and score summaries of a folder; writes the plots and card unless ``plots=False``."""
+def stats(folder: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Funnel per rule and score summaries of a folder; with ``plots_dir`` the score histograms are
+    written there (``plots`` lists them). The folder itself is never changed."""
     folder = Path(folder)
     recipe = load_recipe(folder / "recipe.yaml")
     manifest = json.loads((folder / "manifest.json").read_text())
-    written = write_score_plots(folder, recipe) if plots else []
-    if plots:
-        rerender_card(folder, recipe, written)
+    written = write_score_plots(folder, recipe, plots_dir) if plots_dir is not None else []
     return {
         "funnel": manifest["funnel"],
         "rules": funnel_rules(manifest["funnel"]),

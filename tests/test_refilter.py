@@ -245,10 +245,11 @@ def test_refilter_refuses_what_the_scores_cannot_answer(guard_build, tmp_path):
     assert parquet_bytes(folder) == original
 
 
-def test_stats_prints_the_funnel_and_writes_embedded_score_plots(guard_build, tmp_path):
+def test_stats_prints_the_funnel_and_never_changes_the_folder(guard_build, tmp_path):
     _, built, _ = guard_build
     folder = tmp_path / "out"
     shutil.copytree(built, folder)
+    before = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     proc = run_cli("stats", str(folder))
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())
@@ -256,9 +257,17 @@ def test_stats_prints_the_funnel_and_writes_embedded_score_plots(guard_build, tm
     for reason, n in first.items():
         assert re.search(rf"{reason} │ {n} │", text), reason
     assert re.search(r"guard │ violation │ \d+ │ 0 │", text)
-    plot = folder / "plots" / "scores_guard.png"
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" not in text  # print only by default
+    # --plots DIR writes the histograms there, and only there
+    plots = tmp_path / "plots"
+    proc = run_cli("stats", str(folder), "--plots", str(plots))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {plots / 'scores_guard.png'}" in proc.stdout
+    assert (plots / "scores_guard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    after = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    assert after == before  # card, plots and data untouched
+    assert run_cli("verify", str(folder)).returncode == 0
+    # the build already embeds the score plots in the card
     card = (folder / "README.md").read_text()
     assert "![plots/scores_guard.png](plots/scores_guard.png)" in card
     assert "![plots/positions.png](plots/positions.png)" in card
-    assert parquet_bytes(folder) == parquet_bytes(built)  # stats only reads the data

@@ -5,6 +5,7 @@ Registered by ``bsafe_data.cli._register_optional_commands``.
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,14 @@ from rich.text import Text
 
 console = Console(stderr=True)
 out = Console()
+
+
+class AuditPolicy(str, Enum):
+    """How many bad judgements reject a row."""
+
+    any = "any"
+    majority = "majority"
+
 
 FolderArg = Annotated[Path, typer.Argument(help="A built dataset folder.")]
 
@@ -57,12 +66,23 @@ def refilter_command(
         list[str] | None,
         typer.Option("--set", help="Override a filters field: filters.a.b=value (YAML). Repeatable."),
     ] = None,
+    apply_audit: Annotated[
+        bool,
+        typer.Option(
+            "--apply-audit",
+            help="Also move the kept rows annotators judged bad (DIR/.bsafe audit) to `rejected`.",
+        ),
+    ] = False,
+    audit_policy: Annotated[
+        AuditPolicy,
+        typer.Option(help="With --apply-audit: reject on any bad judgement or on a majority of them."),
+    ] = AuditPolicy.any,
 ) -> None:
     """Re-apply changed filter rules to the recorded scores (no classifier call); rewrite the folder."""
     from bsafe_data.refilter import RefilterError, refilter
 
     try:
-        result = refilter(folder, set_ or [])
+        result = refilter(folder, set_ or [], audit=audit_policy.value if apply_audit else None)
     except RefilterError as exc:
         console.print(Text(str(exc), style="red"))
         raise typer.Exit(2) from None
@@ -71,19 +91,27 @@ def refilter_command(
         f"{result.newly_rejected} row(s) newly rejected, {result.newly_kept} newly kept, "
         f"{result.relabeled} relabelled; 0 classifier requests; {result.seconds:.1f} s"
     )
+    if apply_audit:
+        out.print(
+            f"{result.annotator_rejected} row(s) rejected by annotators "
+            f"(policy {audit_policy.value}, reason annotator_rejected)"
+        )
 
 
 def stats_command(
     folder: FolderArg,
-    plots: Annotated[bool, typer.Option(help="Write plots/scores_*.png and embed them in the card.")] = True,
+    plots: Annotated[
+        Path | None,
+        typer.Option(help="Also write the score histograms (scores_*.png) into this folder."),
+    ] = None,
 ) -> None:
-    """Funnel per rule and score distributions of a built folder; score histograms as PNG plots."""
+    """Funnel per rule and score distributions of a built folder (read only); --plots: PNG histograms."""
     from bsafe_data.stats import stats
 
     if not (folder / "manifest.json").is_file():
         console.print(Text(f"{folder} is not a built dataset folder (no manifest.json)", style="red"))
         raise typer.Exit(2)
-    report = stats(folder, plots=plots)
+    report = stats(folder, plots_dir=plots)
     out.print(_funnel_table(f"funnel of {folder}", report["funnel"]))
     table = Table(title="classifier scores (all rows, kept and rejected)")
     for column in ("classifier", "target", "scored", "errors", "mean", "threshold", "≥ threshold"):
@@ -97,4 +125,4 @@ def stats_command(
         )
     out.print(table)
     for plot in report["plots"]:
-        out.print(f"wrote {folder / plot}")
+        out.print(f"wrote {plot}", soft_wrap=True, highlight=False)

@@ -4,7 +4,6 @@ Importing this package registers the package's own methods (``method_class`` doe
 """
 
 from bsafe_data.methods import (
-    bsafe,  # noqa: F401 - registers BSAFE (detect-and-repair)
     bsafe_plus,  # noqa: F401 - registers BSAFE+
     rlbf_prompts,  # noqa: F401 - registers the RLBF prompt sets
 )

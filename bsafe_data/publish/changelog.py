@@ -83,6 +83,18 @@ def apply_gating(card: str, gated: Gated) -> str:
     return f"---\n{dumped}---\n{body if header else chr(10) + body}"
 
 
+def add_configs(card: str, configs: list[dict[str, Any]]) -> str:
+    """Add (or replace, by ``config_name``) entries of the card header's ``configs`` list."""
+    if not configs:
+        return card
+    meta, header, body = split_front_matter(card)
+    meta = dict(meta or {})
+    names = {c["config_name"] for c in configs}
+    meta["configs"] = [c for c in meta.get("configs") or [] if c.get("config_name") not in names] + configs
+    dumped = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    return f"---\n{dumped}---\n{body if header else chr(10) + body}"
+
+
 @dataclass
 class ChangelogEntry:
     """One release row. ``commit`` is the tagged commit sha, None for the commit being created."""
@@ -200,10 +212,17 @@ def render_changelog(
 
 
 def build_card(
-    local_card: str, *, gated: Gated, old_card: str | None, entry: ChangelogEntry, tags: dict[str, str]
+    local_card: str,
+    *,
+    gated: Gated,
+    old_card: str | None,
+    entry: ChangelogEntry,
+    tags: dict[str, str],
+    extra_configs: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The card to publish: the local card, gating metadata, and the changelog carried forward."""
-    card = apply_gating(local_card, gated)
+    """The card to publish: the local card, gating metadata, configs of files uploaded besides the
+    folder's (``extra_configs``), and the changelog carried forward."""
+    card = add_configs(apply_gating(local_card, gated), extra_configs or [])
     old_entries, legacy = read_changelog(old_card)
     block = render_changelog(merge_changelog(old_entries, entry, tags), entry.version, legacy)
     if CHANGELOG_START in card and CHANGELOG_END in card.split(CHANGELOG_START, 1)[1]:

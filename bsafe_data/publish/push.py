@@ -71,6 +71,10 @@ from bsafe_data.publish.hub import (
 
 MAX_SHARD_BYTES = 500 * 1000 * 1000
 
+#: The ``audit`` config: annotator judgements (pseudonymised), uploaded besides the folder's files.
+AUDIT_SHARD = "audit/train-00000-of-00001.parquet"
+AUDIT_CONFIG = {"config_name": "audit", "data_files": [{"split": "train", "path": "audit/train-*.parquet"}]}
+
 EventKind = Literal["authenticated", "setting", "committing", "retrying", "pull_request", "tagged"]
 
 
@@ -125,6 +129,26 @@ class LocalFolder:
     files: dict[str, int]
     card: str
     manifest: dict[str, Any]
+    extra: dict[str, bytes] = field(default_factory=dict)  # uploaded too, not part of the folder
+
+
+def audit_shard(folder: Path) -> bytes | None:
+    """The ``audit`` config shard (live judgements, annotators pseudonymised, notes left out) from
+    ``folder/.bsafe/``; None when nothing was judged."""
+    from bsafe_data.audit.export import audit_config_rows
+
+    rows = audit_config_rows(folder)
+    if not rows:
+        return None
+    import io
+
+    import datasets
+
+    from bsafe_data.audit.export import AUDIT_FEATURES
+
+    buffer = io.BytesIO()
+    datasets.Dataset.from_list(rows, features=AUDIT_FEATURES).to_parquet(buffer)
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,7 +188,8 @@ def read_folder(folder: Path, max_shard_bytes: int | None = None) -> LocalFolder
         raise PublishError(f'{root / "manifest.json"} has no "counts" mapping', 2)
     card = (root / "README.md").read_text(encoding="utf-8")
     split_front_matter(card)  # raises on a broken header
-    return LocalFolder(root, files, card, manifest)
+    shard = audit_shard(root)
+    return LocalFolder(root, files, card, manifest, {AUDIT_SHARD: shard} if shard else {})
 
 
 def format_size(n: int) -> str:
@@ -203,9 +228,12 @@ def plan_operations(local: LocalFolder, card: str, remote_files: set[str]) -> tu
     for rel in local.files:
         source: Any = card.encode("utf-8") if rel == "README.md" else str(local.root / rel)
         ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=source))
-    local_dirs = {rel.split("/", 1)[0] for rel in local.files if "/" in rel}
+    for rel, data in local.extra.items():
+        ops.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=data))
+    published = set(local.files) | set(local.extra)
+    local_dirs = {rel.split("/", 1)[0] for rel in published if "/" in rel} | {AUDIT_SHARD.split("/")[0]}
     deleted = sorted(
-        p for p in remote_files if "/" in p and p.split("/", 1)[0] in local_dirs and p not in local.files
+        p for p in remote_files if "/" in p and p.split("/", 1)[0] in local_dirs and p not in published
     )
     ops.extend(CommitOperationDelete(path_in_repo=p) for p in deleted)
     return ops, deleted
@@ -296,7 +324,13 @@ def _new_entry(local: LocalFolder, version: str, parent: str | None, create_pr: 
 
 def _files(local: LocalFolder, card: str) -> list[tuple[str, int]]:
     """Every file of the release with its size (README.md is the card actually published)."""
-    return [(p, len(card.encode()) if p == "README.md" else s) for p, s in local.files.items()]
+    files = [(p, len(card.encode()) if p == "README.md" else s) for p, s in local.files.items()]
+    return files + [(p, len(data)) for p, data in local.extra.items()]
+
+
+def _extra_configs(local: LocalFolder) -> list[dict[str, Any]]:
+    """Card configs of the files uploaded besides the folder's (the ``audit`` config)."""
+    return [AUDIT_CONFIG] if AUDIT_SHARD in local.extra else []
 
 
 def _dry_run(
@@ -311,6 +345,7 @@ def _dry_run(
         old_card=remote.card,
         entry=_new_entry(local, version, remote.head, False),
         tags=remote.tags,
+        extra_configs=_extra_configs(local),
     )
     _, deleted = plan_operations(local, card, remote.files)
     return PushResult(
@@ -375,12 +410,19 @@ def _commit_and_tag(
             remote = read_remote(api, repo_id, token)
             check_release(remote, version)
         entry = _new_entry(local, version, remote.head, create_pr)
-        card = build_card(local.card, gated=gated, old_card=remote.card, entry=entry, tags=remote.tags)
+        card = build_card(
+            local.card,
+            gated=gated,
+            old_card=remote.card,
+            entry=entry,
+            tags=remote.tags,
+            extra_configs=_extra_configs(local),
+        )
         ops, deleted = plan_operations(local, card, remote.files)
         emit(
             PushEvent(
                 "committing",
-                f"committing {len(local.files)} files"
+                f"committing {len(local.files) + len(local.extra)} files"
                 + (f" and {len(deleted)} deletions" if deleted else "")
                 + f" on top of {(remote.head or '?')[:12]} (attempt {attempt}/{max_attempts})",
                 attempt=attempt,
