@@ -756,6 +756,8 @@ def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of the recipe, generated from the pydantic models (one branch per method)."""
     from pydantic import TypeAdapter
 
+    import bsafe_data.methods  # noqa: F401 - registers the package's own methods (their recipe models)
+
     # the package's own methods: a schema file must not depend on what a session registered
     models = tuple(m for m in RECIPE_MODELS.values() if m.__module__.startswith("bsafe_data."))
     union = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007

@@ -1,8 +1,8 @@
 """The row contract: the one place that defines what a dataset row is.
 
 Everything that reads or writes rows (pipeline, writer, render, show, push, audit) imports the
-schema from here. Column names and meanings are the public API (README "The row contract");
-changing them needs a bump of ``SCHEMA_VERSION``.
+schema from here. Column names and meanings are the public API (DESIGN.md §4); changing them needs
+a bump of ``SCHEMA_VERSION``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Any, Literal
 import datasets
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"  # 1.1: `detail` in config rejected; 1.2: PROMPT_FEATURES (rlbf_prompts)
+SCHEMA_VERSION = "1.2"  # 1.1: `detail` in config rejected; 1.2: PROMPT_FEATURES (rlbf_prompts),
+# DeRTa kinds, config `preference` (PREFERENCE_FEATURES)
 
-RowKind = Literal["injected", "clean"]
-#: Every value of the ``kind`` column.
-ROW_KINDS: tuple[str, ...] = ("injected", "clean")
+RowKind = Literal["injected", "clean", "harmful_prefix", "refusal_token", "helpful"]
+#: Every value of the ``kind`` column (DeRTa adds harmful_prefix, refusal_token and helpful).
+ROW_KINDS: tuple[str, ...] = ("injected", "clean", "harmful_prefix", "refusal_token", "helpful")
 SegmentKind = Literal["prefix", "steering", "violation", "control", "continuation"]
 
 #: Segment kinds in the order they appear in the assistant stream.
@@ -51,7 +52,8 @@ REASONS: dict[str, str] = {
     "violation_copies_context": "the violation copies the original answer (word 3-gram overlap too high)",
     "duplicate_violation": "the violation equals (after normalising) one already kept in the dataset",
     "near_duplicate_violation": "the violation is a near-duplicate (MinHash Jaccard) of one already kept",
-    "annotator_rejected": "annotators judged the kept row bad (`refilter --apply-audit`); detail says how",
+    "missing_companion": "a harmful prompt has no refusal (or safe answer) in the recipe's companion columns",
+    "harmful_too_short": "the harmful answer has too few tokens (or no clean token boundary) to cut a prefix",
 }
 
 CONTEXT_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
@@ -104,6 +106,19 @@ ROW_FEATURES = datasets.Features(
             "template": datasets.Value("string"),
             "seed": datasets.Value("int64"),
         },
+    }
+)
+
+#: Config ``preference`` (Reset backtracking): TRL's standard preference format for DPOTrainer
+#: (``prompt`` as rendered text, ``chosen``/``rejected`` continuations), plus the row it came from.
+PREFERENCE_FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "row_id": datasets.Value("string"),  # the default-config row the pair was derived from
+        "kind": datasets.Value("string"),  # "unsafe" (after an unsafe prefix) or "safe" (safe prompt)
+        "prompt": datasets.Value("string"),
+        "chosen": datasets.Value("string"),
+        "rejected": datasets.Value("string"),
     }
 )
 

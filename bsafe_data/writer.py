@@ -1,4 +1,4 @@
-"""Write the Hub-layout dataset folder from finished chunks (README "Set-up", ARCHITECTURE.md).
+"""Write the Hub-layout dataset folder from finished chunks (DESIGN.md §5).
 
 ``data/{split}-0000i-of-0000N.parquet`` for config ``default``, ``rejected/train-…`` for the
 rejected config, ``README.md`` (card), ``recipe.yaml`` (resolved), ``manifest.json``, ``plots/``.
@@ -20,18 +20,6 @@ from bsafe_data.integrity import file_entries
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import SCHEMA_VERSION, rejected_features
 from bsafe_data.stages.sample import fifths_histogram
-
-#: Upstream Hub ids of the bundled tokenizers (tests/fixtures/tokenizers/PROVENANCE.md).
-UPSTREAM_TOKENIZERS = {
-    "builtin:qwen2.5": "Qwen/Qwen2.5-0.5B-Instruct",
-    "builtin:phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
-}
-
-
-def upstream_tokenizer(ref: str) -> str:
-    """The Hub id or path to load ``ref`` with outside bsafe-data (bundled ones: their upstream id)."""
-    return UPSTREAM_TOKENIZERS.get(ref, ref)
-
 
 #: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
 SHARD_ROWS = 50_000
@@ -82,7 +70,7 @@ def _write_shards(sources: list[Path], schema: pa.Schema, folder: Path, split: s
 
 
 def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
-    """Up to n rows for the card: injected first, then clean."""
+    """Up to n rows for the card: injected first, then clean (other kinds: one row of each)."""
     rows: list[dict[str, Any]] = []
     for path in data_files.get("train", []):
         wanted = ["id", "kind", "prompt", "completion", "injection"]
@@ -97,7 +85,12 @@ def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> li
             break
     injected = [r for r in rows if r["kind"] == "injected"][: n - 1]
     clean = [r for r in rows if r["kind"] == "clean"][: n - len(injected)]
-    return injected + clean
+    if injected or clean:
+        return injected + clean
+    first_of_kind = {}  # methods with other kinds: the first row of each kind
+    for row in rows:
+        first_of_kind.setdefault(row["kind"], row)
+    return list(first_of_kind.values())[:n]
 
 
 def write_dataset_folder(
@@ -110,11 +103,9 @@ def write_dataset_folder(
     usage: dict[str, Any],
     timings: dict[str, float],
     manifest_extra: dict[str, Any] | None = None,
-    audit: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write shards from the finished ``chunks`` (in order), card, recipe and manifest; returns row
-    counts per config and split. ``audit``: the card's "Audit" figures (read from the target
-    folder by the caller: ``out_dir`` is a staging folder)."""
+    counts per config and split."""
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
 
@@ -141,6 +132,15 @@ def write_dataset_folder(
             "train",
             stats.rejected,
         )
+    for config, config_features in method_class(recipe).extra_configs.items():  # DPO pairs: CONFIG/…
+        for split in ("train", "test"):
+            sources = [c / f"{config}-{split}.parquet" for c in chunks]
+            rows = sum(pq.ParquetFile(src).metadata.num_rows for src in sources if src.exists())
+            if rows or split == "train":
+                counts.setdefault(config, {})[split] = rows
+                files.setdefault(config, {})[split] = _write_shards(
+                    sources, config_features.arrow_schema, out_dir / config, split, rows
+                )
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -152,11 +152,7 @@ def write_dataset_folder(
         "method": recipe.method,
         "seed": recipe.seed,
         "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
-        "tokenizers": {
-            "primary": recipe.tokenizers.primary,
-            "all": recipe.tokenizers.all,
-            "hub_ids": {ref: upstream_tokenizer(ref) for ref in recipe.tokenizers.all},
-        },
+        "tokenizers": {"primary": recipe.tokenizers.primary, "all": recipe.tokenizers.all},
         **method.manifest_fields(recipe),
         "control_tokens": method.control_vocabulary(recipe, max_x),
         "funnel": funnel,
@@ -175,8 +171,7 @@ def write_dataset_folder(
     plots = method.plots(out_dir, stats) + write_score_plots(out_dir, recipe)
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-    card = render_card(recipe, manifest, files, examples, plots, stats, audit=audit)
-    _atomic_write_text(out_dir / "README.md", card)
+    _atomic_write_text(out_dir / "README.md", render_card(recipe, manifest, files, examples, plots, stats))
     manifest["files"] = file_entries(out_dir)  # last: the manifest describes every other file
     _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return counts

@@ -78,6 +78,10 @@ def write_chunk(work: Path, index: int, out: ChunkOutput, features: Features = R
     for split, rows in out.kept.items():
         _write_table(rows, features.arrow_schema, tmp / f"{split}.parquet")
     _write_table(out.rejected, rejected_features(features).arrow_schema, tmp / "rejected.parquet")
+    for config, config_features in out.extra_features.items():  # the method's extra configs
+        for split in SPLITS:
+            config_rows = out.extra.get(config, {}).get(split, [])
+            _write_table(config_rows, config_features.arrow_schema, tmp / f"{config}-{split}.parquet")
     (tmp / "stats.json").write_text(json.dumps(out.stats.to_json()))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -97,6 +101,15 @@ def read_chunk_rows(path: Path) -> list[tuple[dict[str, Any], str | None]]:
         if file.exists():
             rows.extend((row, split) for row in pq.read_table(file).to_pylist())
     return rows
+
+
+def read_chunk_extra(path: Path, config: str) -> dict[str, list[dict[str, Any]]]:
+    """The rows of extra config ``config`` (``{config}-{split}.parquet``) of a finished chunk, per split."""
+    return {
+        split: pq.read_table(path / f"{config}-{split}.parquet").to_pylist()
+        for split in SPLITS
+        if (path / f"{config}-{split}.parquet").exists()
+    }
 
 
 @dataclass

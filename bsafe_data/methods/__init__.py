@@ -5,6 +5,8 @@ Importing this package registers the package's own methods (``method_class`` doe
 
 from bsafe_data.methods import (
     bsafe_plus,  # noqa: F401 - registers BSAFE+
+    derta,  # noqa: F401 - registers DeRTa
+    reset,  # noqa: F401 - registers Reset backtracking
     rlbf_prompts,  # noqa: F401 - registers the RLBF prompt sets
 )
 from bsafe_data.methods.base import METHODS, Method, register_method

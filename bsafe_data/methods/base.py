@@ -134,11 +134,17 @@ class Resources:
 
 @dataclass
 class ChunkOutput:
-    """What one chunk produced: kept rows per split, rejected rows, and their counters."""
+    """What one chunk produced: kept rows per split, rejected rows, and their counters.
+
+    ``extra`` holds the rows of the method's extra configs (config -> split -> rows), derived from
+    kept rows by ``Method.extra_rows``; ``extra_features`` their schemas (``Method.extra_configs``).
+    """
 
     kept: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"train": [], "test": []})
     rejected: list[dict[str, Any]] = field(default_factory=list)
     stats: ChunkStats = field(default_factory=ChunkStats)
+    extra: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    extra_features: dict[str, datasets.Features] = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -152,6 +158,9 @@ class Method(ABC):
     kinds: ClassVar[tuple[str, ...]]
     #: the segment kinds trained on (``loss`` true)
     loss_segments: ClassVar[tuple[str, ...]]
+    #: extra configs (name -> schema) whose rows ``extra_rows`` derives from kept rows (e.g. DPO
+    #: pairs); written as ``NAME/{split}-….parquet`` next to ``data/`` and ``rejected/``
+    extra_configs: ClassVar[dict[str, datasets.Features]] = {}
     #: the columns of its rows (``rows.ROW_FEATURES``; the rejected config adds reasons and detail)
     features: ClassVar[datasets.Features] = ROW_FEATURES
 
@@ -219,6 +228,21 @@ class Method(ABC):
     @abstractmethod
     def build_row(self, record: Record) -> dict[str, Any]:
         """The row of the row contract for a record (reasons are added by the caller)."""
+
+    @classmethod
+    def extra_rows(cls, row: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """Rows of the extra configs derived from one kept row (config -> rows, same split).
+
+        Called by ``emit`` for every kept row, so build, the dedupe pass and refilter (which
+        rebuild chunks from stored rows) derive the same extra rows. Default: none."""
+        return {}
+
+    @classmethod
+    def new_output(cls) -> ChunkOutput:
+        """An empty chunk with this method's extra configs."""
+        out = ChunkOutput(extra_features=dict(cls.extra_configs))
+        out.extra = {name: {"train": [], "test": []} for name in cls.extra_configs}
+        return out
 
     @classmethod  # noqa: B027 - optional hook
     def count_row(cls, stats: ChunkStats, row: dict[str, Any]) -> None:
@@ -390,7 +414,7 @@ class Method(ABC):
 
     def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
         """Turn source items into rows; every item ends up kept or rejected."""
-        out = ChunkOutput()
+        out = self.new_output()
         out.stats.source_rows = len(items)
         with self.timed("segment"):
             records = self.prepare(items, out)
@@ -440,11 +464,13 @@ class Method(ABC):
         else:
             out.kept[split].append(row)
             cls.count_row(out.stats, row)
+            for config, derived in cls.extra_rows(row).items():
+                out.extra.setdefault(config, {"train": [], "test": []})[split].extend(derived)
         out.stats.emitted(row, split)
 
     def generation_requests(self, items: Sequence[SourceItem]) -> tuple[list[GenerationRequest], int]:
         """The generator requests a chunk would make, and how many rows it rejects before that."""
-        out = ChunkOutput()
+        out = self.new_output()
         records = [r for r in self.prepare(items, out) if r.live and self.needs_generation(r)]
         return [self.request(r) for r in records], len(out.rejected)
 
@@ -452,7 +478,7 @@ class Method(ABC):
     def chunk_from_rows(cls, rows: list[dict[str, Any]], split_of: dict[str, str]) -> ChunkOutput:
         """A chunk rebuilt from stored rows (refilter, dedupe): rows with ``reasons`` are rejected,
         the others kept in ``split_of[row id]``; counters recomputed."""
-        out = ChunkOutput()
+        out = cls.new_output()
         for row in rows:
             if row.get("reasons"):
                 cls.emit(out, row, None)
