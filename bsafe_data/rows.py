@@ -1,8 +1,8 @@
 """The row contract: the one place that defines what a dataset row is.
 
 Everything that reads or writes rows (pipeline, writer, render, show, push, audit) imports the
-schema from here. Column names and meanings are the public API (DESIGN.md §4); changing them needs
-a bump of ``SCHEMA_VERSION``.
+schema from here. Column names and meanings are the public API (README "The row contract");
+changing them needs a bump of ``SCHEMA_VERSION``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ REASONS: dict[str, str] = {
     "near_duplicate_violation": "the violation is a near-duplicate (MinHash Jaccard) of one already kept",
     "missing_companion": "a harmful prompt has no refusal (or safe answer) in the recipe's companion columns",
     "harmful_too_short": "the harmful answer has too few tokens (or no clean token boundary) to cut a prefix",
+    "annotator_rejected": "annotators judged the kept row bad (`refilter --apply-audit`); detail says how",
 }
 
 CONTEXT_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})

@@ -1,4 +1,4 @@
-"""Write the Hub-layout dataset folder from finished chunks (DESIGN.md §5).
+"""Write the Hub-layout dataset folder from finished chunks (README "Set-up", ARCHITECTURE.md).
 
 ``data/{split}-0000i-of-0000N.parquet`` for config ``default``, ``rejected/train-…`` for the
 rejected config, ``README.md`` (card), ``recipe.yaml`` (resolved), ``manifest.json``, ``plots/``.
@@ -20,6 +20,18 @@ from bsafe_data.integrity import file_entries
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import SCHEMA_VERSION, rejected_features
 from bsafe_data.stages.sample import fifths_histogram
+
+#: Upstream Hub ids of the bundled tokenizers (tests/fixtures/tokenizers/PROVENANCE.md).
+UPSTREAM_TOKENIZERS = {
+    "builtin:qwen2.5": "Qwen/Qwen2.5-0.5B-Instruct",
+    "builtin:phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+}
+
+
+def upstream_tokenizer(ref: str) -> str:
+    """The Hub id or path to load ``ref`` with outside bsafe-data (bundled ones: their upstream id)."""
+    return UPSTREAM_TOKENIZERS.get(ref, ref)
+
 
 #: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
 SHARD_ROWS = 50_000
@@ -103,9 +115,11 @@ def write_dataset_folder(
     usage: dict[str, Any],
     timings: dict[str, float],
     manifest_extra: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write shards from the finished ``chunks`` (in order), card, recipe and manifest; returns row
-    counts per config and split."""
+    counts per config and split. ``audit``: the card's "Audit" figures (read from the target
+    folder by the caller: ``out_dir`` is a staging folder)."""
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
 
@@ -152,7 +166,11 @@ def write_dataset_folder(
         "method": recipe.method,
         "seed": recipe.seed,
         "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
-        "tokenizers": {"primary": recipe.tokenizers.primary, "all": recipe.tokenizers.all},
+        "tokenizers": {
+            "primary": recipe.tokenizers.primary,
+            "all": recipe.tokenizers.all,
+            "hub_ids": {ref: upstream_tokenizer(ref) for ref in recipe.tokenizers.all},
+        },
         **method.manifest_fields(recipe),
         "control_tokens": method.control_vocabulary(recipe, max_x),
         "funnel": funnel,
@@ -171,7 +189,8 @@ def write_dataset_folder(
     plots = method.plots(out_dir, stats) + write_score_plots(out_dir, recipe)
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-    _atomic_write_text(out_dir / "README.md", render_card(recipe, manifest, files, examples, plots, stats))
+    card = render_card(recipe, manifest, files, examples, plots, stats, audit=audit)
+    _atomic_write_text(out_dir / "README.md", card)
     manifest["files"] = file_entries(out_dir)  # last: the manifest describes every other file
     _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return counts
