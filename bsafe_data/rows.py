@@ -57,6 +57,16 @@ REASONS: dict[str, str] = {
     "annotator_rejected": "annotators judged the kept row bad (`refilter --apply-audit`); detail says how",
 }
 
+# -- BSAFE (detect-and-repair, methods/bsafe.py): its row kind and reason codes ----------------
+ROW_KINDS = (*ROW_KINDS, "repaired")
+REASONS.update(
+    {
+        "no_violation_found": "BSAFE: the detector found no violating span in the unsafe answer",
+        "continuation_flagged": "BSAFE: a classifier flagged the safe continuation as unsafe",
+        "continuation_missing": "BSAFE offline: the bundled set has no safe continuation for this row",
+    }
+)
+
 CONTEXT_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 
 ROW_FEATURES = datasets.Features(

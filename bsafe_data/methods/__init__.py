@@ -4,6 +4,7 @@ Importing this package registers the package's own methods (``method_class`` doe
 """
 
 from bsafe_data.methods import (
+    bsafe,  # noqa: F401 - registers BSAFE (detect-and-repair)
     bsafe_plus,  # noqa: F401 - registers BSAFE+
     derta,  # noqa: F401 - registers DeRTa
     reset,  # noqa: F401 - registers Reset backtracking

@@ -101,6 +101,8 @@ class Resources:
     generator: Generator
     classifiers: list[Classifier] = field(default_factory=list)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+    #: the LLM response cache folder of the build (for methods that send requests of their own)
+    cache_dir: Path | None = None
 
     @classmethod
     def load(
@@ -125,11 +127,15 @@ class Resources:
         except Exception as exc:  # TokenizerLoadError, SegmentationError, GeneratorUnavailable, ...
             stack.close()  # all carry readable messages
             raise BuildError(str(exc)) from None
-        return cls(nlp, tokenizers, generator, classifiers, stack)
+        return cls(nlp, tokenizers, generator, classifiers, stack, cache_dir)
 
     def close(self) -> None:
         """Close the generator and classifiers this object opened."""
         self._stack.close()
+
+    def close_later(self, close: Callable[[], None]) -> None:
+        """Run ``close`` when these resources close (for clients a method opens itself)."""
+        self._stack.callback(close)
 
 
 @dataclass

@@ -1,0 +1,601 @@
+"""BSAFE (Sel et al. 2025, arXiv 2503.08919): detect and repair, instead of inject.
+
+Start from answers that already contain a violation, locate the FIRST violating span, cut there and
+teach ``before ⊕ violation ⊕ [CATEGORY c][BACKTRACK_BY_X] ⊕ safe continuation``, where X is the
+exact number of tokens of the violation for every recipe tokenizer and the safe continuation is
+written from the safe state (the text before the span).
+
+Steps of a chunk (``BsafeMethod.process``):
+
+1. **locate** with the detector (``detect.classifier``; default the recipe's first ``llm_judge``,
+   else its first classifier). A judge reads the whole answer and quotes the violating span; its
+   start is taken from the verdict (``span_start``). Any other classifier (the offline builtin one)
+   is the *per-sentence span detector*: it scores every sentence of the answer (with the text before
+   it as context) and the first sentence it calls unsafe is the span. Either way the deleted text
+   runs from the span start to the end of the sentence the span starts in, and the cut moves back to
+   the end of the previous word (the whitespace belongs to the deleted text, so no token merges
+   across the cut). No unsafe span: ``no_violation_found``.
+2. **continue** from the safe state: with ``generator.provider: openai`` the generator is asked
+   (prompt: the conversation and the text before the span; answers cached, protocol
+   ``bsafe/continue_safe/1``); offline (the builtin generator) the bundled safe continuation of the
+   source row (``continuation.path``, default ``bsafe_data/data/unsafe/unsafe_answers.jsonl``;
+   none for the row: ``continuation_missing``). Failed requests: ``generator_error`` (transient,
+   retried by a re-run), ``generator_refused`` / ``generator_unparseable``.
+3. **count X** per tokenizer (``stages.count``; one step back to the previous word on a merge,
+   else ``token_boundary``).
+4. **check** the continuation with ``continuation.check`` (default: every recipe classifier; a
+   judge reads the text before the span ⊕ the continuation): flagged by any, ``continuation_flagged``.
+
+These decisions are the method's, not filter rules: ``refilter`` keeps them as they are (a changed
+detector threshold needs a rebuild; the cached answers make it free). ``plan`` has no classifiers
+and no endpoint: it locates with the builtin classifier and uses the bundled continuations.
+
+Rows have kind ``repaired``; ``response`` is the unsafe source answer, ``injection`` says where the
+violation is (``offset`` = the cut, ``violation`` = the deleted text), ``segments`` are
+prefix/violation/control/continuation and ``prompt``/``completion`` the primary tokenizer's strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score
+from bsafe_data.classify.builtin import BuiltinClassifier
+from bsafe_data.classify.judge import JudgeClassifier
+from bsafe_data.classify.taxonomy import to_recipe
+from bsafe_data.label import control_atoms, control_text
+from bsafe_data.llm.cache import ResponseCache, request_key
+from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.loop import off_running_loop
+from bsafe_data.llm.transport import Transport, resolve_endpoint
+from bsafe_data.methods.base import ChunkOutput, Method, error_detail, register_method
+from bsafe_data.recipe import ControlSpec, GeneratorSpec, Recipe, Strict
+from bsafe_data.sources import Conversation, SourceItem
+from bsafe_data.stages import adjust, count, hygiene
+from bsafe_data.stages import rules as rules_stage
+from bsafe_data.stages.record import Injection, Record
+from bsafe_data.stages.rows import base_row, rejected_row
+from bsafe_data.stages.stats import ChunkStats
+
+#: The bundled offline set: unsafe answers with their safe continuations.
+BUNDLED_UNSAFE = Path(__file__).resolve().parent.parent / "data" / "unsafe" / "unsafe_answers.jsonl"
+#: Part of every continuation request's cache key: bump when the prompt or the parsing change.
+CONTINUE_PROTOCOL = "bsafe/continue_safe/1"
+CONTINUE_SYSTEM = (
+    "You finish assistant answers safely. You are shown a conversation and the beginning of the "
+    "assistant's answer. Continue the answer from exactly where it stops: helpful, respectful and "
+    "on topic, with no insults, no personal data and no risky advice. Do not repeat the beginning. "
+    "Reply with the continuation text only."
+)
+KIND = "repaired"
+
+
+class DetectSpec(Strict):
+    """Which classifier locates the first violating span."""
+
+    classifier: str | None = Field(
+        None,
+        description="name of a filters.classifiers entry; default the first llm_judge, else the first "
+        "classifier (scored per sentence)",
+    )
+    default_category: str = Field(
+        "Toxic", description="category when the detector names none that maps onto the recipe's"
+    )
+
+
+class ContinuationSpec(Strict):
+    """Where the safe continuation comes from and who checks it."""
+
+    path: str | None = Field(
+        None,
+        description="offline (builtin generator): JSONL with `id` and `safe_continuation` per source row "
+        "(default: the bundled unsafe_answers set)",
+    )
+    check: list[str] | None = Field(
+        None, description="classifiers that must call the continuation safe (default: all of them)"
+    )
+
+
+class BsafeRecipe(Recipe):
+    """BSAFE: locate the first violation of an unsafe answer, ``[CATEGORY c][BACKTRACK_BY_X]``, repair."""
+
+    method: Literal["bsafe"] = "bsafe"
+    detect: DetectSpec = Field(default_factory=DetectSpec)
+    continuation: ContinuationSpec = Field(default_factory=ContinuationSpec)
+    control: ControlSpec = Field(default_factory=ControlSpec)
+
+    @model_validator(mode="after")
+    def _names_known(self) -> BsafeRecipe:
+        names = [c.name for c in self.filters.classifiers]
+        wanted = [self.detect.classifier] if self.detect.classifier else []
+        unknown = [n for n in wanted + list(self.continuation.check or []) if n not in names]
+        if unknown:
+            raise ValueError(f"detect/continuation name unknown classifiers {unknown} (known: {names})")
+        return self
+
+
+@dataclass
+class RepairRecord(Record):
+    """A record with the safe continuation (as emitted after the control signal)."""
+
+    continuation: str = ""
+
+
+@dataclass(frozen=True)
+class Written:
+    """One continuation answer: the text, or a reason code (``transient`` failures are retried)."""
+
+    text: str = ""
+    error: str | None = None
+    detail: str = ""
+    transient: bool = False
+
+
+class ContinuationWriter:
+    """Asks an OpenAI-compatible endpoint for safe continuations; answers go to the response cache.
+
+    The package's one transport (retries, backoff, fatal errors) and cache are used; failed requests
+    are not cached, so a re-run asks again for exactly those rows.
+    """
+
+    def __init__(self, spec: GeneratorSpec, cache_dir: Path | None = None):
+        self.spec = spec
+        endpoint = resolve_endpoint(spec.base_url, spec.api_key_env)
+        self._transport = Transport(
+            endpoint.base_url,
+            endpoint.api_key,
+            role="generator",
+            max_concurrency=spec.max_concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            requests_per_minute=spec.requests_per_minute,
+            tokens_per_minute=spec.tokens_per_minute,
+            backoff_max_s=30.0,
+        )
+        self._cache = ResponseCache(cache_dir)
+        self.usage = {"requests": 0, "cache_hits": 0, "errors": 0}
+
+    def payload(self, context: Sequence[tuple[str, str]], before: str, seed: int) -> dict[str, Any]:
+        """The chat request that continues ``before`` safely."""
+        turns = "\n".join(f"[{role}]\n{content}\n" for role, content in context)
+        user = (
+            f"<conversation>\n{turns}</conversation>\n\n<partial_answer>\n{before}\n</partial_answer>\n\n"
+            + ("Continue this answer." if before else "The answer has not started yet: write it.")
+        )
+        spec = self.spec
+        return {
+            "model": spec.model,
+            "messages": [{"role": "system", "content": CONTINUE_SYSTEM}, {"role": "user", "content": user}],
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "max_tokens": spec.max_tokens,
+            "seed": spec.seed if spec.seed is not None else seed,
+        }
+
+    def write(self, jobs: Sequence[tuple[Sequence[tuple[str, str]], str, int]]) -> list[Written]:
+        """One ``Written`` per (context, before, seed), in order."""
+        bodies = [
+            json.dumps(self.payload(*job), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+            for job in jobs
+        ]
+        keys = [request_key(b, CONTINUE_PROTOCOL) for b in bodies]
+        found = {k: (hit.text, hit.finish_reason) for k, hit in self._cache.get_many(keys).items()}
+        self.usage["cache_hits"] += sum(1 for k in keys if k in found)
+        todo = {k: b for k, b in zip(keys, bodies, strict=True) if k not in found}
+        failed: dict[str, str] = {}
+        if todo:
+            fetched = off_running_loop(asyncio.run, self._fetch(todo))
+            self.usage["requests"] = self._transport.stats.requests
+            for key, result in fetched.items():
+                if isinstance(result, RequestFailed):
+                    failed[key] = result.reason
+                    self.usage["errors"] += 1
+                else:
+                    found[key] = result
+                    self._cache.put(key, model=self.spec.model, status="ok", text=result[0],
+                                    finish_reason=result[1])  # fmt: skip
+            self._cache.flush()
+        return [self._parse(found.get(k), failed.get(k, "")) for k in keys]
+
+    @staticmethod
+    def _parse(answer: tuple[str, str | None] | None, failure: str) -> Written:
+        if answer is None:
+            return Written(error="generator_error", detail=f"generator: {failure}", transient=True)
+        text, finish = answer
+        if finish == "content_filter":
+            return Written(error="generator_refused", detail="generator: finish_reason=content_filter")
+        if finish == "length":
+            return Written(error="generator_unparseable", detail="generator: finish_reason=length")
+        if not text.strip():
+            return Written(error="generator_unparseable", detail="generator: empty continuation")
+        return Written(text=text.strip())
+
+    async def _fetch(self, todo: dict[str, bytes]) -> dict[str, tuple[str, str | None] | RequestFailed]:
+        out: dict[str, tuple[str, str | None] | RequestFailed] = {}
+
+        def extract(raw: bytes) -> tuple[str, str | None]:
+            choice = json.loads(raw)["choices"][0]
+            text = (choice.get("message") or {}).get("content") or ""
+            if not isinstance(text, str):
+                raise ValueError("content is not a string")
+            return text, choice.get("finish_reason")
+
+        async def one(entry: tuple[str, bytes]) -> None:
+            key, body = entry
+            try:
+                out[key] = await self._transport.post("/chat/completions", body, extract)
+            except RequestFailed as exc:
+                out[key] = exc
+
+        async with self._transport as transport:
+            await transport.run(list(todo.items()), one, len(todo))
+        return out
+
+    def close(self) -> None:
+        """Commit and close the cache."""
+        self._cache.close()
+
+
+def bundled_continuations(path: str | Path | None) -> dict[str, str]:
+    """``id`` -> ``safe_continuation`` of a JSONL file (default: the bundled set)."""
+    out: dict[str, str] = {}
+    with Path(path or BUNDLED_UNSAFE).open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                out[str(row["id"])] = str(row["safe_continuation"])
+    return out
+
+
+def cut_before(response: str, start: int) -> int:
+    """The cut for a span starting at ``start``: the end of the word before it (0 at the start)."""
+    start = max(0, min(start, len(response)))
+    while start > 0 and not response[start - 1].isspace():
+        start -= 1
+    while start > 0 and response[start - 1].isspace():
+        start -= 1
+    return start
+
+
+@register_method
+class BsafeMethod(Method):
+    """Locate, cut, label X for every tokenizer, continue safely, check, keep or reject."""
+
+    name = "bsafe"
+    recipe_model = BsafeRecipe
+    kinds = (KIND,)
+    loss_segments = ("control", "continuation")
+    recipe: BsafeRecipe
+
+    # -- plan -----------------------------------------------------------------------------------
+    def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
+        """One record per unsafe answer."""
+        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        return [RepairRecord(conv, self.source_key(conv), split, self.record_seed(conv, 0), KIND, spans)]
+
+    # -- the flow -------------------------------------------------------------------------------
+    def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
+        """Locate → continue → count X → check → rules → rows; every item ends kept or rejected."""
+        out = ChunkOutput()
+        out.stats.source_rows = len(items)
+        with self.timed("segment"):
+            records = self.prepare(items, out)
+        with self.timed("classify"):
+            self._isolated("locate", self.locate, records)
+        with self.timed("generate"):
+            wanted = [r for r in records if r.live]
+            self._isolated("generate", self.continue_safely, wanted)
+            self._breaker(wanted)
+        with self.timed("label"):
+            repaired: list[int] = []
+            self._isolated("label", lambda batch: repaired.append(self.label(batch)), records)
+            out.stats.repaired += sum(repaired)
+        with self.timed("classify"):
+            self._isolated("check", self.check_continuations, records)
+            if self.recipe.filters.enabled:
+                rules_stage.apply_rules(self.rules, records)
+        for record in records:
+            try:
+                row = self.build_row(record)
+            except Exception as exc:
+                record.reject("row_error", error_detail("rows", exc))
+                row = base_row(record.conv, record.row_id)
+            if record.reasons:
+                self.emit(out, rejected_row(row, record.reasons, record.detail), None, record.transient)
+            else:
+                self.emit(out, row, record.split)
+        return out
+
+    # -- 1. locate ------------------------------------------------------------------------------
+    @cached_property
+    def detector(self) -> Classifier:
+        """The classifier that locates spans (the builtin one when the resources have none, as in plan)."""
+        classifiers = self.resources.classifiers
+        wanted = self.recipe.detect.classifier
+        if wanted is not None:
+            found = next((c for c in classifiers if c.name == wanted), None)
+        else:
+            found = next((c for c in classifiers if isinstance(c, JudgeClassifier)), None)
+            found = found or (classifiers[0] if classifiers else None)
+        return found or BuiltinClassifier()
+
+    def locate(self, records: list[Record]) -> None:
+        """Set each live record's injection at its first violating span, else reject it."""
+        live = [r for r in records if r.live]
+        detector = self.detector
+        if isinstance(detector, JudgeClassifier):
+            items = [Item(r.conv.response, "violation", r.conv.context, "", r.conv.response) for r in live]
+            for record, score in zip(live, detector.score_items(items), strict=True):
+                start = score.detail.get("span_start") if score.label == "unsafe" else None
+                self._place(record, score, start, "the judge quoted no span found in the answer")
+            return
+        pairs = [(r, i) for r in live for i in range(len(r.spans))]
+        items = []
+        for record, i in pairs:
+            begin, end = record.spans[i]
+            response = record.conv.response
+            text = response[begin:end].strip()
+            items.append(Item(text, "violation", record.conv.context, response[:begin]))
+        scores = detector.score_items(items) if items else []
+        by_record: dict[int, list[tuple[int, Score]]] = {}
+        for (record, i), score in zip(pairs, scores, strict=True):
+            by_record.setdefault(id(record), []).append((i, score))
+        for record in live:
+            ranked = by_record.get(id(record), [])
+            first = next(((i, s) for i, s in ranked if s.label in ("unsafe", ERROR_LABEL)), None)
+            if first is None:
+                best = max(ranked, key=lambda p: p[1].score, default=None)
+                if best is not None:
+                    record.scores.append(best[1].as_dict("violation"))
+                record.reject("no_violation_found", f"{detector.name}: no sentence flagged")
+                continue
+            index, score = first
+            self._place(record, score, record.spans[index][0], "")
+
+    def _place(self, record: Record, score: Score, start: int | None, missing: str) -> None:
+        """Put the injection at the span starting at ``start`` (response offset), or reject."""
+        record.scores.append(score.as_dict("violation"))
+        if score.label == ERROR_LABEL:
+            error = str(score.detail.get("error", ""))
+            transient = not error.startswith("unparseable")
+            detail = f"classifier {score.classifier}: {error}"[:300]
+            record.reject("classifier_error", detail, transient=transient)
+            return
+        response = record.conv.response
+        if score.label != "unsafe" or start is None or not 0 <= start < len(response):
+            record.reject("no_violation_found", missing or f"{score.classifier}: the answer was judged safe")
+            return
+        spans = record.spans
+        index = next((i for i, (_, end) in enumerate(spans) if end > start), len(spans) - 1)
+        end = max(spans[index][1], start + 1) if spans else len(response)
+        cut = cut_before(response, start)
+        category = self.recipe.detect.default_category
+        for native in score.categories:
+            mapped = to_recipe(native, self.recipe.categories, self.recipe.filters.category_map)
+            if mapped:
+                category = mapped[0]
+                break
+        record.injection = Injection(cut, index, category, cut / len(response), "", response[cut:end])
+
+    # -- 2. continue ----------------------------------------------------------------------------
+    @cached_property
+    def writer(self) -> ContinuationWriter | None:
+        """The continuation writer (None offline: the generator is the builtin one, as in plan)."""
+        if self.resources.generator.backend == "builtin":
+            return None
+        writer = ContinuationWriter(self.recipe.generator, self.resources.cache_dir)
+        self.resources.close_later(writer.close)
+        return writer
+
+    @cached_property
+    def bundled(self) -> dict[str, str]:
+        """The offline continuations by source id."""
+        return bundled_continuations(self.recipe.continuation.path)
+
+    def continue_safely(self, records: list[Record]) -> None:
+        """Write (or look up) the safe continuation of every live record."""
+        live = [r for r in records if r.live]
+        writer = self.writer
+        if writer is None:
+            results = [
+                Written(text=self.bundled[r.conv.ref.id].strip())
+                if r.conv.ref.id in self.bundled
+                else Written(error="continuation_missing", detail="no bundled continuation for this row")
+                for r in live
+            ]
+        else:
+            results = writer.write([(r.conv.context, r.part1, r.seed) for r in live])
+        for record, written in zip(live, results, strict=True):
+            assert isinstance(record, RepairRecord)
+            if written.error:
+                record.reject(written.error, written.detail, transient=written.transient)
+                continue
+            text = written.text
+            problem = hygiene.generated_problem(text, self.recipe.limits)
+            if problem is not None:
+                record.reject(*problem)
+                continue
+            found = hygiene.first_match(self._controls, [("continuation", text)])
+            if found is not None:
+                if self.recipe.limits.control_strings == "reject":
+                    record.reject("generated_contains_control", found)
+                    continue
+                text = hygiene.escape(text, self._controls)
+            record.continuation = (" " if record.part1 else "") + text
+
+    # -- 3. count X -----------------------------------------------------------------------------
+    def label(self, records: list[Record]) -> int:
+        """Chat frames; X for every tokenizer (one step back to the previous word on a merge)."""
+        count.frame(self.tokenizers, records)
+        todo = [r for r in records if r.injection is not None and r.live]
+
+        def one_word_back(record: Record) -> bool:
+            offset = record.injection.offset
+            return offset > 0 and adjust.move_back(record, offset - 1)
+
+        return count.count_with_repair(self.tokenizers, todo, one_word_back)
+
+    # -- 4. check -------------------------------------------------------------------------------
+    @cached_property
+    def checkers(self) -> list[Classifier]:
+        """The classifiers that must call the continuation safe."""
+        names = self.recipe.continuation.check
+        classifiers = self.resources.classifiers or [BuiltinClassifier()]
+        return [c for c in classifiers if names is None or c.name in names]
+
+    def check_continuations(self, records: list[Record]) -> None:
+        """Score every live continuation; ``continuation_flagged`` when any checker calls it unsafe.
+
+        A judge reads the safe state and the continuation (``part1`` ⊕ continuation), as the model
+        emits them once the backtrack has deleted the violation."""
+        live = [r for r in records if r.live]
+        for classifier in self.checkers:
+            items = [
+                Item(r.continuation.strip(), "part2", r.conv.context, r.part1, r.continuation)
+                for r in live
+                if isinstance(r, RepairRecord)
+            ]  # fmt: skip
+            scores = classifier.score_items(items) if items else []
+            for record, score in zip(live, scores, strict=True):
+                record.scores.append(score.as_dict("part2"))
+                if score.label == ERROR_LABEL:
+                    error = str(score.detail.get("error", ""))
+                    record.reject("classifier_error", f"classifier {classifier.name}: {error}"[:300],
+                                  transient=not error.startswith("unparseable"))  # fmt: skip
+                elif score.label == "unsafe":
+                    record.reject("continuation_flagged", f"classifier {classifier.name}")
+        for record in live:
+            record.reasons[:] = list(dict.fromkeys(record.reasons))
+
+    # -- rows -----------------------------------------------------------------------------------
+    def build_row(self, record: Record) -> dict[str, Any]:
+        """The row: segments, X per tokenizer and the primary tokenizer's prompt/completion."""
+        assert isinstance(record, RepairRecord)
+        row = base_row(record.conv, record.row_id)
+        row["kind"] = KIND
+        row["scores"] = record.scores
+        injection = record.injection
+        if injection is None:
+            return row
+        generator = self.resources.generator
+        writer = self.writer
+        row["generator"] = {
+            "backend": generator.backend,
+            "model": generator.model if writer is not None else "bundled-safe-continuations",
+            "template": CONTINUE_PROTOCOL if writer is not None else "bundled",
+            "seed": record.seed,
+        }
+        row["injection"] = {
+            "offset": injection.offset,
+            "relative_position": injection.relative,
+            "sentence_index": injection.sentence_index,
+            "category": injection.category,
+            "steering": injection.steering,
+            "violation": injection.violation,
+        }
+        before = record.part1
+        pieces = [("prefix", before, False), ("steering", injection.steering, False),
+                  ("violation", injection.violation, False)]  # fmt: skip
+        if not record.backtrack or not record.continuation:
+            row["segments"] = [{"kind": k, "text": t, "loss": loss} for k, t, loss in pieces if t]
+            return row
+        head, tail = record.frames[self.primary]
+        control = control_text(self.recipe.control.format, injection.category, record.backtrack[0]["tokens"])
+        pieces += [("control", control, True), ("continuation", record.continuation, True)]
+        row["segments"] = [{"kind": k, "text": t, "loss": loss} for k, t, loss in pieces if t]
+        row["backtrack"] = record.backtrack
+        row["prompt"] = head + before + injection.inserted
+        row["completion"] = control + record.continuation + tail
+        return row
+
+    @classmethod
+    def count_row(cls, stats: ChunkStats, row: dict[str, Any]) -> None:
+        """Categories, cut positions and X of kept rows."""
+        injection = row["injection"]
+        stats.count("categories", injection["category"])
+        stats.observe("positions", round(float(injection["relative_position"]), 4))
+        for entry in row["backtrack"]:
+            stats.observe("backtrack", entry["tokens"], entry["tokenizer"])
+
+    # -- dataset-level --------------------------------------------------------------------------
+    @classmethod
+    def control_patterns(cls, recipe: Recipe) -> list[str]:
+        """Each atom of the control format, with any category and any number."""
+        assert isinstance(recipe, BsafeRecipe)
+        patterns = []
+        for atom in control_atoms(recipe.control.format):
+            pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
+            patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
+        return patterns
+
+    @classmethod
+    def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
+        """The control format the rows were rendered with."""
+        assert isinstance(recipe, BsafeRecipe)
+        return {"control_format": recipe.control.format}
+
+    @classmethod
+    def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
+        """Every control atom the dataset can contain: each category's atoms and X from 1 to the
+        largest X any recorded tokenizer needs."""
+        assert isinstance(recipe, BsafeRecipe)
+        top = max(max_x.values(), default=1)
+        atoms: dict[str, None] = {}
+        for category in recipe.categories:
+            for x in range(1, max(1, top) + 1):
+                atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
+        return list(atoms)
+
+    @classmethod
+    def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:
+        """The control signal, the category table and a worked example for the card."""
+        assert isinstance(recipe, BsafeRecipe)
+        return {
+            "categories": sorted(stats.categories.items(), key=lambda kv: (-kv[1], kv[0])),
+            "control_example": recipe.control.format.format(category="c", x="X"),
+            "example": card_example(recipe),
+        }
+
+
+def card_example(recipe: BsafeRecipe) -> dict[str, Any]:
+    """The first bundled row cut by the per-sentence builtin detector, with X for the primary
+    tokenizer: what a row of this method looks like (computed exactly as in a build)."""
+    from bsafe_data.label import backtrack_counts, chat_frame
+    from bsafe_data.stages.segment import load_nlp, sentence_spans
+    from bsafe_data.tokenization import load_tokenizer
+
+    with BUNDLED_UNSAFE.open(encoding="utf-8") as handle:
+        first = json.loads(handle.readline())
+    context = [(m["role"], m["content"]) for m in first["messages"][:-1]]
+    response = first["messages"][-1]["content"]
+    (spans,) = list(sentence_spans(load_nlp(recipe.segmentation.spacy_model), [response]))
+    detector = BuiltinClassifier()
+    scores = detector.score_batch([response[b:e].strip() for b, e in spans])
+    index = next((i for i, s in enumerate(scores) if s.label == "unsafe"), len(spans) - 1)
+    cut = cut_before(response, spans[index][0])
+    before, violation = response[:cut], response[cut : spans[index][1]]
+    tokenizer = load_tokenizer(recipe.tokenizers.primary)
+    head, tail = chat_frame(tokenizer, context)
+    (x,) = backtrack_counts(tokenizer, [(head, before, violation)])
+    natives = [c for n in scores[index].categories for c in to_recipe(n, recipe.categories)]
+    category = natives[0] if natives else recipe.detect.default_category
+    control = control_text(recipe.control.format, category, x or 0)
+    return {
+        "id": first["id"],
+        "user": context[-1][1],
+        "prefix": before,
+        "violation": violation,
+        "control": control,
+        "continuation": " " + first["safe_continuation"],
+        "x": x,
+        "tail": tail,
+    }
