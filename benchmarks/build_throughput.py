@@ -1,8 +1,9 @@
 """Build throughput and peak memory with the builtin generator on a synthetic corpus.
 
-Usage: python benchmarks/build_throughput.py [--sizes 10000 100000]
+Usage: python benchmarks/build_throughput.py [--sizes 10000 100000] [--executor local processes]
 
-Each size runs in a fresh process (so peak RSS is that build's own) through the real pipeline:
+Each (size, executor) runs in a fresh process (so peak RSS is that build's own; for ``processes``
+the largest worker's) through the real pipeline:
 reading, spaCy segmentation, the builtin generator, X for both bundled tokenizers, the builtin
 classifier, chunk writes and the final Hub-layout folder.
 """
@@ -27,26 +28,28 @@ sys.path.insert(0, {here!r})
 from synthetic_corpus import write_corpus
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import load_recipe
-n, work = int(sys.argv[1]), Path(sys.argv[2])
+n, work, executor = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 corpus = write_corpus(work / "corpus.jsonl", n)
-overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=1"]
+overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=1",
+             "execution.executor=" + executor]
 recipe = load_recipe({recipe!r}, overrides)
 start = time.perf_counter()
 result = build(recipe, work / "out")
 elapsed = time.perf_counter() - start
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({{"rows": n, "seconds": elapsed, "rows_per_s": n / elapsed, "peak_rss_mb": peak_mb,
-                  "kept": result.funnel["kept"], "timings": result.timings}}))
+who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)  # processes: the largest worker
+peak_mb = max(resource.getrusage(w).ru_maxrss for w in who) / 1024
+print(json.dumps({{"rows": n, "executor": executor, "seconds": elapsed, "rows_per_s": n / elapsed,
+                  "peak_rss_mb": peak_mb, "kept": result.funnel["kept"], "timings": result.timings}}))
 """
 
 
-def run_size(n: int) -> dict:
-    """Build n synthetic rows in a child process; returns its measurements."""
+def run_size(n: int, executor: str = "local") -> dict:
+    """Build n synthetic rows in a child process with ``executor``; returns its measurements."""
     code = _CHILD.format(here=str(HERE), recipe=str(REPO / "recipes" / "bsafe_plus.yaml"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(n), work], capture_output=True, text=True, env=env
+            [sys.executable, "-c", code, str(n), work, executor], capture_output=True, text=True, env=env
         )
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
@@ -57,12 +60,18 @@ def main() -> None:
     """Print rows/s and peak RSS per size, and the memory ratio between the largest and smallest."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--executor", nargs="+", default=["local"], choices=["local", "processes"])
     args = parser.parse_args()
-    results = [run_size(n) for n in args.sizes]
-    print(f"{'rows':>8} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12} {'kept':>8}")
-    for r in results:
+    runs = {(n, ex): run_size(n, ex) for n in args.sizes for ex in args.executor}
+    print(f"{'rows':>8} {'executor':>10} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12} {'kept':>8}")
+    for (n, ex), r in runs.items():
         rate, peak = r["rows_per_s"], r["peak_rss_mb"]
-        print(f"{r['rows']:>8} {r['seconds']:>8.1f} {rate:>8.0f} {peak:>12.0f} {r['kept']:>8}")
+        print(f"{n:>8} {ex:>10} {r['seconds']:>8.1f} {rate:>8.0f} {peak:>12.0f} {r['kept']:>8}")
+    if "local" in args.executor and "processes" in args.executor:
+        for n in args.sizes:
+            speedup = runs[(n, "processes")]["rows_per_s"] / runs[(n, "local")]["rows_per_s"]
+            print(f"processes / local at {n} rows: {speedup:.2f}x")
+    results = [runs[(n, args.executor[0])] for n in args.sizes]
     if len(results) > 1:
         ratio = results[-1]["peak_rss_mb"] / results[0]["peak_rss_mb"]
         print(f"peak RSS ratio {results[-1]['rows']}/{results[0]['rows']} rows: {ratio:.2f} (1.0 = flat)")

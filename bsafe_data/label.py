@@ -409,7 +409,7 @@ def _infer_control_format(row: Mapping[str, Any]) -> str:
     if control is None or not row.get("backtrack"):
         return DEFAULT_CONTROL_FORMAT
     x = str(row["backtrack"][0]["tokens"])
-    category = row["injection"]["category"]
+    category = (row.get("injection") or {}).get("category", "")
     fmt = control.replace("{", "{{").replace("}", "}}")
     if category:
         fmt = fmt.replace(category, "{category}", 1)
@@ -417,6 +417,19 @@ def _infer_control_format(row: Mapping[str, Any]) -> str:
     if cut < 0:
         return DEFAULT_CONTROL_FORMAT
     return fmt[:cut] + "{x}" + fmt[cut + len(x) :]
+
+
+def _segment_pieces(row: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(text kept, text a backtrack deletes, text after the control) of a row whose segments hold
+    a backtrack control signal; None for rows without one. Segments before the control: ``prefix``
+    is kept, the others (steering, violation) are what X counts."""
+    segments = row.get("segments") or []
+    at = next((i for i, s in enumerate(segments) if s["kind"] == "control"), None)
+    if at is None or not row.get("backtrack"):
+        return None
+    kept = "".join(s["text"] for s in segments[:at] if s["kind"] == "prefix")
+    deleted = "".join(s["text"] for s in segments[:at] if s["kind"] != "prefix")
+    return kept, deleted, "".join(s["text"] for s in segments[at + 1 :])
 
 
 def _render_rows(
@@ -432,6 +445,15 @@ def _render_rows(
             out[i] = exc
             continue
         injection = row.get("injection")
+        if row["kind"] not in ("injected", "clean"):  # other methods: the segments are the stream
+            pieces = _segment_pieces(row)
+            if pieces is None:
+                no_loss = "".join(s["text"] for s in row["segments"] if not s["loss"])
+                loss = "".join(s["text"] for s in row["segments"] if s["loss"])
+                out[i] = Rendered(prompt=head + no_loss, completion=loss + tail, backtrack=None)
+            else:
+                pending.append((i, head, tail, *pieces))
+            continue
         if row["kind"] != "injected" or not injection:
             out[i] = Rendered(prompt=head, completion=row["response"] + tail, backtrack=None)
             continue
@@ -448,7 +470,7 @@ def _render_rows(
             continue
         row = rows[i]
         fmt = control_format or _infer_control_format(row)
-        control = control_text(fmt, row["injection"]["category"], x)
+        control = control_text(fmt, (row.get("injection") or {}).get("category", ""), x)
         out[i] = Rendered(
             prompt=head + part1 + inserted, completion=control + part2 + tail, backtrack=x, control=control
         )

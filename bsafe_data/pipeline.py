@@ -17,6 +17,8 @@ from typing import Any
 from bsafe_data.errors import BuildError
 from bsafe_data.executor.local import LocalExecutor, dedupe_chunks, prepare_work_dir
 from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
+from bsafe_data.executor.processes import ProcessExecutor, summed_usage
+from bsafe_data.executor.ray import RayExecutor
 from bsafe_data.generate.base import Generator
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.methods.base import Method, Resources, method_class
@@ -96,6 +98,8 @@ def _build(
         return method
 
     totals: Counter[str] = Counter()
+    worker_usage: list[dict[str, Any]] = []  # processes executor: one entry per worker process
+    worker_timings: list[dict[str, float]] = []
 
     def on_chunk(stats: ChunkStats) -> None:  # running totals: re-merging every chunk would be quadratic
         totals["source_rows"] += stats.source_rows
@@ -108,7 +112,18 @@ def _build(
     try:
         work = prepare_work_dir(folder.work, recipe, limit)
         items = read_sources(recipe.sources, limit)
-        run = LocalExecutor(recipe, work).run(items, load, on_chunk if progress else None)
+        on = on_chunk if progress else None
+        execution = recipe.execution
+        if execution.executor == "local":
+            run = LocalExecutor(recipe, work).run(items, load, on)
+        else:
+            pool: ProcessExecutor | RayExecutor = (
+                ProcessExecutor(recipe, work, execution.workers)
+                if execution.executor == "processes"
+                else RayExecutor(recipe, work, execution.workers, execution.ray_address)
+            )
+            run = pool.run(items, load, on)
+            worker_usage, worker_timings = list(pool.usage.values()), list(pool.timings.values())
     except (SourceError, FatalEndpointError) as exc:
         raise BuildError(str(exc)) from None
     except OSError as exc:
@@ -116,10 +131,12 @@ def _build(
     finally:
         for resources, _ in loaded:
             resources.close()
-    usage: dict[str, Any] = {}
     for resources, method in loaded:
-        usage = dict(resources.generator.usage)
-        timings.update(method.timings)
+        worker_usage.append(dict(resources.generator.usage))
+        worker_timings.append(dict(method.timings))
+    usage = summed_usage(worker_usage)
+    for part in worker_timings:
+        timings.update(part)
     if recipe.filters.enabled:
         t0 = time.perf_counter()
         run = dedupe_chunks(work, run, method_cls, recipe, method_cls.rules_for(recipe).new_dedupe())

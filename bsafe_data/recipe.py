@@ -503,6 +503,20 @@ class LimitsSpec(Strict):
     )
 
 
+class ExecutionSpec(Strict):
+    """How chunks run: in this process, a pool of processes or Ray actors (same bytes either way)."""
+
+    executor: Literal["local", "processes", "ray"] = Field(
+        "local",
+        description="local: this process; processes: a pool of worker processes; ray: Ray actors "
+        "(extra `ray`)",
+    )
+    workers: int | None = Field(None, ge=1, description="workers (default: the machine's or cluster's CPUs)")
+    ray_address: str | None = Field(
+        None, description="'auto' or a cluster address to join; default: start a local Ray"
+    )
+
+
 class OutputSpec(Strict):
     """Where and how the dataset folder is written."""
 
@@ -550,6 +564,7 @@ class Recipe(Strict):
     generator: GeneratorSpec = Field(default_factory=GeneratorSpec)
     tokenizers: TokenizerSpec = Field(default_factory=TokenizerSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     filters: FilterSpec = Field(default_factory=FilterSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
@@ -560,8 +575,10 @@ class Recipe(Strict):
         return list(RLBF_CATEGORIES)
 
     def sha256(self) -> str:
-        """Hash of the resolved recipe (canonical JSON): identifies what was built."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Hash of the resolved recipe (canonical JSON): identifies what was built. ``execution``
+        is left out: how chunks run does not change a byte of the output."""
+        dumped = self.model_dump(mode="json", exclude={"execution"})
+        canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_yaml(self) -> str:
@@ -720,6 +737,8 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         apply_overrides(data, overrides or [])
     except (ValueError, IndexError, TypeError, KeyError) as exc:
         raise RecipeError(source, [("--set", None, str(exc))]) from None
+    import bsafe_data.methods  # noqa: F401 - registers the package's own methods (their recipe models)
+
     method = data.get("method", "bsafe_plus")
     model = RECIPE_MODELS.get(method) if isinstance(method, str) else None
     if model is None:

@@ -240,3 +240,24 @@ def test_llm_build_sends_prompts_caches_and_a_fault_is_a_reason(servers, tmp_pat
     reasons = {r["source"]["id"]: r["reasons"] for r in rows_of(tmp_path / "c", "rejected")}
     assert reasons == {**expected, hit: ["generator_error"]}
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"] is False
+
+
+def test_render_reproduces_repaired_rows_and_rerenders_for_the_other_family(offline, tokenizers):
+    """`bsafe_data.render` reads a repaired row from its segments: the stored strings for the primary
+    tokenizer, and for the other family the X its `backtrack` recorded (never the whole answer)."""
+    import copy
+
+    from bsafe_data import add_control_tokens, render
+
+    manifest = json.loads((offline / "manifest.json").read_text())
+    rows = rows_of(offline)
+    for name, shared in tokenizers.items():
+        tok = copy.deepcopy(shared)  # the fixture's tokenizers are shared by the whole session
+        add_control_tokens(tok, manifest["control_tokens"])
+        for row in rows:
+            rendered = render(row, tok)
+            recorded = {b["tokenizer"]: b["tokens"] for b in row["backtrack"]}
+            assert rendered.backtrack == recorded[name]
+            assert rendered.completion.startswith(rendered.control)  # the loss starts at the signal
+            if name == "qwen2.5":
+                assert (rendered.prompt, rendered.completion) == (row["prompt"], row["completion"])

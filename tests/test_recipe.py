@@ -296,9 +296,14 @@ def test_recipe_sha256_is_of_the_resolved_recipe():
 
 def test_recipe_json_schema_forbids_unknown_keys():
     schema = recipe_json_schema()
-    assert schema["additionalProperties"] is False
-    assert set(schema["required"]) == {"name", "sources"}
-    assert "control" in schema["properties"]
+    branches = {ref["$ref"].rsplit("/", 1)[1] for ref in schema["oneOf"]}  # one per method
+    assert schema["discriminator"]["propertyName"] == "method"
+    assert {"BsafePlusRecipe", "BsafeRecipe", "DertaRecipe", "ResetRecipe", "RlbfPromptsRecipe"} <= branches
+    for name in branches:
+        branch = schema["$defs"][name]
+        assert branch["additionalProperties"] is False
+        assert {"name", "sources"} <= set(branch["required"])
+    assert "control" in schema["$defs"]["BsafePlusRecipe"]["properties"]
     json.dumps(schema)  # serialisable
 
 

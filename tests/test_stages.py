@@ -16,6 +16,7 @@ from bsafe_data.generate.builtin import BuiltinGenerator
 from bsafe_data.label import backtrack_counts, chat_frame
 from bsafe_data.methods.base import ChunkOutput
 from bsafe_data.recipe import DedupeSpec, FilterSpec, parse_recipe
+from bsafe_data.rows import ROW_FEATURES
 from bsafe_data.sources import Conversation, SourceRef
 from bsafe_data.stages import adjust, classify, count, generate, rules
 from bsafe_data.stages.dedupe import find_duplicates
@@ -270,6 +271,8 @@ def test_executor_shards_chunks_by_rank_and_resumes(tmp_path: Path):
     assert [len(c) for c in chunked(items, 10)] == [10, 10, 10, 10, 5]
 
     class Counting:
+        features = ROW_FEATURES
+
         def __init__(self):
             self.calls = []
 

@@ -34,6 +34,8 @@ from bsafe_data.stages.stats import ChunkStats
 
 SPLITS = ("train", "test")
 ProgressFn = Callable[[ChunkStats], None]
+#: (index, source items to process or None when resumed, counters of a resumed chunk or None)
+PlannedChunk = tuple[int, "list[SourceItem] | None", "ChunkStats | None"]
 
 
 def fingerprint(recipe: Recipe, limit: int | None) -> str:
@@ -132,6 +134,19 @@ class LocalExecutor:
         self.rank = rank
         self.world_size = world_size
 
+    def chunks(self, items: Iterable[SourceItem]) -> Iterator[PlannedChunk]:
+        """(index, chunk, None) for this worker's chunks to process; (index, None, stats) for the
+        finished ones it resumes."""
+        for index, chunk in enumerate(chunked(items, self.recipe.output.chunk_rows)):
+            if index % self.world_size != self.rank:
+                continue
+            done = self.work / chunk_name(index)
+            stats = read_chunk_stats(done) if done.exists() else None
+            if stats is not None and not stats.transient:  # finished for good: resume it
+                yield index, None, stats
+            else:  # new, or holding transient failures a re-run retries (cached answers are free)
+                yield index, chunk, None
+
     def run(
         self,
         items: Iterable[SourceItem],
@@ -141,24 +156,25 @@ class LocalExecutor:
         """Process (or resume) this worker's chunks of ``items``."""
         method: Method | None = None
         run = ChunkRun([], [], 0)
-        for index, chunk in enumerate(chunked(items, self.recipe.output.chunk_rows)):
-            if index % self.world_size != self.rank:
-                continue
-            done = self.work / chunk_name(index)
-            stats = read_chunk_stats(done) if done.exists() else None
-            if stats is not None and not stats.transient:  # finished for good: resume it
+        for index, chunk, stats in self.chunks(items):
+            if chunk is None:
                 run.resumed += 1
-            else:  # new, or holding transient failures a re-run retries (cached answers are free)
+            else:
                 method = method or load()
-                out = method.process(chunk)
-                with method.timed("write_chunks"):
-                    write_chunk(self.work, index, out, method.features)
-                stats = out.stats
-            run.chunks.append(done)
+                stats = run_chunk(method, self.work, index, chunk)
+            run.chunks.append(self.work / chunk_name(index))
             run.stats.append(stats)
             if progress:
                 progress(stats)
         return run
+
+
+def run_chunk(method: Method, work: Path, index: int, chunk: list[SourceItem]) -> ChunkStats:
+    """Process one chunk and write it as finished chunk ``index``; its counters."""
+    out = method.process(chunk)
+    with method.timed("write_chunks"):
+        write_chunk(work, index, out, method.features)
+    return out.stats
 
 
 def source_ranks(recipe: Recipe) -> dict[str, int]:
