@@ -227,7 +227,7 @@ def refilter(
                 out.stats.source_rows = sources[index]
                 if position == 0:
                     out.stats.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
-                paths.append(write_chunk(work, index, out))
+                paths.append(write_chunk(work, index, out, method.features))
                 parts.append(out.stats)
             total = merge_stats(parts)
             total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))

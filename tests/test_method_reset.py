@@ -178,12 +178,6 @@ def test_trl_dpo_trainer_prepares_the_preference_config(built, cache, tmp_path):
     trainer.train()  # one optimizer step on the pairs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="refilter.py calls write_chunk(work, index, out) without method.features, so a method with its "
-    "own columns (Reset: unsafe_continuation) gets chunks of another schema; remove this mark once "
-    "refilter passes method.features",
-)
 def test_refilter_rebuilds_the_preference_config(built, tmp_path):
     from bsafe_data.refilter import refilter
 
