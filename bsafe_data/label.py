@@ -1,10 +1,10 @@
 """Splicing, control tokens, backtrack counts (X) and rendering of training text.
 
-Spans are the truth (DESIGN.md §2): a row stores the original response, the injection offset and
+Spans are the truth (README, "The row contract"): a row stores the original response, the injection offset and
 the inserted texts. Everything here *derives* training strings and token counts from those spans for
 a given tokenizer, so a dataset built once can be re-rendered for any model.
 
-Token invariant (DESIGN.md §4): for every tokenizer, ``encode(head + part1)`` is a prefix of
+Token invariant (README, "How a row is made"): for every tokenizer, ``encode(head + part1)`` is a prefix of
 ``encode(head + part1 + steering + violation)`` and X is the difference in length. ``head`` is the
 chat-template text before the assistant answer, so X is counted exactly as a trainer would see it.
 

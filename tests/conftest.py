@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Nothing may download at test time (DESIGN.md §7): set before transformers/datasets are imported.
+# Nothing may download at test time: set before transformers/datasets are imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

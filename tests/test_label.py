@@ -2,7 +2,7 @@
 
 The expected values are computed here, independently, with the tokenizers themselves: X is the growth
 of ``encode(head + part1)`` when the inserted text is appended, valid only when the shorter encoding is a
-prefix of the longer one (DESIGN.md §4).
+prefix of the longer one (README, "How a row is made").
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def test_flagship_recipe_validates():
     assert [s.path for s in recipe.sources] == ["builtin:everyday_chat"]
     assert recipe.tokenizers.all == ["builtin:qwen2.5", "builtin:phi-3-mini"]
     assert recipe.control.format == "[CATEGORY {category}][BACKTRACK_BY_{x}]"
-    assert 0 < recipe.sampling.clean_fraction < 1  # clean rows are mixed in (DESIGN.md §1)
+    assert 0 < recipe.sampling.clean_fraction < 1  # clean rows are mixed in (README, "How a row is made")
     # Defaults not written in the file are filled in: all 18 RLBF categories, weight 1.
     assert recipe.sampling.categories == dict.fromkeys(RLBF_CATEGORIES, 1.0)
 
