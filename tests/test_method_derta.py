@@ -192,3 +192,116 @@ def test_export_in_the_authors_layout(built, rows, tmp_path):
 def test_plan_works():
     proc = run_cli("plan", str(RECIPE))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# -- refusals written by the generator (generator.provider: openai, the local test servers) --------
+
+KEY = "sk-test-derta-7171"
+BLAND = "Here is a continuation without any of the requested tags."  # the test server's `notags` answer
+
+
+@pytest.fixture(scope="module")
+def servers():
+    from tests.guard_server import GuardServer
+    from tests.openai_server import ServerProcess
+
+    with ServerProcess(model="gen-model", api_key=KEY) as gen, GuardServer() as guard:
+        yield gen, guard
+
+
+def no_refusal_corpus(path: Path, n: int, markers: dict[int, str]) -> Path:
+    """The first ``n`` bundled harmful rows without their refusal column; ``markers`` are appended
+    to the prompt of row i (the test server reads them)."""
+    lines = (REPO / "bsafe_data" / "data" / "harmful" / "harmful_chat.jsonl").read_text().splitlines()[:n]
+    with path.open("w") as handle:
+        for i, line in enumerate(lines):
+            row = json.loads(line)
+            prompt = f"{row['prompt']} {markers.get(i, '')}".strip()
+            record = {"id": row["id"], "prompt": prompt, "harmful_response": row["harmful_response"]}
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def llm_build(servers, corpus: Path, out: Path, cache: Path) -> subprocess.CompletedProcess:
+    """``recipes/derta.yaml`` on ``corpus`` (+3 helpful chats), the generator and a llama_guard
+    classifier on the test servers."""
+    import yaml
+
+    gen, guard = servers
+    data = yaml.safe_load(RECIPE.read_text())
+    data["sources"] = [
+        {"path": str(corpus), "mapping": {"prompt": "prompt", "response": "harmful_response"}},
+        {"path": "builtin:everyday_chat", "limit": 3},
+    ]
+    data["derta"]["harmful_source"] = str(corpus)
+    data["generator"] = {"provider": "openai", "model": "gen-model", "base_url": gen.url,
+                         "api_key_env": "BSAFE_TEST_KEY", "timeout_s": 2, "max_retries": 1}  # fmt: skip
+    data["filters"]["classifiers"] = [
+        {"name": "builtin", "provider": "builtin", "threshold": 0.5},
+        {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": guard.url},
+    ]
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    args = [CLI, "build", str(recipe), "--out", str(out), "--cache-dir", str(cache)]
+    env = {**os.environ, "BSAFE_TEST_KEY": KEY}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert KEY not in proc.stdout + proc.stderr
+    return proc
+
+
+def parquet_rows(out: Path) -> tuple[list[dict], list[dict]]:
+    """(kept, rejected) rows of a build folder, read straight from its parquet files."""
+    import pyarrow.parquet as pq
+
+    kept = [r for f in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    rejected = [r for f in sorted((out / "rejected").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return kept, rejected
+
+
+def parquet_bytes(out: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*.parquet"))}
+
+
+def test_generator_writes_missing_refusals_caches_them_and_a_fault_is_transient(servers, tmp_path):
+    gen, guard = servers
+    gen.reset()
+    guard.reset()
+    n, bland = 6, {0, 3}  # rows 0 and 3 get a bland refusal (kept); the others an insult (rejected)
+    corpus = no_refusal_corpus(tmp_path / "c.jsonl", n, {i: "[[fault:notags:0]]" for i in bland})
+    ids = [json.loads(line)["id"] for line in corpus.read_text().splitlines()]
+    cache = tmp_path / "cache"
+
+    first = llm_build(servers, corpus, tmp_path / "a", cache)
+    assert first.returncode == 0, first.stderr[-2000:]
+    sent, judged = gen.stats()["chat"], guard.requests()
+    assert sent == n  # exactly one refusal request per harmful row without a refusal
+    assert judged > 0
+    kept, rejected = parquet_rows(tmp_path / "a")
+    harmful_kept = [r for r in kept if r["kind"] != "helpful"]
+    assert {r["source"]["id"] for r in harmful_kept} == {ids[i] for i in bland}
+    assert {r["kind"] for r in harmful_kept} == {"harmful_prefix", "refusal_token"}
+    for row in harmful_kept:
+        assert row["response"] == BLAND
+        assert row["generator"]["model"] == "gen-model"
+        assert row["generator"]["template"] == "derta/refusal/1"
+        if row["kind"] == "harmful_prefix":
+            assert row["completion"].startswith(BLAND)
+    assert all("missing_companion" not in r["reasons"] for r in rejected)
+    # the insulting refusals were written, then failed the trained-answer safety rule
+    written_rejected = {r["source"]["id"] for r in rejected if r["kind"] != "helpful"}
+    assert written_rejected == {ids[i] for i in range(n) if i not in bland}
+    assert any(r["kind"] == "helpful" for r in kept)
+
+    again = llm_build(servers, corpus, tmp_path / "b", cache)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert gen.stats()["chat"] == sent and guard.requests() == judged  # all from the cache
+    assert parquet_bytes(tmp_path / "b") == parquet_bytes(tmp_path / "a")
+
+    hit = 1  # its refusal request always fails
+    no_refusal_corpus(corpus, n, {**{i: "[[fault:notags:0]]" for i in bland}, hit: "[[fault:503:0]]"})
+    broken = llm_build(servers, corpus, tmp_path / "c", cache)
+    assert broken.returncode == 3, broken.stderr[-2000:]  # built, incomplete: a re-run retries the row
+    _, rejected = parquet_rows(tmp_path / "c")
+    reasons = {r["id"]: r["reasons"] for r in rejected if r["source"]["id"] == ids[hit]}
+    assert len(reasons) == 2 and all(v == ["generator_error"] for v in reasons.values())  # v0 and rto
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"] is False

@@ -193,3 +193,113 @@ def test_refilter_rebuilds_the_preference_config(built, tmp_path):
 def test_plan_works():
     proc = run_cli("plan", str(RECIPE))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# -- safe answers written by the generator (generator.provider: openai, the local test servers) ----
+
+KEY = "sk-test-reset-7272"
+BLAND = "Here is a continuation without any of the requested tags."  # the test server's `notags` answer
+
+
+@pytest.fixture(scope="module")
+def servers():
+    from tests.guard_server import GuardServer
+    from tests.openai_server import ServerProcess
+
+    with ServerProcess(model="gen-model", api_key=KEY) as gen, GuardServer() as guard:
+        yield gen, guard
+
+
+def no_safe_corpus(path: Path, n: int, markers: dict[int, str]) -> Path:
+    """The first ``n`` bundled harmful rows without their safe answers; ``markers`` are appended to
+    the prompt of row i (the test server reads them)."""
+    lines = (REPO / "bsafe_data" / "data" / "harmful" / "harmful_chat.jsonl").read_text().splitlines()[:n]
+    with path.open("w") as handle:
+        for i, line in enumerate(lines):
+            row = json.loads(line)
+            prompt = f"{row['prompt']} {markers.get(i, '')}".strip()
+            record = {"id": row["id"], "prompt": prompt, "harmful_response": row["harmful_response"]}
+            handle.write(json.dumps(record) + "\n")
+    return path
+
+
+def llm_build(servers, corpus: Path, out: Path, cache: Path) -> subprocess.CompletedProcess:
+    """``recipes/reset.yaml`` on ``corpus`` (+3 safe chats), the generator and a llama_guard
+    classifier on the test servers."""
+    import yaml
+
+    gen, guard = servers
+    data = yaml.safe_load(RECIPE.read_text())
+    data["sources"] = [
+        {"path": str(corpus), "mapping": {"prompt": "prompt", "response": "harmful_response"}},
+        {"path": "builtin:everyday_chat", "limit": 3},
+    ]
+    data["reset"]["harmful_source"] = str(corpus)
+    data["generator"] = {"provider": "openai", "model": "gen-model", "base_url": gen.url,
+                         "api_key_env": "BSAFE_TEST_KEY", "timeout_s": 2, "max_retries": 1}  # fmt: skip
+    data["filters"]["classifiers"] = [
+        {"name": "builtin", "provider": "builtin", "threshold": 0.5},
+        {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": guard.url},
+    ]
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    args = [CLI, "build", str(recipe), "--out", str(out), "--cache-dir", str(cache)]
+    env = {**os.environ, "BSAFE_TEST_KEY": KEY}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert KEY not in proc.stdout + proc.stderr
+    return proc
+
+
+def parquet_rows(out: Path, config: str = "data") -> list[dict]:
+    """Rows of one config folder of a build (``data``, ``rejected``, ``preference``), from parquet."""
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted((out / config).glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def parquet_bytes(out: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*.parquet"))}
+
+
+def test_generator_writes_missing_safe_answers_caches_them_and_a_fault_is_transient(servers, tmp_path):
+    gen, guard = servers
+    gen.reset()
+    guard.reset()
+    n, bland = 6, {1, 4}  # rows 1 and 4 get a bland safe answer (kept); the others an insult (rejected)
+    corpus = no_safe_corpus(tmp_path / "c.jsonl", n, {i: "[[fault:notags:0]]" for i in bland})
+    ids = [json.loads(line)["id"] for line in corpus.read_text().splitlines()]
+    cache = tmp_path / "cache"
+
+    first = llm_build(servers, corpus, tmp_path / "a", cache)
+    assert first.returncode == 0, first.stderr[-2000:]
+    sent, judged = gen.stats()["chat"], guard.requests()
+    assert sent == n  # exactly one safe-answer request per harmful row without one
+    assert judged > 0
+    kept, rejected = parquet_rows(tmp_path / "a"), parquet_rows(tmp_path / "a", "rejected")
+    injected = [r for r in kept if r["kind"] == "injected"]
+    assert sorted(r["source"]["id"] for r in injected) == sorted(ids[i] for i in bland)
+    for row in injected:
+        assert row["response"] == BLAND
+        assert row["completion"].startswith(RESET + BLAND)
+        assert row["generator"]["model"] == "gen-model"
+        assert row["generator"]["template"] == "reset/safe_response/1"
+    assert all("missing_companion" not in r["reasons"] for r in rejected)
+    assert {r["source"]["id"] for r in rejected if r["kind"] == "injected"} == {
+        ids[i] for i in range(n) if i not in bland
+    }
+    pairs = {p["row_id"]: p for p in parquet_rows(tmp_path / "a", "preference")}
+    assert all(pairs[r["id"]]["chosen"].startswith(RESET + BLAND) for r in injected)
+
+    again = llm_build(servers, corpus, tmp_path / "b", cache)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert gen.stats()["chat"] == sent and guard.requests() == judged  # all from the cache
+    assert parquet_bytes(tmp_path / "b") == parquet_bytes(tmp_path / "a")
+
+    hit = 2  # its safe-answer request always fails
+    no_safe_corpus(corpus, n, {**{i: "[[fault:notags:0]]" for i in bland}, hit: "[[fault:503:0]]"})
+    broken = llm_build(servers, corpus, tmp_path / "c", cache)
+    assert broken.returncode == 3, broken.stderr[-2000:]  # built, incomplete: a re-run retries the row
+    rejected = parquet_rows(tmp_path / "c", "rejected")
+    reasons = [r["reasons"] for r in rejected if r["source"]["id"] == ids[hit]]
+    assert reasons == [["generator_error"]]
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"] is False

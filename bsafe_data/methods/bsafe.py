@@ -37,7 +37,6 @@ prefix/violation/control/continuation and ``prompt``/``completion`` the primary 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Sequence
@@ -52,13 +51,10 @@ from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score
 from bsafe_data.classify.builtin import BuiltinClassifier
 from bsafe_data.classify.judge import JudgeClassifier
 from bsafe_data.classify.taxonomy import to_recipe
+from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
 from bsafe_data.label import control_atoms, control_text
-from bsafe_data.llm.cache import ResponseCache, request_key
-from bsafe_data.llm.errors import RequestFailed
-from bsafe_data.llm.loop import off_running_loop
-from bsafe_data.llm.transport import Transport, resolve_endpoint
 from bsafe_data.methods.base import ChunkOutput, Method, error_detail, register_method
-from bsafe_data.recipe import ControlSpec, GeneratorSpec, Recipe, Strict
+from bsafe_data.recipe import ControlSpec, Recipe, Strict
 from bsafe_data.sources import Conversation, SourceItem
 from bsafe_data.stages import adjust, count, hygiene
 from bsafe_data.stages import rules as rules_stage
@@ -130,119 +126,15 @@ class RepairRecord(Record):
     continuation: str = ""
 
 
-@dataclass(frozen=True)
-class Written:
-    """One continuation answer: the text, or a reason code (``transient`` failures are retried)."""
-
-    text: str = ""
-    error: str | None = None
-    detail: str = ""
-    transient: bool = False
+#: The continuation prompt of the shared text writer (``generate.text``).
+CONTINUE_PROMPT = TextPrompt(CONTINUE_PROTOCOL, CONTINUE_SYSTEM)
 
 
-class ContinuationWriter:
-    """Asks an OpenAI-compatible endpoint for safe continuations; answers go to the response cache.
-
-    The package's one transport (retries, backoff, fatal errors) and cache are used; failed requests
-    are not cached, so a re-run asks again for exactly those rows.
-    """
-
-    def __init__(self, spec: GeneratorSpec, cache_dir: Path | None = None):
-        self.spec = spec
-        endpoint = resolve_endpoint(spec.base_url, spec.api_key_env)
-        self._transport = Transport(
-            endpoint.base_url,
-            endpoint.api_key,
-            role="generator",
-            max_concurrency=spec.max_concurrency,
-            timeout_s=spec.timeout_s,
-            max_retries=spec.max_retries,
-            requests_per_minute=spec.requests_per_minute,
-            tokens_per_minute=spec.tokens_per_minute,
-            backoff_max_s=30.0,
-        )
-        self._cache = ResponseCache(cache_dir)
-        self.usage = {"requests": 0, "cache_hits": 0, "errors": 0}
-
-    def payload(self, context: Sequence[tuple[str, str]], before: str, seed: int) -> dict[str, Any]:
-        """The chat request that continues ``before`` safely."""
-        turns = "\n".join(f"[{role}]\n{content}\n" for role, content in context)
-        user = (
-            f"<conversation>\n{turns}</conversation>\n\n<partial_answer>\n{before}\n</partial_answer>\n\n"
-            + ("Continue this answer." if before else "The answer has not started yet: write it.")
-        )
-        spec = self.spec
-        return {
-            "model": spec.model,
-            "messages": [{"role": "system", "content": CONTINUE_SYSTEM}, {"role": "user", "content": user}],
-            "temperature": spec.temperature,
-            "top_p": spec.top_p,
-            "max_tokens": spec.max_tokens,
-            "seed": spec.seed if spec.seed is not None else seed,
-        }
-
-    def write(self, jobs: Sequence[tuple[Sequence[tuple[str, str]], str, int]]) -> list[Written]:
-        """One ``Written`` per (context, before, seed), in order."""
-        bodies = [
-            json.dumps(self.payload(*job), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-            for job in jobs
-        ]
-        keys = [request_key(b, CONTINUE_PROTOCOL) for b in bodies]
-        found = {k: (hit.text, hit.finish_reason) for k, hit in self._cache.get_many(keys).items()}
-        self.usage["cache_hits"] += sum(1 for k in keys if k in found)
-        todo = {k: b for k, b in zip(keys, bodies, strict=True) if k not in found}
-        failed: dict[str, str] = {}
-        if todo:
-            fetched = off_running_loop(asyncio.run, self._fetch(todo))
-            self.usage["requests"] = self._transport.stats.requests
-            for key, result in fetched.items():
-                if isinstance(result, RequestFailed):
-                    failed[key] = result.reason
-                    self.usage["errors"] += 1
-                else:
-                    found[key] = result
-                    self._cache.put(key, model=self.spec.model, status="ok", text=result[0],
-                                    finish_reason=result[1])  # fmt: skip
-            self._cache.flush()
-        return [self._parse(found.get(k), failed.get(k, "")) for k in keys]
-
-    @staticmethod
-    def _parse(answer: tuple[str, str | None] | None, failure: str) -> Written:
-        if answer is None:
-            return Written(error="generator_error", detail=f"generator: {failure}", transient=True)
-        text, finish = answer
-        if finish == "content_filter":
-            return Written(error="generator_refused", detail="generator: finish_reason=content_filter")
-        if finish == "length":
-            return Written(error="generator_unparseable", detail="generator: finish_reason=length")
-        if not text.strip():
-            return Written(error="generator_unparseable", detail="generator: empty continuation")
-        return Written(text=text.strip())
-
-    async def _fetch(self, todo: dict[str, bytes]) -> dict[str, tuple[str, str | None] | RequestFailed]:
-        out: dict[str, tuple[str, str | None] | RequestFailed] = {}
-
-        def extract(raw: bytes) -> tuple[str, str | None]:
-            choice = json.loads(raw)["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
-            if not isinstance(text, str):
-                raise ValueError("content is not a string")
-            return text, choice.get("finish_reason")
-
-        async def one(entry: tuple[str, bytes]) -> None:
-            key, body = entry
-            try:
-                out[key] = await self._transport.post("/chat/completions", body, extract)
-            except RequestFailed as exc:
-                out[key] = exc
-
-        async with self._transport as transport:
-            await transport.run(list(todo.items()), one, len(todo))
-        return out
-
-    def close(self) -> None:
-        """Commit and close the cache."""
-        self._cache.close()
+def continuation_message(context: Sequence[tuple[str, str]], before: str) -> str:
+    """The user message that asks for the safe continuation of ``before``."""
+    return f"{render_conversation(context)}\n\n<partial_answer>\n{before}\n</partial_answer>\n\n" + (
+        "Continue this answer." if before else "The answer has not started yet: write it."
+    )
 
 
 def bundled_continuations(path: str | Path | None) -> dict[str, str]:
@@ -388,11 +280,11 @@ class BsafeMethod(Method):
 
     # -- 2. continue ----------------------------------------------------------------------------
     @cached_property
-    def writer(self) -> ContinuationWriter | None:
+    def writer(self) -> TextWriter | None:
         """The continuation writer (None offline: the generator is the builtin one, as in plan)."""
         if self.resources.generator.backend == "builtin":
             return None
-        writer = ContinuationWriter(self.recipe.generator, self.resources.cache_dir)
+        writer = TextWriter(self.recipe.generator, CONTINUE_PROMPT, self.resources.cache_dir)
         self.resources.close_later(writer.close)
         return writer
 
@@ -413,7 +305,7 @@ class BsafeMethod(Method):
                 for r in live
             ]
         else:
-            results = writer.write([(r.conv.context, r.part1, r.seed) for r in live])
+            results = writer.write([(continuation_message(r.conv.context, r.part1), r.seed) for r in live])
         for record, written in zip(live, results, strict=True):
             assert isinstance(record, RepairRecord)
             if written.error:

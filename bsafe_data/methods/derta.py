@@ -20,13 +20,20 @@ harmful answer, and the refusal is its column ``derta.refusal_column`` (read wit
 spec, keyed by source row id). The refusal is each harmful row's ``response`` (the safe answer);
 the harmful text is ``injection.violation`` (offset 0). ``export_derta`` writes the authors' training
 layout (``prefix``/``text``/``safe`` records of their ``generate_training_data.py``).
+
+Missing refusals: offline (the builtin generator) a harmful row without one is rejected
+``missing_companion``. With ``generator.provider: openai`` the generator writes it (``generate.text``,
+prompt: the conversation; protocol ``derta/refusal/1``; answers cached): one request per harmful row
+without a refusal, before its cut is sampled. A failed request rejects the row's records
+``generator_error`` (transient: a re-run retries them), ``generator_refused`` /
+``generator_unparseable``; written text passes the generated-text checks (length, control strings).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -36,11 +43,12 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from bsafe_data.classify.base import Item
+from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
 from bsafe_data.label import Rendered, RenderError, chat_frame, clean_segments, tokenize_rendered
-from bsafe_data.methods.base import Method, register_method
-from bsafe_data.recipe import Recipe, SourceSpec, Strict
-from bsafe_data.sources import Conversation, read_source
-from bsafe_data.stages import count
+from bsafe_data.methods.base import ChunkOutput, Method, register_method
+from bsafe_data.recipe import LimitsSpec, Recipe, SourceSpec, Strict
+from bsafe_data.sources import Conversation, SourceItem, read_source
+from bsafe_data.stages import count, hygiene
 from bsafe_data.stages.record import Injection, Record
 from bsafe_data.stages.rows import base_row
 from bsafe_data.stages.sample import row_seed
@@ -53,6 +61,15 @@ _CUT_DRAWS = 32
 #: The authors' prompt template and end-of-text marker (``generate_training_data.py``).
 AUTHORS_TEMPLATE = "[INST] {} [\\INST]"
 AUTHORS_EOS = "<|end_of_text|>"
+#: The kind of a placeholder record: a harmful row whose companion text (refusal) is still unwritten.
+PENDING = "pending_companion"
+#: How the generator writes a missing refusal (``generate.text``); the protocol is part of the cache key.
+REFUSAL_PROMPT = TextPrompt(
+    "derta/refusal/1",
+    "You write the assistant's reply to a request it must not help with: a brief, polite refusal "
+    "that gives no help with the request and may point to a safe alternative, with no insults, no "
+    "personal data and no risky advice. Reply with the refusal text only.",
+)
 
 
 class DertaSpec(Strict):
@@ -96,6 +113,48 @@ def companion_texts(sources: Sequence[SourceSpec], source_name: str, column: str
     spec = next(s for s in sources if s.name == source_name)
     companion = spec.model_copy(update={"mapping": spec.mapping.model_copy(update={"response": column})})
     return {item.ref.id: item.response for item in read_source(companion) if isinstance(item, Conversation)}
+
+
+def companion_writer(method: Method, prompt: TextPrompt) -> TextWriter | None:
+    """The writer of missing companion texts (None offline: the generator is the builtin one)."""
+    if method.resources.generator.backend == "builtin":
+        return None
+    writer = TextWriter(method.recipe.generator, prompt, method.resources.cache_dir)
+    method.resources.close_later(writer.close)
+    return writer
+
+
+def checked_text(written: Written, limits: LimitsSpec, controls: Any) -> Written:
+    """``written`` after the generated-text checks: too long or invalid text, control strings
+    (rejected or escaped as ``limits.control_strings`` says)."""
+    if written.error:
+        return written
+    problem = hygiene.generated_problem(written.text, limits)
+    if problem is not None:
+        return Written(error=problem[0], detail=problem[1])
+    found = hygiene.first_match(controls, [("the written answer", written.text)])
+    if found is None:
+        return written
+    if limits.control_strings == "reject":
+        return Written(error="generated_contains_control", detail=found)
+    return Written(text=hygiene.escape(written.text, controls))
+
+
+def write_pending(
+    records: list[Record],
+    writer: TextWriter,
+    message: Callable[[Conversation], str],
+    replan: Callable[[Conversation, Written], list[Record]],
+) -> tuple[list[Record], list[Record]]:
+    """Write the companion text of every ``PENDING`` record (one request each, cached) and put the
+    records ``replan`` makes from it in their place; (all records, the replanned ones)."""
+    pending = [r for r in records if r.kind == PENDING]
+    if not pending:
+        return records, []
+    written = writer.write([(message(r.conv), r.seed) for r in pending])
+    made = {id(r): replan(r.conv, w) for r, w in zip(pending, written, strict=True)}
+    out = [x for r in records for x in made.get(id(r), [r])]
+    return out, [x for new in made.values() for x in new]
 
 
 def cut_points(tokenizer: Any, text: str) -> tuple[list[int], int]:
@@ -205,7 +264,8 @@ def prefix_labels(row: dict[str, Any], tokenizer: Any) -> dict[str, list[int]]:
 
 @register_method
 class DertaMethod(Method):
-    """Harmful-prefix MLE rows, RTO rows and helpful rows; no generator, no control tokens."""
+    """Harmful-prefix MLE rows, RTO rows and helpful rows; no control tokens (the generator only
+    writes missing refusals)."""
 
     name = "derta"
     recipe_model = DertaRecipe
@@ -213,36 +273,76 @@ class DertaMethod(Method):
     loss_segments = ("continuation", "violation")  # violation: only in RTO rows (transition target)
     recipe: DertaRecipe
 
+    def __init__(self, recipe: Recipe, resources: Any):
+        super().__init__(recipe, resources)
+        self._written: set[str] = set()  # row ids whose refusal the generator wrote, until their row
+
     @cached_property
     def refusals(self) -> dict[str, str]:
         """Refusal by harmful source row id."""
         spec = self.recipe.derta
         return companion_texts(self.recipe.sources, spec.harmful_source, spec.refusal_column)
 
+    @cached_property
+    def writer(self) -> TextWriter | None:
+        """The refusal writer (None offline: missing refusals are ``missing_companion``)."""
+        return companion_writer(self, REFUSAL_PROMPT)
+
     def _harmful(self, conv: Conversation) -> bool:
         return conv.ref.dataset == self.recipe.derta.harmful_source
 
     def source_reason(self, conv: Conversation, spans: list[tuple[int, int]]) -> str | None:
-        """``missing_companion`` for harmful prompts without a refusal."""
-        if self._harmful(conv) and not self.refusals.get(conv.ref.id, "").strip():
+        """``missing_companion`` for harmful prompts without a refusal (offline only)."""
+        if self._harmful(conv) and not self.refusals.get(conv.ref.id, "").strip() and self.writer is None:
             return "missing_companion"
         return None
 
+    def prepare(self, items: Sequence[SourceItem], out: ChunkOutput) -> list[Record]:
+        """Plan the chunk; then write the missing refusals and plan those harmful rows."""
+        records = super().prepare(items, out)
+        if self.writer is None:
+            return records
+
+        def message(conv: Conversation) -> str:
+            return f"{render_conversation(conv.context)}\n\nWrite the assistant's refusal."
+
+        def replan(conv: Conversation, written: Written) -> list[Record]:
+            written = checked_text(written, self.recipe.limits, self._controls)
+            return self._plan_harmful(conv, written.text, written)
+
+        records, made = write_pending(records, self.writer, message, replan)
+        self._breaker(made)
+        return records
+
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
-        """Helpful: one row. Harmful: ``prefix_variants`` harmful_prefix rows and one RTO row."""
+        """Helpful: one row. Harmful: ``prefix_variants`` harmful_prefix rows and one RTO row (a
+        ``PENDING`` placeholder while the generator has the refusal to write)."""
         key = self.source_key(conv)
         split = self.split_of(conv.ref.dataset, conv.ref.id)
         if not self._harmful(conv):
             return [Record(conv, key, split, self.record_seed(conv, 0), "helpful", spans)]
+        refusal = self.refusals.get(conv.ref.id, "")
+        if not refusal.strip():
+            return [Record(conv, key, split, self.record_seed(conv, 0), PENDING)]
+        return self._plan_harmful(conv, refusal)
+
+    def _plan_harmful(self, conv: Conversation, refusal: str, written: Written | None = None) -> list[Record]:
+        """The records of a harmful row with its refusal (``written``: the generator's answer, whose
+        error, if any, rejects every record)."""
+        key = self.source_key(conv)
+        split = self.split_of(conv.ref.dataset, conv.ref.id)
         spec = self.recipe.derta
         harmful = conv.response
-        answer = replace(conv, response=self.refusals[conv.ref.id])  # the row's safe answer
+        answer = replace(conv, response=refusal)  # the row's safe answer
         tokenizer = self.tokenizers[self.primary]
         records = []
         for variant in range(spec.prefix_variants):
             seed = self.record_seed(conv, variant)
             record = Record(answer, f"{key}/v{variant}", split, seed, "harmful_prefix")
             records.append(record)
+            if written is not None and written.error:
+                record.reject(written.error, written.detail, transient=written.transient)
+                continue
             if zero_prefix(conv.ref.index, variant, spec.prefix_variants, spec.zero_prefix_fraction):
                 continue
             cut = sample_prefix(tokenizer, harmful, random.Random(seed), follow=answer.response)
@@ -255,7 +355,11 @@ class DertaMethod(Method):
             seed = self.record_seed(conv, spec.prefix_variants)
             rto = Record(answer, f"{key}/rto", split, seed, "refusal_token")
             rto.injection = Injection(0, 0, "", 1.0, "", harmful)
+            if written is not None and written.error:
+                rto.reject(written.error, written.detail, transient=written.transient)
             records.append(rto)
+        if written is not None and not written.error:
+            self._written.update(r.row_id for r in records)
         return records
 
     def label(self, records: list[Record]) -> int:
@@ -292,6 +396,11 @@ class DertaMethod(Method):
         head, tail = record.frames.get(self.primary, ("", ""))
         row["kind"] = record.kind
         row["scores"] = record.scores
+        if record.row_id in self._written:
+            self._written.discard(record.row_id)
+            generator = self.resources.generator
+            row["generator"] = {"backend": generator.backend, "model": generator.model,
+                                "template": REFUSAL_PROMPT.protocol, "seed": record.seed}  # fmt: skip
         response = record.conv.response
         injection = record.injection
         if injection is not None:

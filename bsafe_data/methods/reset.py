@@ -16,6 +16,10 @@ DPO pairs (config ``preference``, TRL's standard preference format, derived from
 continuation; on safe prompts, chosen = the safe answer, rejected = ``[RESET]`` ⊕ the safe answer (a
 needless reset). ``[RESET]`` is the one control atom (``control_vocabulary``): add it as a special
 token so it is a single token for every tokenizer.
+
+Missing safe answers: offline (the builtin generator) a harmful row without one is rejected
+``missing_companion``; with ``generator.provider: openai`` the generator writes it (``generate.text``,
+protocol ``reset/safe_response/1``, cached; failures as in DeRTa: ``generator_error`` is transient).
 """
 
 from __future__ import annotations
@@ -31,12 +35,20 @@ import datasets
 from pydantic import Field, model_validator
 
 from bsafe_data.classify.base import Item
+from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
 from bsafe_data.label import clean_segments, segments_for
-from bsafe_data.methods.base import Method, register_method
-from bsafe_data.methods.derta import companion_texts, sample_prefix
+from bsafe_data.methods.base import ChunkOutput, Method, register_method
+from bsafe_data.methods.derta import (
+    PENDING,
+    checked_text,
+    companion_texts,
+    companion_writer,
+    sample_prefix,
+    write_pending,
+)
 from bsafe_data.recipe import Recipe, Strict
 from bsafe_data.rows import PREFERENCE_FEATURES, ROW_FEATURES
-from bsafe_data.sources import Conversation
+from bsafe_data.sources import Conversation, SourceItem
 from bsafe_data.stages import count
 from bsafe_data.stages.record import Injection, Record
 from bsafe_data.stages.rows import base_row
@@ -45,6 +57,13 @@ from bsafe_data.stages.stats import ChunkStats
 RESET_TOKEN = "[RESET]"
 #: The default config's columns: the row contract plus the rest of the unsafe answer.
 RESET_FEATURES = datasets.Features({**ROW_FEATURES, "unsafe_continuation": datasets.Value("string")})
+#: How the generator writes a missing safe answer (``generate.text``); the protocol is part of the cache key.
+SAFE_PROMPT = TextPrompt(
+    "reset/safe_response/1",
+    "You write the assistant's safe reply to a request that may be harmful: decline what would cause "
+    "harm, help with what is safe, stay respectful and on topic, with no insults, no personal data "
+    "and no risky advice. Reply with the answer text only.",
+)
 
 
 class ResetSpec(Strict):
@@ -112,6 +131,7 @@ class ResetMethod(Method):
     def __init__(self, recipe: Recipe, resources: Any):
         super().__init__(recipe, resources)
         self._continuations: dict[str, str] = {}  # row id -> rest of the unsafe answer, until its row
+        self._written: set[str] = set()  # row ids whose safe answer the generator wrote, until their row
 
     @cached_property
     def safe_answers(self) -> dict[str, str]:
@@ -119,32 +139,71 @@ class ResetMethod(Method):
         spec = self.recipe.reset
         return companion_texts(self.recipe.sources, spec.harmful_source, spec.safe_column)
 
+    @cached_property
+    def writer(self) -> TextWriter | None:
+        """The safe-answer writer (None offline: missing safe answers are ``missing_companion``)."""
+        return companion_writer(self, SAFE_PROMPT)
+
     def _harmful(self, conv: Conversation) -> bool:
         return conv.ref.dataset == self.recipe.reset.harmful_source
 
     def source_reason(self, conv: Conversation, spans: list[tuple[int, int]]) -> str | None:
-        """``missing_companion`` for harmful prompts without a safe answer."""
-        if self._harmful(conv) and not self.safe_answers.get(conv.ref.id, "").strip():
+        """``missing_companion`` for harmful prompts without a safe answer (offline only)."""
+        if self._harmful(conv) and not self.safe_answers.get(conv.ref.id, "").strip() and self.writer is None:
             return "missing_companion"
         return None
 
+    def prepare(self, items: Sequence[SourceItem], out: ChunkOutput) -> list[Record]:
+        """Plan the chunk; then write the missing safe answers and plan those harmful rows."""
+        records = super().prepare(items, out)
+        if self.writer is None:
+            return records
+
+        def message(conv: Conversation) -> str:
+            return f"{render_conversation(conv.context)}\n\nWrite the assistant's safe answer."
+
+        def replan(conv: Conversation, written: Written) -> list[Record]:
+            written = checked_text(written, self.recipe.limits, self._controls)
+            return [self._plan_harmful(conv, written.text, written)]
+
+        records, made = write_pending(records, self.writer, message, replan)
+        self._breaker(made)
+        return records
+
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
-        """One record per conversation: a reset after a sampled unsafe prefix, or a clean answer."""
+        """One record per conversation: a reset after a sampled unsafe prefix, or a clean answer (a
+        ``PENDING`` placeholder while the generator has the safe answer to write)."""
         key = self.source_key(conv)
         split = self.split_of(conv.ref.dataset, conv.ref.id)
         seed = self.record_seed(conv, 0)
         if not self._harmful(conv):
             return [Record(conv, key, split, seed, "clean", spans)]
+        safe = self.safe_answers.get(conv.ref.id, "")
+        if not safe.strip():
+            return [Record(conv, key, split, seed, PENDING)]
+        return [self._plan_harmful(conv, safe)]
+
+    def _plan_harmful(self, conv: Conversation, safe: str, written: Written | None = None) -> Record:
+        """The ``injected`` record of a harmful row with its safe answer (``written``: the generator's
+        answer, whose error, if any, rejects the record)."""
+        key = self.source_key(conv)
+        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        seed = self.record_seed(conv, 0)
         unsafe = conv.response
-        record = Record(replace(conv, response=self.safe_answers[conv.ref.id]), key, split, seed, "injected")
+        record = Record(replace(conv, response=safe), key, split, seed, "injected")
+        if written is not None:
+            if written.error:
+                record.reject(written.error, written.detail, transient=written.transient)
+                return record
+            self._written.add(record.row_id)
         cut = sample_prefix(self.tokenizers[self.primary], unsafe, random.Random(seed))
         if cut is None:
             record.reject("harmful_too_short", "no clean token cut point inside the unsafe answer")
-            return [record]
+            return record
         k, n, prefix = cut
         record.injection = Injection(0, 0, "", k / n, "", prefix)
         self._continuations[record.row_id] = unsafe[len(prefix) :]
-        return [record]
+        return record
 
     def label(self, records: list[Record]) -> int:
         """Chat frames; X (tokens the reset discards) of the unsafe prefix for every tokenizer."""
@@ -169,6 +228,11 @@ class ResetMethod(Method):
         head, tail = record.frames.get(self.primary, ("", ""))
         row["scores"] = record.scores
         row["unsafe_continuation"] = self._continuations.pop(record.row_id, "")
+        if record.row_id in self._written:
+            self._written.discard(record.row_id)
+            generator = self.resources.generator
+            row["generator"] = {"backend": generator.backend, "model": generator.model,
+                                "template": SAFE_PROMPT.protocol, "seed": record.seed}  # fmt: skip
         response = record.conv.response
         injection = record.injection
         row["kind"] = record.kind
