@@ -222,7 +222,9 @@ def no_refusal_corpus(path: Path, n: int, markers: dict[int, str]) -> Path:
     return path
 
 
-def llm_build(servers, corpus: Path, out: Path, cache: Path) -> subprocess.CompletedProcess:
+def llm_build(
+    servers, corpus: Path, out: Path, cache: Path, offline: bool = False
+) -> subprocess.CompletedProcess:
     """``recipes/derta.yaml`` on ``corpus`` (+3 helpful chats), the generator and a llama_guard
     classifier on the test servers."""
     import yaml
@@ -234,12 +236,13 @@ def llm_build(servers, corpus: Path, out: Path, cache: Path) -> subprocess.Compl
         {"path": "builtin:everyday_chat", "limit": 3},
     ]
     data["derta"]["harmful_source"] = str(corpus)
-    data["generator"] = {"provider": "openai", "model": "gen-model", "base_url": gen.url,
-                         "api_key_env": "BSAFE_TEST_KEY", "timeout_s": 2, "max_retries": 1}  # fmt: skip
-    data["filters"]["classifiers"] = [
-        {"name": "builtin", "provider": "builtin", "threshold": 0.5},
-        {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": guard.url},
-    ]
+    if not offline:  # offline: the recipe's own builtin generator and classifier
+        data["generator"] = {"provider": "openai", "model": "gen-model", "base_url": gen.url,
+                             "api_key_env": "BSAFE_TEST_KEY", "timeout_s": 2, "max_retries": 1}  # fmt: skip
+        data["filters"]["classifiers"] = [
+            {"name": "builtin", "provider": "builtin", "threshold": 0.5},
+            {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": guard.url},
+        ]
     recipe = out.parent / f"{out.name}.yaml"
     recipe.write_text(yaml.safe_dump(data))
     args = [CLI, "build", str(recipe), "--out", str(out), "--cache-dir", str(cache)]
@@ -305,3 +308,17 @@ def test_generator_writes_missing_refusals_caches_them_and_a_fault_is_transient(
     reasons = {r["id"]: r["reasons"] for r in rejected if r["source"]["id"] == ids[hit]}
     assert len(reasons) == 2 and all(v == ["generator_error"] for v in reasons.values())  # v0 and rto
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"] is False
+
+
+def test_offline_a_missing_refusal_is_missing_companion_and_nothing_is_sent(servers, tmp_path):
+    gen, guard = servers
+    gen.reset()
+    guard.reset()
+    corpus = no_refusal_corpus(tmp_path / "c.jsonl", 4, {})
+    proc = llm_build(servers, corpus, tmp_path / "a", tmp_path / "cache", offline=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert gen.stats()["chat"] == 0 and guard.requests() == 0
+    kept, rejected = parquet_rows(tmp_path / "a")
+    assert all(r["kind"] == "helpful" for r in kept)
+    harmful = [r for r in rejected if r["source"]["dataset"] == str(corpus)]
+    assert len(harmful) == 4 and all(r["reasons"] == ["missing_companion"] for r in harmful)

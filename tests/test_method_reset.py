@@ -223,7 +223,9 @@ def no_safe_corpus(path: Path, n: int, markers: dict[int, str]) -> Path:
     return path
 
 
-def llm_build(servers, corpus: Path, out: Path, cache: Path) -> subprocess.CompletedProcess:
+def llm_build(
+    servers, corpus: Path, out: Path, cache: Path, offline: bool = False
+) -> subprocess.CompletedProcess:
     """``recipes/reset.yaml`` on ``corpus`` (+3 safe chats), the generator and a llama_guard
     classifier on the test servers."""
     import yaml
@@ -235,12 +237,13 @@ def llm_build(servers, corpus: Path, out: Path, cache: Path) -> subprocess.Compl
         {"path": "builtin:everyday_chat", "limit": 3},
     ]
     data["reset"]["harmful_source"] = str(corpus)
-    data["generator"] = {"provider": "openai", "model": "gen-model", "base_url": gen.url,
-                         "api_key_env": "BSAFE_TEST_KEY", "timeout_s": 2, "max_retries": 1}  # fmt: skip
-    data["filters"]["classifiers"] = [
-        {"name": "builtin", "provider": "builtin", "threshold": 0.5},
-        {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": guard.url},
-    ]
+    if not offline:  # offline: the recipe's own builtin generator and classifier
+        data["generator"] = {"provider": "openai", "model": "gen-model", "base_url": gen.url,
+                             "api_key_env": "BSAFE_TEST_KEY", "timeout_s": 2, "max_retries": 1}  # fmt: skip
+        data["filters"]["classifiers"] = [
+            {"name": "builtin", "provider": "builtin", "threshold": 0.5},
+            {"name": "guard", "provider": "llama_guard", "model": "llama-guard-3", "base_url": guard.url},
+        ]
     recipe = out.parent / f"{out.name}.yaml"
     recipe.write_text(yaml.safe_dump(data))
     args = [CLI, "build", str(recipe), "--out", str(out), "--cache-dir", str(cache)]
@@ -303,3 +306,16 @@ def test_generator_writes_missing_safe_answers_caches_them_and_a_fault_is_transi
     reasons = [r["reasons"] for r in rejected if r["source"]["id"] == ids[hit]]
     assert reasons == [["generator_error"]]
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"] is False
+
+
+def test_offline_a_missing_safe_answer_is_missing_companion_and_nothing_is_sent(servers, tmp_path):
+    gen, guard = servers
+    gen.reset()
+    guard.reset()
+    corpus = no_safe_corpus(tmp_path / "c.jsonl", 4, {})
+    proc = llm_build(servers, corpus, tmp_path / "a", tmp_path / "cache", offline=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert gen.stats()["chat"] == 0 and guard.requests() == 0
+    assert all(r["kind"] == "clean" for r in parquet_rows(tmp_path / "a"))
+    harmful = [r for r in parquet_rows(tmp_path / "a", "rejected") if r["source"]["dataset"] == str(corpus)]
+    assert len(harmful) == 4 and all(r["reasons"] == ["missing_companion"] for r in harmful)
