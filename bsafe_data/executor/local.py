@@ -122,6 +122,13 @@ class ChunkRun:
     stats: list[ChunkStats]
     resumed: int
 
+    def finished(self, path: Path, stats: ChunkStats, progress: ProgressFn | None) -> None:
+        """Record a finished (or resumed) chunk, in chunk order, and report it."""
+        self.chunks.append(path)
+        self.stats.append(stats)
+        if progress:
+            progress(stats)
+
 
 class LocalExecutor:
     """Runs a method over chunks in this process; ``load`` builds the method on first use."""
@@ -162,10 +169,7 @@ class LocalExecutor:
             else:
                 method = method or load()
                 stats = run_chunk(method, self.work, index, chunk)
-            run.chunks.append(self.work / chunk_name(index))
-            run.stats.append(stats)
-            if progress:
-                progress(stats)
+            run.finished(self.work / chunk_name(index), stats, progress)
         return run
 
 

@@ -79,10 +79,7 @@ class ProcessExecutor:
                 stats, usage, timings = result.result()
                 pid = timings.pop("pid")
                 self.usage[pid], self.timings[pid] = usage, timings
-            run.chunks.append(self.work / chunk_name(index))
-            run.stats.append(stats)
-            if progress:
-                progress(stats)
+            run.finished(self.work / chunk_name(index), stats, progress)
 
         pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start, initargs=(load,))
         with pool:

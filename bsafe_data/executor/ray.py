@@ -90,10 +90,7 @@ class RayExecutor:
             else:
                 stats, usage, timings = ray.get(result[1])
                 self.usage[result[0]], self.timings[result[0]] = usage, timings
-            run.chunks.append(self.work / chunk_name(index))
-            run.stats.append(stats)
-            if progress:
-                progress(stats)
+            run.finished(self.work / chunk_name(index), stats, progress)
 
         for index, chunk, stats in self.plan.chunks(items):
             if chunk is None:
