@@ -128,7 +128,8 @@ def write_dataset_folder(
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     for split in ("train", "test"):
         rows = stats.kept.get(split, 0)
-        if rows or split == "train":  # an (allowed) empty build still has a default config
+        # an (allowed) empty build still has a default config, so `load_dataset` never serves another
+        if rows or (split == "train" and not sum(stats.kept.values())):
             counts["default"][split] = rows
             files["default"][split] = _write_shards(
                 [c / f"{split}.parquet" for c in chunks],
@@ -147,10 +148,13 @@ def write_dataset_folder(
             stats.rejected,
         )
     for config, config_features in method_class(recipe).extra_configs.items():  # DPO pairs: CONFIG/…
+        per_split = {}
         for split in ("train", "test"):
             sources = [c / f"{config}-{split}.parquet" for c in chunks]
-            rows = sum(pq.ParquetFile(src).metadata.num_rows for src in sources if src.exists())
-            if rows or split == "train":
+            present = [src for src in sources if src.exists()]
+            per_split[split] = (sources, sum(pq.ParquetFile(src).metadata.num_rows for src in present))
+        for split, (sources, rows) in per_split.items():
+            if rows or (split == "train" and not sum(n for _, n in per_split.values())):
                 counts.setdefault(config, {})[split] = rows
                 files.setdefault(config, {})[split] = _write_shards(
                     sources, config_features.arrow_schema, out_dir / config, split, rows

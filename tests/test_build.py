@@ -227,6 +227,7 @@ def test_broken_corpus_rows_are_rejected_with_reasons(tmp_path):
         str(corpus),
         "--set",
         "sampling.variants_per_answer=1",
+        "--allow-empty",  # the one good row's fate depends on its seed (the corpus path): not the point here
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
