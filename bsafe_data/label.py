@@ -98,6 +98,24 @@ def control_atoms(text: str) -> list[str]:
     return atoms if atoms and "".join(atoms) == text else [text]
 
 
+def control_vocabulary(fmt: str, categories: Sequence[str], max_x: int) -> list[str]:
+    """Every atom of format ``fmt`` for each category and X from 1 to ``max_x`` (at least 1), in order."""
+    atoms: dict[str, None] = {}
+    for category in categories:
+        for x in range(1, max(1, max_x) + 1):
+            atoms.update(dict.fromkeys(control_atoms(control_text(fmt, category, x))))
+    return list(atoms)
+
+
+def control_patterns(fmt: str) -> list[str]:
+    """A regex per atom of the control format ``fmt``, matching any category and any number."""
+    patterns = []
+    for atom in control_atoms(fmt):
+        pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
+        patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
+    return patterns
+
+
 # -- per-tokenizer facts, cached without touching the tokenizer object ----------------------------
 
 # tokenizer -> (stamp, facts). Weak keys: the cache never keeps a tokenizer alive, and nothing is

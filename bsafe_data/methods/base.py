@@ -446,17 +446,21 @@ class Method(ABC):
                 self._isolated("classify", score, [r for r in records if r.live])
             if self.recipe.filters.enabled:
                 rules_stage.apply_rules(self.rules, records)
+        self.emit_records(out, records)
+        return out
+
+    def emit_records(self, out: ChunkOutput, records: Sequence[Record]) -> None:
+        """Build every record's row and emit it, kept or rejected (a failing build_row is row_error)."""
         for record in records:
             try:
                 row = self.build_row(record)
             except Exception as exc:
                 record.reject("row_error", error_detail("rows", exc))
-                row = rejected_row(base_row(record.conv, record.row_id), record.reasons, record.detail)
+                row = base_row(record.conv, record.row_id)
             if record.reasons:
                 self.emit(out, rejected_row(row, record.reasons, record.detail), None, record.transient)
             else:
                 self.emit(out, row, record.split)
-        return out
 
     @classmethod
     def emit(cls, out: ChunkOutput, row: dict[str, Any], split: str | None, transient: bool = False) -> None:

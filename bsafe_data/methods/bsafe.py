@@ -38,7 +38,6 @@ prefix/violation/control/continuation and ``prompt``/``completion`` the primary 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -52,14 +51,14 @@ from bsafe_data.classify.builtin import BuiltinClassifier
 from bsafe_data.classify.judge import JudgeClassifier
 from bsafe_data.classify.taxonomy import to_recipe
 from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
-from bsafe_data.label import control_atoms, control_text
-from bsafe_data.methods.base import ChunkOutput, Method, error_detail, register_method
+from bsafe_data.label import control_patterns, control_text, control_vocabulary
+from bsafe_data.methods.base import ChunkOutput, Method, register_method
 from bsafe_data.recipe import ControlSpec, Recipe, Strict
 from bsafe_data.sources import Conversation, SourceItem
 from bsafe_data.stages import adjust, count, hygiene
 from bsafe_data.stages import rules as rules_stage
 from bsafe_data.stages.record import Injection, Record
-from bsafe_data.stages.rows import base_row, rejected_row
+from bsafe_data.stages.rows import base_row
 from bsafe_data.stages.stats import ChunkStats
 
 #: The bundled offline set: unsafe answers with their safe continuations.
@@ -195,16 +194,7 @@ class BsafeMethod(Method):
             self._isolated("check", self.check_continuations, records)
             if self.recipe.filters.enabled:
                 rules_stage.apply_rules(self.rules, records)
-        for record in records:
-            try:
-                row = self.build_row(record)
-            except Exception as exc:
-                record.reject("row_error", error_detail("rows", exc))
-                row = base_row(record.conv, record.row_id)
-            if record.reasons:
-                self.emit(out, rejected_row(row, record.reasons, record.detail), None, record.transient)
-            else:
-                self.emit(out, row, record.split)
+        self.emit_records(out, records)
         return out
 
     # -- 1. locate ------------------------------------------------------------------------------
@@ -423,11 +413,7 @@ class BsafeMethod(Method):
     def control_patterns(cls, recipe: Recipe) -> list[str]:
         """Each atom of the control format, with any category and any number."""
         assert isinstance(recipe, BsafeRecipe)
-        patterns = []
-        for atom in control_atoms(recipe.control.format):
-            pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
-            patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
-        return patterns
+        return control_patterns(recipe.control.format)
 
     @classmethod
     def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
@@ -440,12 +426,7 @@ class BsafeMethod(Method):
         """Every control atom the dataset can contain: each category's atoms and X from 1 to the
         largest X any recorded tokenizer needs."""
         assert isinstance(recipe, BsafeRecipe)
-        top = max(max_x.values(), default=1)
-        atoms: dict[str, None] = {}
-        for category in recipe.categories:
-            for x in range(1, max(1, top) + 1):
-                atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
-        return list(atoms)
+        return control_vocabulary(recipe.control.format, recipe.categories, max(max_x.values(), default=1))
 
     @classmethod
     def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:

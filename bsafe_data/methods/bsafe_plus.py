@@ -17,7 +17,13 @@ from typing import Any
 from bsafe_data.classify.base import Item, Score
 from bsafe_data.classify.rules import RELABEL_CLASSIFIER, relabel_entry, requested_category
 from bsafe_data.generate.base import Generation, GenerationRequest
-from bsafe_data.label import clean_segments, control_atoms, control_text, segments_for
+from bsafe_data.label import (
+    clean_segments,
+    control_patterns,
+    control_text,
+    control_vocabulary,
+    segments_for,
+)
 from bsafe_data.methods.base import Method, register_method
 from bsafe_data.recipe import BsafePlusRecipe, Recipe
 from bsafe_data.sources import Conversation
@@ -164,11 +170,7 @@ class BsafePlusMethod(Method):
     def control_patterns(cls, recipe: Recipe) -> list[str]:
         """Each atom of the control format, with any category and any number."""
         assert isinstance(recipe, BsafePlusRecipe)
-        patterns = []
-        for atom in control_atoms(recipe.control.format):
-            pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
-            patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
-        return patterns
+        return control_patterns(recipe.control.format)
 
     @classmethod
     def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:
@@ -199,12 +201,7 @@ class BsafePlusMethod(Method):
         """Every control atom the dataset can contain, for every recorded tokenizer: each
         category's atoms and X from 1 to the largest X any tokenizer needs."""
         assert isinstance(recipe, BsafePlusRecipe)
-        top = max(max_x.values(), default=1)
-        atoms: dict[str, None] = {}
-        for category in recipe.categories:
-            for x in range(1, max(1, top) + 1):
-                atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
-        return list(atoms)
+        return control_vocabulary(recipe.control.format, recipe.categories, max(max_x.values(), default=1))
 
     @classmethod
     def order_key(cls, row: dict[str, Any], position: int) -> tuple[Any, ...]:

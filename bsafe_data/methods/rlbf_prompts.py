@@ -33,7 +33,13 @@ from pydantic import Field, field_validator
 
 from bsafe_data.errors import BuildError
 from bsafe_data.generate.base import Generation, GenerationRequest
-from bsafe_data.label import clean_segments, control_atoms, control_text, segments_for
+from bsafe_data.label import (
+    clean_segments,
+    control_patterns,
+    control_text,
+    control_vocabulary,
+    segments_for,
+)
 from bsafe_data.methods.base import ChunkOutput, Method, Resources, register_method
 from bsafe_data.methods.bsafe_plus import BsafePlusMethod
 from bsafe_data.recipe import ControlSpec, Recipe, SamplingSpec, Strict
@@ -445,23 +451,14 @@ class RlbfPromptsMethod(Method):
     def control_patterns(cls, recipe: Recipe) -> list[str]:
         """Each atom of the control format, with any category and any number (as BSAFE+)."""
         assert isinstance(recipe, RlbfPromptsRecipe)
-        patterns = []
-        for atom in control_atoms(recipe.control.format):
-            pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
-            patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
-        return patterns
+        return control_patterns(recipe.control.format)
 
     @classmethod
     def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
         """Every control atom an ideal completion can contain (each category's atoms, X from 1 to
         the largest X any tokenizer needs): the policy must have them as tokens."""
         assert isinstance(recipe, RlbfPromptsRecipe)
-        top = max(max_x.values(), default=1)
-        atoms: dict[str, None] = {}
-        for category in recipe.categories:
-            for x in range(1, max(1, top) + 1):
-                atoms.update(dict.fromkeys(control_atoms(control_text(recipe.control.format, category, x))))
-        return list(atoms)
+        return control_vocabulary(recipe.control.format, recipe.categories, max(max_x.values(), default=1))
 
     @classmethod
     def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
