@@ -18,6 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_corpus import write_corpus  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -25,11 +28,9 @@ _CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {here!r})
-from synthetic_corpus import write_corpus
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import load_recipe
-n, work, executor = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-corpus = write_corpus(work / "corpus.jsonl", n)
+n, work, executor, corpus = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=1",
              "execution.executor=" + executor]
 recipe = load_recipe({recipe!r}, overrides)
@@ -43,14 +44,15 @@ print(json.dumps({{"rows": n, "executor": executor, "seconds": elapsed, "rows_pe
 """
 
 
-def run_size(n: int, executor: str = "local") -> dict:
-    """Build n synthetic rows in a child process with ``executor``; returns its measurements."""
+def run_size(n: int, executor: str, corpus: Path) -> dict:
+    """Build the n-row ``corpus`` in a child process with ``executor``; returns its measurements."""
     code = _CHILD.format(here=str(HERE), recipe=str(REPO / "recipes" / "bsafe_plus.yaml"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(n), work, executor], capture_output=True, text=True, env=env
-        )
+            [sys.executable, "-c", code, str(n), work, executor, str(corpus)],
+            capture_output=True, text=True, env=env,
+        )  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -62,7 +64,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--executor", nargs="+", default=["local"], choices=["local", "processes"])
     args = parser.parse_args()
-    runs = {(n, ex): run_size(n, ex) for n in args.sizes for ex in args.executor}
+    runs = {}
+    with tempfile.TemporaryDirectory() as corpora:  # one corpus per size, at one path: same rows per executor
+        for n in args.sizes:
+            corpus = write_corpus(Path(corpora) / f"corpus-{n}.jsonl", n)
+            for ex in args.executor:
+                runs[(n, ex)] = run_size(n, ex, corpus)
     print(f"{'rows':>8} {'executor':>10} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12} {'kept':>8}")
     for (n, ex), r in runs.items():
         rate, peak = r["rows_per_s"], r["peak_rss_mb"]

@@ -89,9 +89,9 @@ def _build(
     method_cls = method_class(recipe)
     loaded: list[tuple[Resources, Method]] = []
 
-    def load() -> Method:
+    def load(workers: int) -> Method:
         t0 = time.perf_counter()
-        resources = Resources.load(recipe, cache_dir, generator)
+        resources = Resources.load(recipe.shared_by(workers), cache_dir, generator)
         method = method_cls(recipe, resources)
         loaded.append((resources, method))
         timings["setup"] += time.perf_counter() - t0

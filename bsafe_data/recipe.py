@@ -581,6 +581,35 @@ class Recipe(Strict):
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
+    def shared_by(self, workers: int) -> Recipe:
+        """This recipe with each worker's share of the endpoint limits, for ``workers`` workers.
+
+        RPM, TPM and max-concurrency are per recipe, not per worker: a pool of N workers gives each
+        one 1/N of them (at least 1), so together they never exceed the limit. The split is static:
+        an idle worker does not lend its share. Nothing that changes a row is touched.
+        """
+        if workers <= 1:
+            return self
+
+        def share(value: int | None) -> int | None:
+            return None if value is None else max(1, value // workers)
+
+        generator = self.generator.model_copy(
+            update={
+                "max_concurrency": share(self.generator.max_concurrency),
+                "requests_per_minute": share(self.generator.requests_per_minute),
+                "tokens_per_minute": share(self.generator.tokens_per_minute),
+            }
+        )
+        classifiers = [
+            spec.model_copy(update={"max_concurrency": share(spec.max_concurrency)})
+            if isinstance(spec, _EndpointSpec)
+            else spec
+            for spec in self.filters.classifiers
+        ]
+        filters = self.filters.model_copy(update={"classifiers": classifiers})
+        return self.model_copy(update={"generator": generator, "filters": filters})
+
     def to_yaml(self) -> str:
         """The resolved recipe as YAML (written next to the dataset)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

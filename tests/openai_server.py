@@ -5,6 +5,7 @@ Run it in a separate process with ``ServerProcess`` (so it never shares the GIL 
     with ServerProcess(latency_s=0.05) as server:
         server.url          # "http://127.0.0.1:PORT/v1"
         server.stats()      # {"chat": 12, "models": 1, "statuses": {"200": 11, "429": 1}, ...}
+        server.arrivals()   # when each chat request arrived (for rate-limit checks)
         server.reset()      # zero the counters
         server.configure(api_key="sk-test", retry_after="1")
 
@@ -38,6 +39,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from typing import Any
 
@@ -81,6 +83,7 @@ class App:
 
     def reset(self) -> None:
         self.chat = 0
+        self.arrivals: list[float] = []  # time.monotonic() of every chat request, in order
         self.models = 0
         self.statuses: dict[str, int] = {}
         self.markers: dict[bytes, int] = {}
@@ -90,9 +93,10 @@ class App:
     def handle(
         self, proto: HttpProtocol, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> None:
-        path = path.split("?", 1)[0]
+        path, _, query = path.partition("?")
         if path == "/v1/chat/completions" and method == "POST":
             self.chat += 1
+            self.arrivals.append(time.monotonic())
             self.chat_completion(proto, headers, body)
         elif path == "/v1/models" and method == "GET":
             self.models += 1
@@ -107,6 +111,8 @@ class App:
                 "statuses": self.statuses,
                 "markers": {k.decode(): v for k, v in self.markers.items()},
             }
+            if query == "arrivals=1":
+                stats["arrivals"] = self.arrivals
             proto.respond(200, json.dumps(stats).encode())
         elif path == "/_reset" and method == "POST":
             self.reset()
@@ -358,6 +364,10 @@ class ServerProcess:
     def stats(self) -> dict[str, Any]:
         """Counters: ``chat`` and ``models`` requests, ``statuses`` sent, ``markers`` seen."""
         return self._call("/_stats")
+
+    def arrivals(self) -> list[float]:
+        """When each chat request arrived (the server's ``time.monotonic()``), in order."""
+        return self._call("/_stats?arrivals=1")["arrivals"]
 
     def reset(self, **config: Any) -> None:
         """Zero the counters and restore the start configuration (plus ``config``)."""

@@ -164,3 +164,43 @@ def test_sigkill_mid_generation_then_resume(server, tmp_path):
     # commit window (50 ms at ~200 answers/s here, so about 10) when the process died
     injected = kinds.count("injected")
     assert injected > 100 and after <= injected + 4 + 12
+
+
+def parquet(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.glob("*/*.parquet"))}
+
+
+def assert_within_rate(arrivals: list[float], per_minute: int) -> None:
+    """Every stretch of arrivals holds at most the limit's rate over it plus one second's burst.
+
+    The limiter's envelope (``llm/ratelimit.py``): fewer than ``per_minute / 60 * (w + 1) + 1``
+    requests leave in any ``w`` seconds, so no 60 s window sees more than the limit; 50 ms of slack
+    for when requests arrive. Workers that each used the whole limit would break it at once.
+    """
+    per_s = per_minute / 60
+    for i, start in enumerate(arrivals):
+        for j in range(i, len(arrivals)):
+            assert j - i + 1 <= per_s * (arrivals[j] - start + 1.05) + 1, (i, j, arrivals[j] - start)
+
+
+LIMITED = ("--set", "output.chunk_rows=10", "--set", "generator.requests_per_minute=600")
+
+
+@pytest.mark.parametrize("executor", ["processes", "ray"])
+def test_two_workers_share_one_rate_limit_and_write_the_local_bytes(server, tmp_path, executor):
+    """2 workers, 600 requests/min between them: the server sees at most that; same parquet as local."""
+    if executor == "ray":
+        pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'bsafe-data[ray]'")
+    corpus = write_corpus(tmp_path / "c.jsonl", 70)
+    local = build(server, corpus, tmp_path / "local", tmp_path / "cache-local", *LIMITED)
+    assert local.returncode == 0, local.stderr
+    server.reset()
+    pool = build(
+        server, corpus, tmp_path / executor, tmp_path / "cache-pool", *LIMITED,
+        "--set", f"execution.executor={executor}", "--set", "execution.workers=2",
+    )  # fmt: skip
+    assert pool.returncode == 0, pool.stderr
+    arrivals = server.arrivals()
+    assert len(arrivals) >= 40  # enough requests to go past the first second's burst
+    assert_within_rate(arrivals, 600)
+    assert parquet(tmp_path / executor) == parquet(tmp_path / "local")

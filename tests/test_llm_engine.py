@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import sqlite3
 import sys
@@ -363,20 +364,39 @@ def test_ratelimit_headers_pause_new_requests(srv, tmp_path):
 
 
 def test_rpm_limiter_spaces_requests(srv, tmp_path):
-    # 1200 rpm = 20/s with a 10 s burst of 200: 210 requests need about 0.5 s more
-    limiter = RateLimiter(requests_per_minute=1200)
+    # 6000 rpm: a burst of 100 (one second's worth), then ~98 per s: 150 requests need ~0.5 s
+    limiter = RateLimiter(requests_per_minute=6000)
 
     async def go() -> float:
         start = time.monotonic()
-        for _ in range(210):
+        for _ in range(150):
             await limiter.acquire()
         return time.monotonic() - start
 
     assert 0.4 <= asyncio.run(go()) < 2.0
 
 
+@pytest.mark.parametrize("per_minute", [2, 7, 60, 1000, 90_000])
+def test_a_greedy_sender_never_gets_more_than_the_limit_in_any_minute(per_minute):
+    """The bucket's own clock argument: 5 simulated minutes of a sender taking every grant."""
+    from bsafe_data.llm.ratelimit import _Bucket
+
+    bucket, grants, now, step = _Bucket(per_minute), [], 0.0, min(0.01, 30 / per_minute)
+    bucket.stamp = 0.0
+    while now < 300:
+        if bucket.wait_for(1, now) <= 0:
+            bucket.level -= 1
+            grants.append(now)
+        else:
+            now += step
+    # the fullest 60 s windows start at a grant
+    fullest = max(bisect.bisect_left(grants, start + 60) - i for i, start in enumerate(grants))
+    assert fullest <= per_minute
+    assert len(grants) >= 0.95 * 5 * per_minute  # and the budget is used
+
+
 def test_tpm_limiter_reserves_and_settles():
-    limiter = RateLimiter(tokens_per_minute=60_000)  # 1000 tokens/s, 10 s burst of 10000
+    limiter = RateLimiter(tokens_per_minute=600_000)  # a burst of 10000, then ~9800 per s
 
     async def go() -> tuple[float, float]:
         start = time.monotonic()
@@ -384,7 +404,7 @@ def test_tpm_limiter_reserves_and_settles():
         limiter.settle(9000, 1000)  # the request used far less than reserved: refund
         await limiter.acquire(9000)  # fits thanks to the refund
         refunded = time.monotonic() - start
-        await limiter.acquire(500)  # the bucket is empty now: ~0.5 s of refill
+        await limiter.acquire(5000)  # the bucket is empty now: ~0.5 s of refill
         return refunded, time.monotonic() - start - refunded
 
     refunded, waited = asyncio.run(go())

@@ -23,6 +23,15 @@ from bsafe_data.recipe import (
 )
 from tests.conftest import REPO
 
+
+def parse_judge(spec: dict):
+    """A judge classifier spec, validated like one in a recipe."""
+    from pydantic import TypeAdapter
+
+    from bsafe_data.recipe import AnyClassifierSpec
+
+    return TypeAdapter(AnyClassifierSpec).validate_python(spec)
+
 FLAGSHIP = REPO / "recipes" / "bsafe_plus.yaml"
 CLI = Path(sys.executable).parent / "bsafe-data"
 
@@ -91,6 +100,25 @@ def test_flagship_recipe_validates():
     assert 0 < recipe.sampling.clean_fraction < 1  # clean rows are mixed in (README, "How a row is made")
     # Defaults not written in the file are filled in: all 18 RLBF categories, weight 1.
     assert recipe.sampling.categories == dict.fromkeys(RLBF_CATEGORIES, 1.0)
+
+
+def test_workers_share_the_endpoint_limits_and_nothing_else():
+    recipe = load_recipe(FLAGSHIP)
+    generator = recipe.generator.model_copy(
+        update={"requests_per_minute": 601, "tokens_per_minute": 90_000, "max_concurrency": 3}
+    )
+    judge = {"provider": "llm_judge", "model": "j", "max_concurrency": 16}
+    filters = recipe.filters.model_copy(
+        update={"classifiers": [*recipe.filters.classifiers, parse_judge(judge)]}
+    )
+    recipe = recipe.model_copy(update={"generator": generator, "filters": filters})
+    share = recipe.shared_by(4)
+    assert (share.generator.requests_per_minute, share.generator.tokens_per_minute) == (150, 22_500)
+    assert share.generator.max_concurrency == 1  # at least one each
+    assert share.filters.classifiers[-1].max_concurrency == 4  # the judge's 16 shared by 4
+    assert share.sha256() != recipe.sha256() and recipe.shared_by(1) is recipe
+    unchanged = share.model_copy(update={"generator": recipe.generator, "filters": recipe.filters})
+    assert unchanged.sha256() == recipe.sha256()  # only the limits differ
 
 
 def test_resolved_recipe_round_trips_through_yaml():

@@ -290,14 +290,15 @@ def test_executor_shards_chunks_by_rank_and_resumes(tmp_path: Path):
     seen = {}
     for rank in (0, 1):
         method = Counting()
-        run = LocalExecutor(recipe, tmp_path, rank=rank, world_size=2).run(items, lambda m=method: m)
+        executor = LocalExecutor(recipe, tmp_path, rank=rank, world_size=2)
+        run = executor.run(items, lambda _workers, m=method: m)
         seen[rank] = method.calls
         assert sum(s.source_rows for s in run.stats) == sum(
             len(c) for c in chunked(items, 10) if c[0] // 10 % 2 == rank
         )
     assert seen == {0: [0, 20, 40], 1: [10, 30]}
     again = Counting()
-    resumed = LocalExecutor(recipe, tmp_path, rank=0, world_size=2).run(items, lambda: again)
+    resumed = LocalExecutor(recipe, tmp_path, rank=0, world_size=2).run(items, lambda _workers: again)
     assert again.calls == [] and resumed.resumed == 3
     with pytest.raises(ValueError):
         LocalExecutor(recipe, tmp_path, rank=2, world_size=2)

@@ -34,6 +34,9 @@ from bsafe_data.stages.stats import ChunkStats
 
 SPLITS = ("train", "test")
 ProgressFn = Callable[[ChunkStats], None]
+#: builds the method (and its resources) on a worker; the argument is how many workers share the
+#: endpoints, so each loads its share of the rate and concurrency limits (``Recipe.shared_by``)
+LoadFn = Callable[[int], Method]
 #: (index, source items to process or None when resumed, counters of a resumed chunk or None)
 PlannedChunk = tuple[int, "list[SourceItem] | None", "ChunkStats | None"]
 
@@ -157,7 +160,7 @@ class LocalExecutor:
     def run(
         self,
         items: Iterable[SourceItem],
-        load: Callable[[], Method],
+        load: LoadFn,
         progress: ProgressFn | None = None,
     ) -> ChunkRun:
         """Process (or resume) this worker's chunks of ``items``."""
@@ -167,7 +170,7 @@ class LocalExecutor:
             if chunk is None:
                 run.resumed += 1
             else:
-                method = method or load()
+                method = method or load(1)
                 stats = run_chunk(method, self.work, index, chunk)
             run.finished(self.work / chunk_name(index), stats, progress)
         return run

@@ -12,13 +12,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bsafe_data.executor.local import ChunkRun, LocalExecutor, ProgressFn, chunk_name, run_chunk
-from bsafe_data.methods.base import Method
+from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, chunk_name, run_chunk
 from bsafe_data.recipe import Recipe
 from bsafe_data.sources import SourceItem
 from bsafe_data.stages.stats import ChunkStats
@@ -26,15 +25,15 @@ from bsafe_data.stages.stats import ChunkStats
 _worker: dict[str, Any] = {}  # this worker process's method, built once by ``_start``
 
 
-def _start(load: Callable[[], Method]) -> None:
+def _start(load: LoadFn, workers: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no fork warnings
-    _worker["load"] = load
+    _worker["load"], _worker["workers"] = load, workers
 
 
 def _process(work: Path, index: int, chunk: list[SourceItem]) -> tuple[ChunkStats, dict[str, Any], dict]:
     method = _worker.get("method")
     if method is None:
-        method = _worker["method"] = _worker["load"]()
+        method = _worker["method"] = _worker["load"](_worker["workers"])
     stats = run_chunk(method, work, index, chunk)
     return stats, dict(method.resources.generator.usage), {"pid": os.getpid(), **method.timings}
 
@@ -64,7 +63,7 @@ class ProcessExecutor:
     def run(
         self,
         items: Iterable[SourceItem],
-        load: Callable[[], Method],
+        load: LoadFn,
         progress: ProgressFn | None = None,
     ) -> ChunkRun:
         """Process (or resume) every chunk of ``items`` in the worker pool, in chunk order."""
@@ -81,7 +80,9 @@ class ProcessExecutor:
                 self.usage[pid], self.timings[pid] = usage, timings
             run.finished(self.work / chunk_name(index), stats, progress)
 
-        pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start, initargs=(load,))
+        pool = ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_start, initargs=(load, self.workers)
+        )
         with pool:
             for index, chunk, stats in self.plan.chunks(items):
                 if chunk is None:

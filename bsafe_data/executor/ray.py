@@ -11,13 +11,12 @@ one with ``workers`` CPUs. Ray is an optional extra (``pip install 'bsafe-data[r
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from bsafe_data.errors import BuildError
-from bsafe_data.executor.local import ChunkRun, LocalExecutor, ProgressFn, chunk_name, run_chunk
-from bsafe_data.methods.base import Method
+from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, chunk_name, run_chunk
 from bsafe_data.recipe import Recipe
 from bsafe_data.sources import SourceItem
 from bsafe_data.stages.stats import ChunkStats
@@ -26,11 +25,11 @@ from bsafe_data.stages.stats import ChunkStats
 class _Worker:
     """A Ray actor's state: one method with its resources, loaded once."""
 
-    def __init__(self, load: Callable[[], Method]):
+    def __init__(self, load: LoadFn, workers: int):
         import os
 
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.method = load()
+        self.method = load(workers)
 
     def process(self, work: str, index: int, chunk: list[SourceItem]) -> tuple[ChunkStats, dict, dict]:
         stats = run_chunk(self.method, Path(work), index, chunk)
@@ -52,7 +51,7 @@ class RayExecutor:
     def run(
         self,
         items: Iterable[SourceItem],
-        load: Callable[[], Method],
+        load: LoadFn,
         progress: ProgressFn | None = None,
     ) -> ChunkRun:
         """Process (or resume) every chunk of ``items`` on Ray actors, in chunk order."""
@@ -76,10 +75,10 @@ class RayExecutor:
                 ray.shutdown()
 
     def _run(
-        self, ray: Any, items: Iterable[SourceItem], load: Callable[[], Method], progress: ProgressFn | None
+        self, ray: Any, items: Iterable[SourceItem], load: LoadFn, progress: ProgressFn | None
     ) -> ChunkRun:
         count = self.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-        actors = [ray.remote(num_cpus=1)(_Worker).remote(load) for _ in range(count)]
+        actors = [ray.remote(num_cpus=1)(_Worker).remote(load, count) for _ in range(count)]
         run = ChunkRun([], [], 0)
         pending: deque[tuple[int, Any]] = deque()
         turn = 0

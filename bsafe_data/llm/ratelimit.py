@@ -1,7 +1,8 @@
 """Client-side rate limiting: requests and tokens per minute, plus the server's own headers.
 
-Token buckets are refilled continuously and hold at most ten seconds' worth of budget, so a
-fresh run does not fire a full minute of requests in the first instant. A request reserves its
+Token buckets hold one second's worth of budget and refill at the rest of the minute's, so in any
+60-second window at most the configured number of requests (tokens) leave, a fresh run included;
+a run does not fire a minute's worth in its first instant. A request reserves its
 estimated tokens (prompt estimate + ``max_tokens``) and the reservation is corrected with the usage
 the server reports. ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` headers and 429
 ``Retry-After`` values pause new requests until the reported reset. With no limits configured and
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 
 from bsafe_data.llm.retry import parse_duration_s
 
-_BURST_S = 10.0
+_BURST_S = 1.0
 _MAX_HEADER_PAUSE_S = 120.0
 
 
@@ -24,8 +25,11 @@ class _Bucket:
     """A continuously refilled budget that may go into debt (large single reservations)."""
 
     def __init__(self, per_minute: int):
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * _BURST_S)
+        # the k-th grant after any instant s needs capacity + rate * (t_k - s) >= k, so a 60 s window
+        # [s, s + 60) holds fewer than capacity + 60 * rate grants; with that sum just under
+        # per_minute + 1 the limit holds in every window, the first one included
+        self.capacity = max(1.0, per_minute / 60.0 * _BURST_S)
+        self.rate = (per_minute + 1 - self.capacity) / 60.0 * (1 - 1e-9)
         self.level = self.capacity
         self.stamp = time.monotonic()
 
