@@ -10,7 +10,16 @@ one run, at each in-flight level:
 
 It prints requests/s (best and median of alternating runs), the ratios to the ideal
 (``in_flight / latency``) and to the bare loop, and the client's CPU time per request (all threads).
-Usage: ``python benchmarks/llm_throughput.py [--n 4000] [--in-flight 64 256] [--repeats 3]``.
+
+``--mode build`` runs whole flagship builds (``pipeline.build``, local executor, a synthetic corpus)
+against the same server instead of ``generate_batch`` alone, alternating with bare loops: the
+generation stage's rate inside a build is the server's arrival rate of the build's requests.
+``--mode e2e`` times whole builds against a 1 s server (wall time against ``requests / in_flight ×
+latency`` plus set-up) and a 50 ms server (the server's in-flight count between the first and the
+last 5% of requests). The server and this process share the system's monotonic clock.
+
+Usage: ``python benchmarks/llm_throughput.py [--mode engine|build|e2e] [--n 3000] [--in-flight 64 256]
+[--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,8 +41,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from openai_server import ServerProcess  # noqa: E402
+from synthetic_corpus import write_corpus  # noqa: E402
 
 from bsafe_data.generate.base import GenerationRequest  # noqa: E402
 from bsafe_data.generate.openai_backend import OpenAIGenerator  # noqa: E402
@@ -175,6 +187,128 @@ def engine_run(base_url: str, requests: list[GenerationRequest], in_flight: int)
     return len(requests) / elapsed, cpu / len(requests) * 1e6
 
 
+def build_run(server: ServerProcess, corpus: Path, in_flight: int, chunk_rows: int) -> dict[str, Any]:
+    """A whole flagship build (builtin classifier, both tokenizers) whose generator is the server.
+
+    Returns the build's start and end (monotonic), the server's request arrivals and the timings."""
+    from bsafe_data.pipeline import build
+    from bsafe_data.recipe import load_recipe
+
+    os.environ["BSAFE_BENCH_KEY"] = "EMPTY"
+    overrides = [
+        "sources=[{path: " + str(corpus) + "}]",
+        "sampling.variants_per_answer=1",
+        "generator.provider=openai",
+        f"generator.model={MODEL}",
+        f"generator.base_url={server.url}",
+        "generator.api_key_env=BSAFE_BENCH_KEY",
+        f"generator.max_concurrency={in_flight}",
+        f"output.chunk_rows={chunk_rows}",
+    ]
+    recipe = load_recipe(ROOT / "recipes" / "bsafe_plus.yaml", overrides)
+    server.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        gc.collect()
+        start = time.monotonic()
+        result = build(recipe, Path(tmp) / "out", cache_dir=Path(tmp) / "cache")
+        end = time.monotonic()
+    arrivals = server.arrivals()
+    assert result.usage["requests"] == len(arrivals) and result.usage["cache_hits"] == 0
+    return {"start": start, "end": end, "arrivals": arrivals, "timings": result.timings}
+
+
+def arrival_rate(arrivals: list[float]) -> float:
+    """Requests per second between the first and the last arrival."""
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+
+def mean_in_flight(arrivals: list[float], latency: float, trim: float = 0.05) -> float:
+    """The server's mean in-flight count between the first and the last ``trim`` of requests.
+
+    The server answers every request ``latency`` after it arrived, so at time t it holds the
+    requests that arrived in (t - latency, t]; sampled every millisecond."""
+    lo, hi = arrivals[int(len(arrivals) * trim)], arrivals[int(len(arrivals) * (1 - trim)) - 1]
+    samples, total, left, right, t = 0, 0, 0, 0, lo
+    while t <= hi:
+        while right < len(arrivals) and arrivals[right] <= t:
+            right += 1
+        while left < right and arrivals[left] <= t - latency:
+            left += 1
+        total += right - left
+        samples += 1
+        t += 0.001
+    return total / max(1, samples)
+
+
+def build_mode(args: argparse.Namespace) -> None:
+    """The generation stage inside a real build against the bare loop, same server, same run."""
+    with ServerProcess(latency_s=args.latency, model=MODEL) as server, tempfile.TemporaryDirectory() as tmp:
+        url = server.url + "/chat/completions"
+        asyncio.run(bare_loop(url, payloads(make_requests(500, "warm")), 64))
+        print(
+            f"server latency {args.latency * 1000:.0f} ms; builds of {args.rows} rows "
+            f"(chunk_rows {args.chunk_rows}), bare loops of N={args.n}; {args.repeats} alternating runs"
+        )
+        print(
+            f"{'in-flight':>9} {'bare med':>8} {'build med':>9} {'build/bare':>10} {'requests':>8} "
+            f"{'build s':>7} {'generate s':>10}"
+        )
+        for in_flight in args.in_flight:
+            bare, builds = [], []
+            for rep in range(args.repeats):
+                corpus = write_corpus(Path(tmp) / f"c-{in_flight}-{rep}.jsonl", args.rows)
+                gc.collect()
+                bare.append(
+                    asyncio.run(
+                        bare_loop(url, payloads(make_requests(args.n, f"{in_flight}-{rep}")), in_flight)
+                    )[0]
+                )
+                builds.append(build_run(server, corpus, in_flight, args.chunk_rows))
+            rates = [arrival_rate(b["arrivals"]) for b in builds]
+            last = builds[-1]
+            print(
+                f"{in_flight:>9} {statistics.median(bare):>8.0f} {statistics.median(rates):>9.0f} "
+                f"{statistics.median(rates) / statistics.median(bare):>10.2f} {len(last['arrivals']):>8} "
+                f"{last['end'] - last['start']:>7.1f} {last['timings'].get('generate', 0):>10.2f}"
+            )
+            if args.verbose:
+                print("   bare:", [round(r) for r in bare], "build:", [round(r) for r in rates])
+
+
+def e2e_mode(args: argparse.Namespace) -> None:
+    """Whole builds: wall time against the 1 s server, occupancy against the 50 ms server."""
+    in_flight = args.in_flight[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_corpus(Path(tmp) / "c.jsonl", args.rows)
+        with ServerProcess(latency_s=1.0, model=MODEL) as server:
+            run = build_run(server, corpus, in_flight, args.chunk_rows)
+        arrivals = run["arrivals"]
+        total, setup = run["end"] - run["start"], arrivals[0] - run["start"]
+        tail = run["end"] - (arrivals[-1] + 1.0)
+        ideal = len(arrivals) / in_flight * 1.0
+        print(
+            f"1 s server, {in_flight} in flight, {args.rows} rows, chunk_rows {args.chunk_rows}: "
+            f"{len(arrivals)} requests, build {total:.1f} s = set-up {setup:.1f} s (to the first request) "
+            f"+ {total - setup - tail:.1f} s + {tail:.1f} s after the last answer (dataset write)"
+        )
+        print(
+            f"  ideal requests/{in_flight} x 1 s = {ideal:.1f} s; (build - set-up) / ideal = "
+            f"{(total - setup) / ideal:.2f}; (build - set-up - write) / ideal = "
+            f"{(total - setup - tail) / ideal:.2f}; "
+            f"server in flight (5-95%) {mean_in_flight(arrivals, 1.0):.0f}"
+        )
+        with ServerProcess(latency_s=0.05, model=MODEL) as server:
+            run = build_run(server, corpus, in_flight, args.chunk_rows)
+        arrivals = run["arrivals"]
+        occupancy = mean_in_flight(arrivals, 0.05)
+        print(
+            f"50 ms server, {in_flight} in flight: {len(arrivals)} requests over "
+            f"{arrivals[-1] - arrivals[0]:.1f} s, build {run['end'] - run['start']:.1f} s; server in flight "
+            f"between the first and last 5% of requests: mean {occupancy:.0f} = {occupancy / in_flight:.2f} "
+            "of the limit"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000, help="requests per bare/engine measurement")
@@ -183,7 +317,14 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=5, help="alternating runs per client")
     parser.add_argument("--verbose", action="store_true", help="print every run")
+    parser.add_argument("--mode", choices=["engine", "build", "e2e"], default="engine")
+    parser.add_argument("--rows", type=int, default=3000, help="corpus rows per build (build, e2e)")
+    parser.add_argument("--chunk-rows", type=int, default=500, help="output.chunk_rows of the builds")
     args = parser.parse_args()
+    if args.mode == "build":
+        return build_mode(args)
+    if args.mode == "e2e":
+        return e2e_mode(args)
 
     with ServerProcess(latency_s=args.latency, model=MODEL) as server:
         url = server.url + "/chat/completions"

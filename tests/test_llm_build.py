@@ -204,3 +204,22 @@ def test_two_workers_share_one_rate_limit_and_write_the_local_bytes(server, tmp_
     assert len(arrivals) >= 40  # enough requests to go past the first second's burst
     assert_within_rate(arrivals, 600)
     assert parquet(tmp_path / executor) == parquet(tmp_path / "local")
+
+
+def test_the_next_chunks_requests_are_in_flight_while_a_chunk_is_finished(server, tmp_path):
+    """Overlap: chunk i+1's requests leave before chunk i's answers are back (0.5 s latency)."""
+    server.reset(latency_s=0.5)
+    try:
+        corpus = write_corpus(tmp_path / "c.jsonl", 40)
+        extra = ("--set", "output.chunk_rows=10", "--set", "sampling.clean_fraction=0")
+        done = build(server, corpus, tmp_path / "out", tmp_path / "cache", *extra)
+        arrivals = server.arrivals()
+    finally:
+        server.reset(latency_s=0.0)
+    assert done.returncode == 0, done.stderr
+    assert len(arrivals) == 40  # one request per row, 10 per chunk
+    # one chunk after another, chunk i+1's first request would come 0.5 s after chunk i's; started
+    # before chunk i is finished, it comes with it (chunks 0 and 1, then 2 and 3 after chunk 0's
+    # label and classify, which load lazily on the first chunk)
+    for i in (0, 2):
+        assert arrivals[10 * (i + 1)] - arrivals[10 * i] < 0.25, [round(a - arrivals[0], 2) for a in arrivals]

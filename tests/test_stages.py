@@ -68,7 +68,7 @@ def test_generate_applies_answers_and_records_failures():
     def apply(rec: Record, gen: Generation) -> None:
         rec.injection.steering, rec.injection.violation = gen.steering, gen.violation
 
-    generate.generate(Flaky(), recs, request_of, apply)
+    generate.apply_answers(recs, generate.send(Flaky(), recs, request_of), apply)
     assert [r.reasons for r in recs] == [["generator_refused"], ["empty_violation"], []]
     assert recs[2].injection.inserted == " So, you fool."
     assert [r.part1 for r in seen] == ["Water the fern once a week."] * 3
@@ -83,7 +83,7 @@ def test_generate_with_the_builtin_bank_is_deterministic():
     def apply(rec: Record, gen: Generation) -> None:
         rec.injection.steering, rec.injection.violation = gen.steering, gen.violation
 
-    generate.generate(BuiltinGenerator(), recs, request_of, apply)
+    generate.apply_answers(recs, generate.send(BuiltinGenerator(), recs, request_of), apply)
     assert recs[0].injection.violation and recs[0].injection.inserted == recs[1].injection.inserted
 
 
@@ -276,11 +276,11 @@ def test_executor_shards_chunks_by_rank_and_resumes(tmp_path: Path):
         def __init__(self):
             self.calls = []
 
-        def process(self, chunk):
+        def start(self, chunk):
             self.calls.append(chunk[0])
             out = ChunkOutput()
             out.stats.source_rows = len(chunk)
-            return out
+            return lambda: out
 
         def timed(self, stage):
             import contextlib

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from datasets import Features
 
 from bsafe_data.classify.dedupe import DedupeIndex
-from bsafe_data.methods.base import ChunkOutput, Method
+from bsafe_data.methods.base import ChunkFinish, ChunkOutput, Method
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import ROW_FEATURES, rejected_features
 from bsafe_data.sources import SourceItem
@@ -163,22 +163,46 @@ class LocalExecutor:
         load: LoadFn,
         progress: ProgressFn | None = None,
     ) -> ChunkRun:
-        """Process (or resume) this worker's chunks of ``items``."""
+        """Process (or resume) this worker's chunks of ``items``, in order.
+
+        Chunk i+1 is started (its generator requests sent) before chunk i is finished, so the
+        endpoint works while this process labels and classifies (``Method.start``).
+        """
         method: Method | None = None
         run = ChunkRun([], [], 0)
+        started: tuple[int, ChunkFinish] | None = None
+
+        def finish_started() -> None:
+            nonlocal started
+            if started is not None:
+                index, finish = started
+                started = None
+                assert method is not None
+                stats = finish_chunk(method, self.work, index, finish)
+                run.finished(self.work / chunk_name(index), stats, progress)
+
         for index, chunk, stats in self.chunks(items):
             if chunk is None:
+                finish_started()  # chunks are recorded in order
                 run.resumed += 1
-            else:
-                method = method or load(1)
-                stats = run_chunk(method, self.work, index, chunk)
-            run.finished(self.work / chunk_name(index), stats, progress)
+                run.finished(self.work / chunk_name(index), stats, progress)
+                continue
+            method = method or load(1)
+            finish = method.start(chunk)
+            finish_started()
+            started = (index, finish)
+        finish_started()
         return run
 
 
 def run_chunk(method: Method, work: Path, index: int, chunk: list[SourceItem]) -> ChunkStats:
     """Process one chunk and write it as finished chunk ``index``; its counters."""
-    out = method.process(chunk)
+    return finish_chunk(method, work, index, method.start(chunk))
+
+
+def finish_chunk(method: Method, work: Path, index: int, finish: ChunkFinish) -> ChunkStats:
+    """Finish a started chunk and write it as finished chunk ``index``; its counters."""
+    out = finish()
     with method.timed("write_chunks"):
         write_chunk(work, index, out, method.features)
     return out.stats

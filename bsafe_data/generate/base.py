@@ -1,16 +1,17 @@
 """The generator interface every backend subclasses (builtin bank, OpenAI-compatible endpoint).
 
 The pipeline hands a backend a batch of requests and gets one ``Generation`` per request back, in
-order. Backends never raise for a single bad row: they return a ``Generation`` whose ``error`` is a
-stable reason code (``generator_error``, ``generator_refused``, ``generator_unparseable``), so the
-row lands in the ``rejected`` config instead of crashing the run. Only a ``FatalEndpointError``
-(bad key, wrong URL) stops the run.
+order (``generate_batch``, or ``submit`` for a future of it). Backends never raise for a single bad
+row: they return a ``Generation`` whose ``error`` is a stable reason code (``generator_error``,
+``generator_refused``, ``generator_unparseable``), so the row lands in the ``rejected`` config
+instead of crashing the run. Only a ``FatalEndpointError`` (bad key, wrong URL) stops the run.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,20 @@ class Generator(ABC):
     @abstractmethod
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Return one Generation per request, in the same order."""
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> Future[list[Generation]]:
+        """Start a batch and return its future (``result()`` is what ``generate_batch`` returns).
+
+        Endpoint backends send the requests in the background, so the caller can label and
+        classify another chunk while they are in flight. The default (offline backends, which
+        are CPU work anyway) computes the batch here and returns a finished future.
+        """
+        future: Future[list[Generation]] = Future()
+        try:
+            future.set_result(self.generate_batch(requests))
+        except Exception as exc:  # FatalEndpointError: raised where the caller takes the result
+            future.set_exception(exc)
+        return future
 
     def close(self) -> None:  # noqa: B027 - optional hook: offline backends hold nothing
         """Release connections, event loops and caches."""

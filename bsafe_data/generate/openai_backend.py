@@ -15,10 +15,12 @@ retries), ``content_retries`` (re-asks after refusals/unparseable answers), ``in
 ``prices``: USD per 1M ``input``/``output`` tokens), and row outcomes ``refused``, ``unparseable``,
 ``errors``.
 
-Each batch runs on the generator's own event loop; its answers are committed to the cache before
-``generate_batch`` returns. While a batch runs, the objects that existed before it are frozen for
-the garbage collector (``gc.freeze``), so full collections do not stall the loop by re-scanning the
-whole heap.
+Batches run on the generator's own event loop, in a background thread: ``submit`` returns a future
+at once, so the caller labels and classifies one chunk while the next chunk's requests are in
+flight (batches share ``max_concurrency``, older batches first); ``generate_batch`` waits for it.
+A batch's answers are committed to the cache before its future completes. While any batch runs,
+the objects that existed before are frozen for the garbage collector (``gc.freeze``), so full
+collections do not stall the loop by re-scanning the whole heap.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +46,6 @@ from bsafe_data.inject import (
 from bsafe_data.llm.cache import CachedResponse, ResponseCache, request_key
 from bsafe_data.llm.client import ChatEngine, check_endpoint
 from bsafe_data.llm.errors import RequestFailed
-from bsafe_data.llm.loop import off_running_loop
 from bsafe_data.llm.transport import resolve_endpoint
 from bsafe_data.recipe import GeneratorSpec
 
@@ -61,22 +63,36 @@ _USER_MARK = "\x00user\x00"
 _SEED_MARK = "\x00seed\x00"
 
 
-@contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """Freeze the objects that exist before a batch (``gc.freeze``) while it runs.
+class _HeapFreeze:
+    """Freeze the objects that exist when the first batch starts (``gc.freeze``) until none runs.
 
     A full collection during a batch would otherwise re-scan the whole heap (tokenizers, datasets,
-    SDK modules: 100+ ms stalls of the event loop, measured); objects created by the batch are
-    still collected as usual. Skipped when the caller already froze objects itself.
+    SDK modules: 100+ ms stalls of the event loop, measured); objects created later are still
+    collected as usual. Skipped when the caller already froze objects itself. ``gc`` is global to
+    the process, so one counter serves every generator.
     """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._ours = False
+
+    def enter(self) -> None:
+        with self._lock:
+            self._running += 1
+            if self._running == 1 and not gc.get_freeze_count():
+                gc.freeze()
+                self._ours = True
+
+    def exit(self, _future: object = None) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0 and self._ours:
+                gc.unfreeze()
+                self._ours = False
+
+
+_HEAP = _HeapFreeze()
 
 
 class OpenAIGenerator(Generator):
@@ -120,6 +136,7 @@ class OpenAIGenerator(Generator):
         self._progress = progress
         self._checked = not check
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         prices = spec.prices or {}
         self._price_in = float(prices.get("input", 0.0)) / 1e6
         self._price_out = float(prices.get("output", 0.0)) / 1e6
@@ -157,49 +174,58 @@ class OpenAIGenerator(Generator):
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """One ``Generation`` per request, in order. Raises ``FatalEndpointError`` to stop the run."""
+        return _wait(self.submit(requests))
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> Future[list[Generation]]:
+        """Send a batch in the background; its future gives one ``Generation`` per request, in
+        order (or raises ``FatalEndpointError``). The endpoint is checked before the first batch."""
         if not requests:
-            return []
+            done: Future[list[Generation]] = Future()
+            done.set_result([])
+            return done
         if not self._checked:
             self.check()
-        with _frozen_heap():
-            return self._run(self._agenerate(list(requests)))
+        _HEAP.enter()
+        future = self._spawn(self._agenerate(list(requests)))
+        future.add_done_callback(_HEAP.exit)
+        return future
 
     def close(self) -> None:
-        """Close connections, the event loop and the cache (pending cache rows are committed)."""
-        loop, self._loop = self._loop, None
+        """Stop the batches in flight, close connections, the loop and its thread, and the cache
+        (pending cache rows are committed)."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
         try:
-            if loop is not None and not loop.is_closed():
-                off_running_loop(self._shutdown, loop)
+            if loop is not None:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result()
+                loop.call_soon_threadsafe(loop.stop)
+                if thread is not None:
+                    thread.join()
+                loop.close()
         finally:
             self._cache.close()
 
-    def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    async def _shutdown(self) -> None:
+        here = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not here and not t.done()]
         for task in pending:
             task.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(self._engine.close())
-        loop.close()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await self._engine.close()
 
     # -- internals -----------------------------------------------------------------------------
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the generator's own loop (in a helper thread if a loop already runs here)."""
-        if self._loop is None or self._loop.is_closed():
-            self._loop = asyncio.new_event_loop()
-        return off_running_loop(self._run_on, self._loop, coro)
+        """Run ``coro`` on the generator's loop and wait for it (from any thread, loop or not)."""
+        return _wait(self._spawn(coro))
 
-    @staticmethod
-    def _run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
-        task = loop.create_task(coro)
-        try:
-            return loop.run_until_complete(task)
-        except BaseException:  # Ctrl-C or a fatal error: stop the workers before leaving
-            if not task.done():
-                task.cancel()
-                with suppress(BaseException):
-                    loop.run_until_complete(task)
-            raise
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Schedule ``coro`` on the generator's loop, started in its own thread on first use."""
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="bsafe-generator", daemon=True)
+            self._thread.start()
+            self._loop = loop
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _payload(self, system: str, user: Any, seed: Any) -> dict[str, Any]:
         messages = [{"role": "system", "content": system}] if system else []
@@ -339,3 +365,12 @@ class OpenAIGenerator(Generator):
         return [
             r if r is not None else Generation(error="generator_error", detail="not run") for r in results
         ]
+
+
+def _wait(future: Future[T]) -> T:
+    """``future.result()``; on Ctrl-C (or any interruption) the batch is cancelled before leaving."""
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
+        raise

@@ -9,7 +9,9 @@ what a local vLLM server can deliver, so it is used only off the hot path (``che
 the package's one retry policy (``bsafe_data.llm.retry.RetryPolicy``): transient failures are
 retried, ``FatalEndpointError`` stops the run, ``RequestFailed`` fails that request only.
 ``Transport.run`` is a worker pool of ``max_concurrency`` coroutines; each worker handles one item
-at a time, so at most ``max_concurrency`` requests are in flight.
+at a time. Runs may overlap (the next chunk's batch starts while the last one drains): they share
+``max_concurrency`` slots, older runs first, so at most ``max_concurrency`` requests are in flight
+and a run finishes as early as it would alone.
 
 Endpoints are resolved in one place (``resolve_endpoint``): ``base_url`` defaults to
 ``$OPENAI_BASE_URL`` (then OpenAI's), and the key is read from the environment variable the recipe
@@ -20,6 +22,8 @@ names. The key lives only in the transport's session headers: never in a cache k
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import os
 from collections.abc import Awaitable, Callable, Iterable
@@ -51,6 +55,36 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: What ``extract`` may raise on a body it cannot read: the attempt is retried like a dropped one.
 _MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 _NO_HEADERS: dict[str, str] = {}
+
+
+class _Slots:
+    """A semaphore whose waiters are served by priority (lower first), then in arrival order."""
+
+    def __init__(self, size: int):
+        self.free = size
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # the slot was handed over just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the waiter
+                return
+        self.free += 1
 
 
 class MalformedResponse(ValueError):
@@ -134,6 +168,8 @@ class Transport:
         self.stats = TransportStats()
         self._session: aiohttp.ClientSession | None = None
         self._routes: dict[str, tuple[URL, str]] = {}
+        self._slots: _Slots | None = None  # made with each session: waiters belong to its loop
+        self._runs = itertools.count()
 
     def route(self, path: str) -> tuple[URL, str]:
         """The parsed URL of ``path`` (parsed once, not per request) and its printable form."""
@@ -148,6 +184,7 @@ class Transport:
         """Create the HTTP session (inside the running loop)."""
         if self._session is not None and not self._session.closed:
             return
+        self._slots = _Slots(self.max_concurrency)
         connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -187,11 +224,18 @@ class Transport:
             total = len(items)
         if total == 0:
             return
+        await self.open()  # (a no-op when open) the slots of this loop's session
+        slots, priority = self._slots, next(self._runs)
+        assert slots is not None
         source = iter(items)
 
         async def worker() -> None:
             for item in source:  # shared iterator: each item is taken by exactly one worker
-                await handler(item)
+                await slots.acquire(priority)
+                try:
+                    await handler(item)
+                finally:
+                    slots.release()
 
         tasks = [asyncio.ensure_future(worker()) for _ in range(min(total, self.max_concurrency))]
         try:

@@ -2,7 +2,8 @@
 
 A method turns source conversations into rows. It declares its recipe model (a subclass of
 ``Recipe`` with ``method: Literal[NAME]``), its row kinds and loss segments, and implements small
-hooks; ``Method.process`` runs the shared stages around them, in this order::
+hooks; ``Method.process`` (= ``start`` then the call it returns) runs the shared stages around
+them, in this order::
 
     segment → plan (hook) → generate (hooks request / apply_generation) → label (hook: X)
             → classify (hook items_of; judges first, hook on_judge) → rules → rows (hook build_row)
@@ -19,9 +20,10 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,6 +51,10 @@ from bsafe_data.stages.stats import ChunkStats
 #: A chunk needs this many failed requests before the error budget can stop the build.
 _BREAKER_MIN_FAILURES = 5
 _ERROR_KIND = re.compile(r"HTTP \d+|timeout|connection error|malformed response|not run")
+
+
+#: finishes a chunk that ``Method.start`` began (its generator requests may still be in flight)
+ChunkFinish = Callable[[], "ChunkOutput"]
 
 
 class EndpointDown(BuildError):
@@ -420,16 +426,34 @@ class Method(ABC):
 
     def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
         """Turn source items into rows; every item ends up kept or rejected."""
+        return self.start(items)()
+
+    def start(self, items: Sequence[SourceItem]) -> ChunkFinish:
+        """The first half of ``process``: check, segment and plan the chunk and submit its
+        generator requests. The requests are in flight when this returns; the returned call
+        finishes the chunk (answers, labels, classifiers, rows), so the executor can start chunk
+        i+1 before it finishes chunk i and the endpoint stays busy across chunk boundaries."""
         out = self.new_output()
         out.stats.source_rows = len(items)
         with self.timed("segment"):
             records = self.prepare(items, out)
-        with self.timed("generate"):
-            wanted = [r for r in records if r.live and self.needs_generation(r)]
-            if wanted:
-                generate_stage.generate(
-                    self.resources.generator, wanted, self.request, self.apply_generation
-                )
+        wanted = [r for r in records if r.live and self.needs_generation(r)]
+        answers = None
+        if wanted:
+            with self.timed("generate"):
+                answers = generate_stage.send(self.resources.generator, wanted, self.request)
+        return partial(self._finish, out, records, wanted, answers)
+
+    def _finish(
+        self,
+        out: ChunkOutput,
+        records: list[Record],
+        wanted: list[Record],
+        answers: Future[list[Generation]] | None,
+    ) -> ChunkOutput:
+        with self.timed("generate"):  # the time spent waiting for answers (not hidden by overlap)
+            if answers is not None:
+                generate_stage.apply_answers(wanted, answers, self.apply_generation)
                 self._breaker(wanted)
             self._check_generated(records)
         with self.timed("label"):

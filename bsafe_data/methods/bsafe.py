@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +52,7 @@ from bsafe_data.classify.judge import JudgeClassifier
 from bsafe_data.classify.taxonomy import to_recipe
 from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
 from bsafe_data.label import control_patterns, control_text, control_vocabulary
-from bsafe_data.methods.base import ChunkOutput, Method, register_method
+from bsafe_data.methods.base import ChunkFinish, ChunkOutput, Method, register_method
 from bsafe_data.recipe import ControlSpec, Recipe, Strict
 from bsafe_data.sources import Conversation, SourceItem
 from bsafe_data.stages import adjust, count, hygiene
@@ -174,8 +174,9 @@ class BsafeMethod(Method):
         return [RepairRecord(conv, self.source_key(conv), split, self.record_seed(conv, 0), KIND, spans)]
 
     # -- the flow -------------------------------------------------------------------------------
-    def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
-        """Locate → continue → count X → check → rules → rows; every item ends kept or rejected."""
+    def start(self, items: Sequence[SourceItem]) -> ChunkFinish:
+        """Locate → continue (both wait for their answers: the continuation needs the located
+        span) → the returned call: count X → check → rules → rows. Every item ends kept or rejected."""
         out = ChunkOutput()
         out.stats.source_rows = len(items)
         with self.timed("segment"):
@@ -186,6 +187,9 @@ class BsafeMethod(Method):
             wanted = [r for r in records if r.live]
             self._isolated("generate", self.continue_safely, wanted)
             self._breaker(wanted)
+        return partial(self._repair, out, records)
+
+    def _repair(self, out: ChunkOutput, records: list[Record]) -> ChunkOutput:
         with self.timed("label"):
             repaired: list[int] = []
             self._isolated("label", lambda batch: repaired.append(self.label(batch)), records)

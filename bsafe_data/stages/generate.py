@@ -1,5 +1,8 @@
 """Stage *generate*: the generator requests of live records, sent as one batch, answers applied.
 
+``send`` submits the batch and returns at once (an endpoint backend sends it in the background);
+``apply_answers`` waits for it, so a caller can do other work in between.
+
 The method says which request a record needs and what to do with a usable answer; this stage
 sends them and records the generator's reason code (``generator_error``, ``generator_refused``,
 ``generator_unparseable``, ``empty_violation``) on records whose answer cannot be used.
@@ -8,21 +11,25 @@ sends them and records the generator's reason code (``generator_error``, ``gener
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 from bsafe_data.rows import TRANSIENT_REASONS
 from bsafe_data.stages.record import Record
 
 
-def generate(
-    generator: Generator,
-    records: Sequence[Record],
-    request_of: Callable[[Record], GenerationRequest],
-    apply: Callable[[Record, Generation], None],
+def send(
+    generator: Generator, records: Sequence[Record], request_of: Callable[[Record], GenerationRequest]
+) -> Future[list[Generation]]:
+    """Submit the request of every record as one batch; the answers arrive in record order."""
+    return generator.submit([request_of(r) for r in records])
+
+
+def apply_answers(
+    records: Sequence[Record], answers: Future[list[Generation]], apply: Callable[[Record, Generation], None]
 ) -> None:
-    """Ask ``generator`` for every record (one batch, in order) and apply each usable answer."""
-    requests = [request_of(r) for r in records]
-    for record, generation in zip(records, generator.generate_batch(requests), strict=True):
+    """Wait for the batch ``send`` submitted and take each usable answer into its record."""
+    for record, generation in zip(records, answers.result(), strict=True):
         if generation.error:
             transient = generation.error in TRANSIENT_REASONS
             record.reject(generation.error, f"generator: {generation.detail}", transient=transient)
