@@ -24,22 +24,48 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bsafe_data.audit.apply import REASON as ANNOTATOR_REJECTED
 from bsafe_data.audit.apply import Policy, annotator_rejections
-from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
+from bsafe_data.classify.base import ERROR_LABEL
 from bsafe_data.classify.rules import FILTER_REASONS, RuleSet, requested_category
+from bsafe_data.columnar import (
+    Gatherer,
+    PatchedColumn,
+    bulk_memory,
+    list_entries,
+    read_folder,
+    replace_list_field,
+    struct_field,
+    taken,
+    write_chunk_tables,
+)
 from bsafe_data.methods.base import method_class
 from bsafe_data.recipe import Recipe, RecipeError, load_recipe
+from bsafe_data.rows import rejected_features
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.sample import split_of as sample_split
-from bsafe_data.stages.stats import funnel_of, merge_stats
+from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
+
+if TYPE_CHECKING:
+    from bsafe_data.methods.base import Method
+
+
+#: threads writing chunk files (parquet encoding releases the GIL)
+_WRITERS = 2
+#: relabelled rows turned into dicts at a time
+_RELABEL_BATCH = 20_000
 
 
 class RefilterError(Exception):
@@ -102,13 +128,12 @@ def read_rows(folder: Path) -> list[dict[str, Any]]:
 
 
 class SourceOrder:
-    """Where each stored row sat in the build: its source row's position in the run, its chunk."""
+    """Where each stored row sat in the build: its source row's position in the run, its chunk.
 
-    def __init__(self, recipe: Recipe, rows: list[dict[str, Any]]):
-        counts: Counter[str] = Counter()
-        for row in rows:  # every source row left at least one row, so max index + 1 = its rows read
-            src = row["source"]
-            counts[src["dataset"]] = max(counts[src["dataset"]], src["index"] + 1)
+    ``counts``: rows read per source dataset (every source row left at least one row, so its
+    largest stored ``source.index`` + 1)."""
+
+    def __init__(self, recipe: Recipe, counts: dict[str, int]):
         self.offsets: dict[str, int] = {}
         total = 0
         for spec in recipe.sources:
@@ -130,32 +155,26 @@ class SourceOrder:
         return self.position(row) // self.chunk_rows
 
 
-def _relabel_scores(row: dict[str, Any], rules: RuleSet) -> None:
-    """Labels at the new thresholds (as a fresh build would record them)."""
-    for entry in row["scores"]:
-        spec = rules.specs.get(entry["classifier"])
-        if spec is not None and entry["label"] != ERROR_LABEL:
-            entry["label"] = "unsafe" if is_unsafe(entry["score"], spec.threshold) else "safe"
-
-
-def _unless_judged(row: dict[str, Any]) -> dict[str, Any]:
-    """The row as dedupe should see it: an annotator rejection does not free its violation."""
-    return {**row, "reasons": []} if row.get("reasons") == [ANNOTATOR_REJECTED] else row
-
-
 def refilter(
     folder: str | Path, overrides: list[str] | None = None, *, audit: Policy | None = None
 ) -> RefilterResult:
     """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores;
-    with ``audit`` (a policy) also reject the kept rows annotators judged bad."""
+    with ``audit`` (a policy) also reject the kept rows annotators judged bad.
+
+    Columnar: the rows stay one Arrow table (``bsafe_data.columnar``), the rules run once per
+    distinct score signature (``RuleSet.decide_table``), order and counters are sorts and
+    group-bys; only relabelled rows become dicts. The bytes are those of a row-by-row refilter.
+    """
+    with bulk_memory():
+        return _refilter(Path(folder), list(overrides or []), audit)
+
+
+def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> RefilterResult:
     from bsafe_data.audit.report import card_section
-    from bsafe_data.executor.local import write_chunk
     from bsafe_data.executor.output import OutputFolder, os_error_message
     from bsafe_data.writer import write_dataset_folder
 
     started = time.perf_counter()
-    folder = Path(folder)
-    overrides = list(overrides or [])
     manifest_path = folder / "manifest.json"
     if not (folder / "recipe.yaml").is_file() or not manifest_path.is_file():
         raise RefilterError(f"{folder} is not a built dataset folder (recipe.yaml or manifest.json missing)")
@@ -168,67 +187,68 @@ def refilter(
     method = method_class(old)
     manifest = json.loads(manifest_path.read_text())
     judged_bad = annotator_rejections(folder, audit) if audit else {}
-    rows = read_rows(folder)
-    recorded = {s["classifier"] for row in rows for s in row["scores"]}
-    _check_classifiers(old, new, recorded)
+    table, stored = read_folder(folder, method.features)
+    entries = list_entries(table.column("scores").combine_chunks())
+    _check_classifiers(old, new, set(entries["classifier"].unique().to_list()))
     rules = method.rules_for(new)
-    order = SourceOrder(old, rows)
-    rows.sort(key=lambda row: (order.chunk(row), *method.order_key(row, order.position(row))))
-    was_kept = {row["id"]: row["_split"] != "rejected" for row in rows}
-    relabeled = 0
-    for row in rows:
-        reasons = row.get("reasons") or []
-        if any(r not in FILTER_REASONS for r in reasons):
-            continue  # rejected before classification: nothing to re-decide
-        _relabel_scores(row, rules)
-        decision = rules.decide(row)
-        if row["injection"]:
-            category = decision.category or requested_category(row)
-            if category and category != row["injection"]["category"]:
-                method.relabel(new, row, category)
-                relabeled += 1
-        row["reasons"] = decision.reasons
+    frame = _row_frame(table)
+    order = SourceOrder(old, dict(frame.group_by("dataset").agg(pl.col("index").max() + 1).iter_rows()))
+    position = pl.col("dataset").replace_strict(order.offsets, return_dtype=pl.Int64) + pl.col("index")
+    frame = frame.with_columns(position.alias("position"))
+    frame = frame.with_columns((pl.col("position") // order.chunk_rows).alias("chunk"))
+    sort_keys = _order_columns(method, table, frame, order)
+
+    # the rules: rows rejected before classification keep their reasons
+    rows = np.flatnonzero(_redecided(table))
+    scores = _relabeled_scores(table.column("scores"), entries, rules, rows)
+    table = table.set_column(table.schema.get_field_index("scores"), "scores", scores)
+    decided = rules.decide_table(table, rows)
+    reasons, detail = PatchedColumn(table.column("reasons")), PatchedColumn(table.column("detail"))
+    per_group = pa.array([d.reasons for d in decided.decisions], pa.list_(pa.string()))
+    reasons.set(rows, per_group.take(pa.array(decided.groups)))
+    pairs = zip(decided.decisions, decided.examples, strict=True)
+    carried = [d.category or requested_category(r) for d, r in pairs]
+    relabel_rows, relabel_to = _to_relabel(frame, rows, decided.groups, carried)
+    relabeled = _relabeled(method, new, table, relabel_rows, relabel_to)
+    if len(relabel_rows):
+        categories = frame["category"].to_numpy().astype(object)
+        categories[relabel_rows] = relabel_to
+        frame = frame.with_columns(pl.Series("category", categories.tolist(), dtype=pl.Utf8))
+
     moved = 0
-    for row in rows:
-        if row["id"] in judged_bad and not row["reasons"]:
-            row["reasons"] = [ANNOTATOR_REJECTED]
-            row["detail"] = judged_bad[row["id"]]
-            moved += 1
+    if judged_bad:
+        empty = _lengths(reasons.array()) == 0
+        judged = np.flatnonzero(_is_in(table.column("id"), list(judged_bad)) & empty)
+        reasons.set(judged, [[ANNOTATOR_REJECTED]] * len(judged))
+        detail.set(judged, [judged_bad[i] for i in frame["id"].to_numpy()[judged].tolist()])
+        moved = len(judged)
+    frame = frame.with_row_index("_r").sort(sort_keys, maintain_order=True)
     if new.filters.enabled:
         # annotator-rejected rows still hold their place: their duplicates stay rejected
-        duplicates = find_duplicates(rules.new_dedupe(), (_unless_judged(row) for row in rows))
-        for row in rows:
-            if row["id"] in duplicates and row["reasons"] != [ANNOTATOR_REJECTED]:
-                row["reasons"] = [duplicates[row["id"]]]
-    by_chunk: dict[int, list[dict[str, Any]]] = {}
-    sources: Counter[int] = Counter()
-    seen_sources: set[tuple[str, int]] = set()
-    split_of: dict[str, str] = {}
-    for row in rows:
-        index = order.chunk(row)
-        by_chunk.setdefault(index, []).append(row)
-        src = (row["source"]["dataset"], row["source"]["index"])
-        if src not in seen_sources:
-            seen_sources.add(src)
-            sources[index] += 1
-        row.pop("_split")
-        split_of[row["id"]] = sample_split(
-            old.seed, old.split.test_fraction, row["source"]["dataset"], row["source"]["id"]
-        )
+        duplicates = _duplicates(rules, table, frame, reasons.array())
+        if duplicates:
+            found = np.array(sorted(duplicates), dtype=np.int64)
+            codes = sorted(set(duplicates.values()))
+            which = pa.array([codes.index(duplicates[i]) for i in found.tolist()], pa.int64())
+            reasons.set(found, pa.array([[c] for c in codes], pa.list_(pa.string())).take(which))
+    final = reasons.array()
+    table = table.set_column(table.schema.get_field_index("reasons"), "reasons", final)
+    table = table.set_column(table.schema.get_field_index("detail"), "detail", detail.array())
+    kept = _lengths(final) == 0
+    frame = frame.with_columns(
+        _splits(old, frame, kept),
+        pl.Series("kept", kept[frame["_r"].to_numpy()]),
+    )
+    combined, frame = _with_relabeled(table, frame, relabeled, relabel_rows)
+
     output = OutputFolder(folder, old.name, force=True)
     with output.locked():
         work = output.work
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
-        paths, parts = [], []
         try:
-            for position, index in enumerate(sorted(by_chunk)):
-                out = method.chunk_from_rows(by_chunk[index], split_of)
-                out.stats.source_rows = sources[index]
-                if position == 0:
-                    out.stats.repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
-                paths.append(write_chunk(work, index, out, method.features))
-                parts.append(out.stats)
+            repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
+            paths, parts = _write_chunks(method, work, combined, frame, repaired)
             total = merge_stats(parts)
             total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
             funnel = funnel_of(total)
@@ -262,14 +282,364 @@ def refilter(
             raise RefilterError(os_error_message(exc, f"rewriting {folder}")) from None
         finally:
             output.finish()
-    now_kept = {row["id"] for row in rows if not row.get("reasons")}
+    was_kept = stored != "rejected"
     return RefilterResult(
         folder=folder,
         before=manifest.get("funnel", {}),
         after=funnel,
-        newly_rejected=sum(1 for i, k in was_kept.items() if k and i not in now_kept),
-        newly_kept=sum(1 for i, k in was_kept.items() if not k and i in now_kept),
-        relabeled=relabeled,
+        newly_rejected=int(np.count_nonzero(was_kept & ~kept)),
+        newly_kept=int(np.count_nonzero(~was_kept & kept)),
+        relabeled=len(relabel_rows),
         seconds=round(time.perf_counter() - started, 3),
         annotator_rejected=moved,
     )
+
+
+# -- the steps, on columns ----------------------------------------------------------------------
+def _row_frame(table: pa.Table) -> pl.DataFrame:
+    """The light columns refilter orders and counts by (one row per table row, in table order)."""
+    source = table.column("source").combine_chunks()
+    injection = table.column("injection").combine_chunks()
+    segments = pc.list_value_length(table.column("segments"))  # chunk by chunk: no copy of the texts
+    return pl.DataFrame(
+        {
+            "id": pl.from_arrow(table.column("id")),
+            "kind": pl.from_arrow(table.column("kind")),
+            "dataset": pl.from_arrow(struct_field(source, "dataset")),
+            "index": pl.from_arrow(struct_field(source, "index")).cast(pl.Int64),
+            "source_id": pl.from_arrow(struct_field(source, "id")),
+            "segments": pl.from_arrow(segments).fill_null(0),
+            "has_injection": pl.Series(injection.is_valid().to_numpy(zero_copy_only=False)),
+            "category": pl.from_arrow(struct_field(injection, "category")),
+        }
+    )
+
+
+def _lengths(lists: pa.Array) -> np.ndarray:
+    return pc.list_value_length(lists).fill_null(0).to_numpy()
+
+
+def _redecided(table: pa.Table) -> np.ndarray:
+    """Rows whose reasons are all filter reasons (or none): the rules decide them again."""
+    reasons = table.column("reasons").combine_chunks()
+    other = ~pc.is_in(pc.list_flatten(reasons), pa.array(FILTER_REASONS)).to_numpy(zero_copy_only=False)
+    out = np.ones(len(reasons), dtype=bool)
+    out[pc.list_parent_indices(reasons).to_numpy()[other]] = False
+    return out
+
+
+def _relabeled_scores(
+    scores: pa.ChunkedArray, entries: pl.DataFrame, rules: RuleSet, rows: np.ndarray
+) -> pa.Array:
+    """Labels at the new thresholds (as a fresh build would record them) on the rows in ``rows``;
+    error labels stay. ``entries``: the flattened ``scores`` (``columnar.list_entries``)."""
+    thresholds = {name: float(np.float32(spec.threshold)) for name, spec in rules.specs.items()}
+    redecided = np.zeros(len(scores), dtype=bool)
+    redecided[rows] = True
+    threshold = pl.col("classifier").replace_strict(thresholds, default=None, return_dtype=pl.Float32)
+    change = (
+        pl.lit(redecided[entries["r"].to_numpy()])
+        & threshold.is_not_null()
+        & (pl.col("label") != ERROR_LABEL)
+    )
+    labels = entries.select(
+        pl.when(change)
+        .then(pl.when(pl.col("score") >= threshold).then(pl.lit("unsafe")).otherwise(pl.lit("safe")))
+        .otherwise(pl.col("label"))
+        .alias("label")
+    )["label"]
+    if labels.equals(entries["label"]):
+        return scores.combine_chunks()
+    return replace_list_field(scores, "label", labels.to_arrow().cast(pa.string()))
+
+
+def _to_relabel(
+    frame: pl.DataFrame, rows: np.ndarray, groups: np.ndarray, carried: list[str | None]
+) -> tuple[np.ndarray, list[str]]:
+    """Decided rows with an injection whose category changes: (rows, new categories)."""
+    if not len(rows):
+        return np.empty(0, dtype=np.int64), []
+    wanted = np.array(carried + [None], dtype=object)[groups]
+    current = frame["category"].to_numpy().astype(object)[rows]
+    injected = frame["has_injection"].to_numpy()[rows]
+    change = (
+        np.array(
+            [bool(w) and w != c for w, c in zip(wanted.tolist(), current.tolist(), strict=True)], dtype=bool
+        )
+        & injected
+    )
+    return rows[change], wanted[change].tolist()
+
+
+def _order_columns(
+    method: type[Method], table: pa.Table, frame: pl.DataFrame, order: SourceOrder
+) -> list[Any]:
+    """Sort keys for ``frame`` (in table order) giving the build's order: (chunk, order_key).
+
+    The method's ``order_key`` hook decides; the two hooks of the package (``Method``'s and
+    BSAFE+'s: rejected source rows first, then source position, then id or ``…/vN`` variant) are
+    evaluated on columns, any other on the rows themselves."""
+    from bsafe_data.methods.base import Method
+    from bsafe_data.methods.bsafe_plus import BsafePlusMethod
+
+    hook = getattr(method.order_key, "__func__", None)
+    level = (pl.col("segments") > 0).cast(pl.Int64)
+    if hook is Method.order_key.__func__:
+        return [pl.col("chunk"), level, pl.col("position"), pl.col("id")]
+    ids = frame["id"]
+    if hook is BsafePlusMethod.order_key.__func__ and not ids.str.contains("\n").any():
+        digits = pl.col("id").str.extract(r"/v([0-9]+)$", 1)  # `\d` in re is Unicode: checked below
+        plain = (
+            frame.select(digits.is_not_null().sum()).item()
+            == frame.select(pl.col("id").str.contains(r"/v\d+$").sum()).item()
+        )
+        if plain:
+            variant = pl.when(pl.col("segments") > 0).then(digits.cast(pl.Int64)).otherwise(-1).fill_null(-1)
+            return [pl.col("chunk"), level, pl.col("position"), variant]
+    return _hook_order(method, table, order)
+
+
+def _hook_order(method: type[Method], table: pa.Table, order: SourceOrder) -> list[Any]:
+    """The sort key from ``order_key`` on every row (a dict each): any hook, slowly."""
+    rows = table.to_pylist()
+    keys = [(order.chunk(row), *method.order_key(row, order.position(row))) for row in rows]
+    ranks = np.empty(len(rows), dtype=np.int64)
+    ranks[sorted(range(len(rows)), key=keys.__getitem__)] = np.arange(len(rows))
+    return [pl.Series("_key", ranks)]
+
+
+def _duplicates(rules: RuleSet, table: pa.Table, frame: pl.DataFrame, reasons: pa.Array) -> dict[int, str]:
+    """Row -> duplicate reason for kept injected rows whose violation repeats an earlier kept one
+    (``frame`` in dataset order). Annotator-rejected rows count as kept here, but keep their reason."""
+    index = rules.new_dedupe()
+    if not index.active:
+        return {}
+    lengths = _lengths(reasons)
+    first = pc.list_element(
+        pc.if_else(pa.array(lengths == 1), reasons, pa.nulls(len(reasons), reasons.type)), 0
+    )
+    judged = pc.equal(first, ANNOTATOR_REJECTED).fill_null(False).to_numpy(zero_copy_only=False)
+    order = frame["_r"].to_numpy()
+    free = (lengths == 0) | judged
+    injected = (frame["kind"].to_numpy() == "injected") & frame["has_injection"].to_numpy()
+    candidates = order[free[order] & injected]
+    if not len(candidates):
+        return {}
+    ids = table.column("id").take(pa.array(candidates)).to_pylist()
+    violations = struct_field(taken(table.column("injection"), candidates), "violation").to_pylist()
+    light = (
+        {"id": i, "kind": "injected", "injection": {"violation": v}, "reasons": []}
+        for i, v in zip(ids, violations, strict=True)
+    )
+    found = find_duplicates(index, light)
+    if not found:
+        return {}
+    ids = table.column("id")
+    hit = np.flatnonzero(_is_in(ids, list(found)) & ~judged)
+    return {r: found[i] for r, i in zip(hit.tolist(), ids.take(pa.array(hit)).to_pylist(), strict=True)}
+
+
+def _is_in(values: pa.ChunkedArray, wanted: list[str]) -> np.ndarray:
+    """Per value: whether it is one of ``wanted``."""
+    found = pc.is_in(values, value_set=pa.array(wanted, pa.string()))
+    return found.combine_chunks().to_numpy(zero_copy_only=False)
+
+
+def _splits(old: Recipe, frame: pl.DataFrame, kept: np.ndarray) -> pl.Series:
+    """train/test of each row of ``frame`` (by its source row) when kept, else null."""
+    keep = pl.Series(kept[frame["_r"].to_numpy()])
+    pairs = frame.filter(keep).select("dataset", "source_id").unique(maintain_order=True)
+    split = [sample_split(old.seed, old.split.test_fraction, d, i) for d, i in pairs.iter_rows()]
+    pairs = pairs.with_columns(pl.Series("split", split, dtype=pl.Utf8))
+    found = (
+        frame.select("dataset", "source_id")
+        .with_row_index("_i")
+        .join(pairs, on=["dataset", "source_id"], how="left")
+        .sort("_i")
+    )
+    return pl.select(pl.when(keep).then(found["split"]).otherwise(None)).to_series().alias("split")
+
+
+def _relabeled(
+    method: type[Method], recipe: Recipe, table: pa.Table, rows: np.ndarray, categories: list[str]
+) -> pa.Table:
+    """Rows ``rows`` given ``categories`` by the method's ``relabel`` hook (on row dicts, a
+    batch at a time so memory stays bounded)."""
+    gather_rows = Gatherer(table)
+    parts = [table.schema.empty_table()]
+    for start in range(0, len(rows), _RELABEL_BATCH):
+        batch = gather_rows(rows[start : start + _RELABEL_BATCH]).to_pylist()
+        for row, category in zip(batch, categories[start : start + _RELABEL_BATCH], strict=True):
+            method.relabel(recipe, row, category)
+        parts.append(pa.Table.from_pylist(batch, schema=table.schema))
+    return pa.concat_tables(parts)
+
+
+def _with_relabeled(
+    table: pa.Table, frame: pl.DataFrame, patched: pa.Table, rows: np.ndarray
+) -> tuple[pa.Table, pl.DataFrame]:
+    """The table with the relabelled rows ``patched`` appended (with their final reasons and
+    detail) and ``frame`` with each row's place in it (``src``)."""
+    source = frame["_r"].to_numpy().copy()
+    if not patched.num_rows:
+        return table, frame.with_columns(pl.Series("src", source))
+    for name in ("reasons", "detail"):
+        patched = patched.set_column(
+            patched.schema.get_field_index(name), name, table.column(name).take(pa.array(rows))
+        )
+    moved = np.full(table.num_rows, -1, dtype=np.int64)
+    moved[rows] = table.num_rows + np.arange(len(rows))
+    source = np.where(moved[source] >= 0, moved[source], source)
+    return pa.concat_tables([table, patched]), frame.with_columns(pl.Series("src", source))
+
+
+def _write_chunks(
+    method: type[Method], work: Path, table: pa.Table, frame: pl.DataFrame, repaired: int
+) -> tuple[list[Path], list[ChunkStats]]:
+    """One finished chunk per build chunk (``frame`` in dataset order, ``src`` its table rows).
+
+    From columns when the method counts rows as a ``_counts_columns`` twin says (files written
+    on other threads while the next chunk is gathered), else through ``chunk_from_rows``."""
+    from bsafe_data.executor.local import chunk_name, write_chunk
+
+    count = _counts_columns(method)
+    rows_of = Gatherer(table)
+    kept_schema = method.features.arrow_schema
+    rejected_schema = rejected_features(method.features).arrow_schema
+    counters = _chunk_counters(frame, table, count) if count is not None else {}
+    sources = dict(frame.group_by("chunk").agg(pl.struct("dataset", "index").n_unique()).iter_rows())
+    paths: list[Path | Future[Path]] = []
+    parts: list[ChunkStats] = []
+    with ThreadPoolExecutor(max_workers=_WRITERS) as writer:
+        for position, (index, start, end) in enumerate(_chunk_bounds(frame)):
+            part = frame.slice(start, end - start)
+            src = part["src"].to_numpy()
+            if count is not None:
+                stats = counters[index]
+                splits = part["split"]
+                tables = {
+                    split: _shaped(rows_of(src[(splits == split).fill_null(False).to_numpy()]), kept_schema)
+                    for split in ("train", "test")
+                }
+                tables["rejected"] = _shaped(rows_of(src[~part["kept"].to_numpy()]), rejected_schema)
+            else:
+                rows = rows_of(src).to_pylist()
+                split_of = {r["id"]: s for r, s in zip(rows, part["split"].to_list(), strict=True) if s}
+                out = method.chunk_from_rows(rows, split_of)
+                stats = out.stats
+            stats.source_rows = sources[index]
+            if position == 0:
+                stats.repaired = repaired
+            if count is not None:
+                if len(paths) > _WRITERS and isinstance(paths[-_WRITERS - 1], Future):
+                    paths[-_WRITERS - 1].result()  # a bounded number of chunks held in memory
+                name = chunk_name(index)
+                paths.append(writer.submit(write_chunk_tables, work, name, tables, stats.to_json()))
+            else:
+                paths.append(write_chunk(work, index, out, method.features))
+            parts.append(stats)
+        done = [p.result() if isinstance(p, Future) else p for p in paths]
+    return done, parts
+
+
+def _chunk_bounds(frame: pl.DataFrame) -> list[tuple[int, int, int]]:
+    """(chunk, first, end) of each chunk's rows in ``frame`` (sorted by chunk)."""
+    chunks = frame["chunk"].to_numpy()
+    if not len(chunks):
+        return []
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(chunks)) + 1])
+    ends = np.concatenate([starts[1:], [len(chunks)]])
+    return [(int(chunks[a]), int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _shaped(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table``'s columns of ``schema``, carrying its metadata (the ``datasets`` features)."""
+    return table.select(schema.names).replace_schema_metadata(schema.metadata)
+
+
+# -- counters -----------------------------------------------------------------------------------
+CountColumns = Callable[[pl.DataFrame, pa.Table, dict[int, ChunkStats]], None]
+
+
+def _hook(cls: type, name: str) -> Any:
+    return getattr(getattr(cls, name), "__func__", getattr(cls, name))
+
+
+def _counts_columns(method: type[Method]) -> CountColumns | None:
+    """The columnar twin of the method's ``count_row`` hook, when chunks can be counted and
+    written from columns: the method emits rows as ``Method`` does (no ``emit`` or
+    ``chunk_from_rows`` of its own, no extra configs) and its ``count_row`` is ``Method``'s or
+    BSAFE+'s. None: the chunk is rebuilt from row dicts (``chunk_from_rows``), as before."""
+    from bsafe_data.methods.base import Method
+    from bsafe_data.methods.bsafe_plus import BsafePlusMethod
+
+    if method.extra_configs or any(
+        _hook(method, name) is not _hook(Method, name) for name in ("emit", "chunk_from_rows", "new_output")
+    ):
+        return None
+    count_row = _hook(method, "count_row")
+    if count_row is _hook(Method, "count_row"):
+        return _count_nothing
+    if count_row is _hook(BsafePlusMethod, "count_row"):
+        return _count_injections
+    return None
+
+
+def _count_nothing(kept: pl.DataFrame, table: pa.Table, stats: dict[int, ChunkStats]) -> None:
+    """``Method.count_row``: no method counters."""
+
+
+def _count_injections(kept: pl.DataFrame, table: pa.Table, stats: dict[int, ChunkStats]) -> None:
+    """``BsafePlusMethod.count_row`` on columns: categories, rounded positions and X per
+    tokenizer of kept rows with an injection, in row order."""
+    rows = kept.filter(pl.col("has_injection"))
+    if not rows.height:
+        return
+    for chunk, category, n in rows.group_by(["chunk", "category"], maintain_order=True).len().iter_rows():
+        stats[chunk].categories[category] = n
+    src = rows["src"].to_numpy()
+    chunks = rows["chunk"].to_numpy()
+    injection = taken(table.column("injection"), src)
+    positions = [round(p, 4) for p in struct_field(injection, "relative_position").to_pylist()]
+    for chunk, start, end in _runs(chunks):
+        stats[chunk].positions.extend(positions[start:end])
+    backtrack = list_entries(taken(table.column("backtrack"), src))
+    if backtrack.height:
+        backtrack = backtrack.with_columns(pl.Series("chunk", chunks[backtrack["r"].to_numpy()]))
+        grouped = backtrack.group_by(["chunk", "tokenizer"], maintain_order=True).agg(pl.col("tokens"))
+        for chunk, tokenizer, tokens in grouped.iter_rows():
+            stats[chunk].backtrack[tokenizer] = list(tokens)
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int, int]]:
+    """(value, start, end) of each run of equal values."""
+    if not len(values):
+        return []
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(values)) + 1])
+    ends = np.concatenate([starts[1:], [len(values)]])
+    return [(int(values[a]), int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def _chunk_counters(frame: pl.DataFrame, table: pa.Table, count: CountColumns) -> dict[int, ChunkStats]:
+    """Each chunk's counters, as ``Method.emit`` counts rows one by one (``frame`` in dataset
+    order): kept per split and kind, rejected by first reason and every reason, the method's."""
+    stats = {chunk: ChunkStats() for chunk, _, _ in _runs(frame["chunk"].to_numpy())}
+    kept = frame.filter(pl.col("kept"))
+    for chunk, split, n in kept.group_by(["chunk", "split"], maintain_order=True).len().iter_rows():
+        stats[chunk].kept[split] = n
+    for chunk, kind, n in kept.group_by(["chunk", "kind"], maintain_order=True).len().iter_rows():
+        stats[chunk].kinds[kind] = n
+    rejected = frame.filter(~pl.col("kept"))
+    if rejected.height:
+        reasons = pl.from_arrow(taken(table.column("reasons"), rejected["src"].to_numpy()))
+        rejected = rejected.select("chunk").with_columns(reasons.alias("reasons"))
+        for chunk, n in rejected.group_by("chunk", maintain_order=True).len().iter_rows():
+            stats[chunk].rejected = n
+        first = rejected.with_columns(pl.col("reasons").list.first().alias("reason"))
+        for chunk, reason, n in first.group_by(["chunk", "reason"], maintain_order=True).len().iter_rows():
+            stats[chunk].rejected_by_reason[reason] = n
+        hits = rejected.explode("reasons")
+        for chunk, reason, n in hits.group_by(["chunk", "reasons"], maintain_order=True).len().iter_rows():
+            stats[chunk].reason_hits[reason] = n
+    count(kept, table, stats)
+    return stats

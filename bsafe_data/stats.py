@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 
-from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
+from bsafe_data.classify.base import ERROR_LABEL
 from bsafe_data.recipe import ALL_TARGETS, Recipe, load_recipe
 
 SCORE_PLOT_PREFIX = "plots/scores_"
@@ -36,18 +38,28 @@ class ScoreSummary:
 
     @property
     def flagged(self) -> int:
-        """Rows at or above the threshold."""
-        if self.threshold is None:
+        """Rows at or above the threshold (``is_unsafe``: compared as float32)."""
+        if self.threshold is None or not self.scores:
             return 0
-        return sum(1 for s in self.scores if is_unsafe(s, self.threshold))
+        scores = np.asarray(self.scores, dtype=np.float32)
+        return int(np.count_nonzero(scores >= np.float32(self.threshold)))
 
 
-def _scores_of(folder: Path) -> list[list[dict[str, Any]]]:
-    out = []
+def _scores_of(folder: Path) -> pl.DataFrame:
+    """Every ``scores`` entry of the folder (rows of ``data/`` then ``rejected/``, entries in
+    order): classifier, target, label, score."""
+    from bsafe_data.columnar import list_entries
+
+    parts = []
     for sub in ("data", "rejected"):
         for path in sorted((folder / sub).glob("*.parquet")):
-            out.extend(pq.read_table(path, columns=["scores"]).column("scores").to_pylist())
-    return out
+            column = pq.read_table(path, columns=["scores"]).column("scores").combine_chunks()
+            parts.append(list_entries(column).select("classifier", "target", "label", "score"))
+    if not parts:
+        return pl.DataFrame(
+            schema={"classifier": pl.Utf8, "target": pl.Utf8, "label": pl.Utf8, "score": pl.Float32}
+        )
+    return pl.concat(parts)
 
 
 def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[ScoreSummary]:
@@ -55,17 +67,15 @@ def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[Sc
     folder = Path(folder)
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     thresholds = {c.name: c.threshold for c in recipe.filters.classifiers}
-    found: dict[tuple[str, str], ScoreSummary] = {}
-    for entries in _scores_of(folder):
-        for e in entries or []:
-            if e["classifier"].startswith("bsafe:"):
-                continue
-            key = (e["classifier"], e["target"])
-            summary = found.setdefault(key, ScoreSummary(*key, [], 0, thresholds.get(e["classifier"])))
-            if e["label"] == ERROR_LABEL:
-                summary.errors += 1
-            else:
-                summary.scores.append(float(e["score"]))
+    entries = _scores_of(folder).filter(~pl.col("classifier").str.starts_with("bsafe:"))
+    grouped = entries.group_by(["classifier", "target"], maintain_order=True).agg(
+        pl.col("label").eq_missing(ERROR_LABEL).sum().alias("errors"),
+        pl.col("score").filter(pl.col("label").ne_missing(ERROR_LABEL)).cast(pl.Float64).alias("scores"),
+    )
+    found = {
+        (name, target): ScoreSummary(name, target, list(scores), int(errors), thresholds.get(name))
+        for name, target, errors, scores in grouped.iter_rows()
+    }
     names = list(thresholds) + sorted({c for c, _ in found} - set(thresholds))
     return [
         found[(n, t)]
@@ -112,7 +122,8 @@ def write_score_plots(
     for name, group in by_classifier.items():
         fig, axes = plt.subplots(1, len(group), figsize=(3.2 * len(group), 2.8), squeeze=False)
         for ax, s in zip(axes[0], group, strict=True):
-            ax.hist(s.scores or [0.0], bins=20, range=(0, 1), color="#4C72B0")
+            values = np.asarray(s.scores or [0.0])  # an array: matplotlib walks a list value by value
+            ax.hist(values, bins=20, range=(0, 1), color="#4C72B0")
             if s.threshold is not None:
                 ax.axvline(s.threshold, color="#C44E52", linestyle="--", linewidth=1)
             ax.set_title(f"{s.target} (n={len(s.scores)})", fontsize=9)

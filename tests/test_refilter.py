@@ -10,13 +10,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from bsafe_data.classify.base import is_unsafe
+import bsafe_data.refilter as refilter_module
+from bsafe_data import writer
+from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
+from bsafe_data.classify.rules import RELABEL_CLASSIFIER, RuleSet, requested_category
 from bsafe_data.classify.taxonomy import to_recipe
+from bsafe_data.columnar import list_entries
 from bsafe_data.pipeline import build
+from bsafe_data.recipe import ALL_TARGETS, FilterSpec
 from bsafe_data.refilter import RefilterError, refilter
+from bsafe_data.rows import REJECTED_ARROW_SCHEMA, empty_row
+from bsafe_data.stats import score_summaries
 from tests.guard_server import GuardServer, make_recipe, write_corpus
 from tests.test_classifiers import BANK_WORDS
 
@@ -271,3 +283,182 @@ def test_stats_prints_the_funnel_and_never_changes_the_folder(guard_build, tmp_p
     card = (folder / "README.md").read_text()
     assert "![plots/scores_guard.png](plots/scores_guard.png)" in card
     assert "![plots/positions.png](plots/positions.png)" in card
+
+
+# -- the columnar refilter against the row-by-row definitions -------------------------------------
+CATEGORIES = ["Toxic", "Hate Speech", "Violent"]
+_RESPONSES = [
+    "Rinse the rice well. Then simmer it gently for fifteen minutes.",
+    "I'm sorry, but I can't help with that.",
+    "  Sorry, I can't assist. Try a cookbook instead.",
+]
+_VIOLATIONS = [" you idiot", " rinse the rice well then simmer it", " go away you fool and never come back"]
+_F32 = np.float32
+# scores at, just below and just above the thresholds used below (compared as float32)
+_SCORES = [
+    0.0,
+    0.3,
+    0.5,
+    0.7,
+    1.0,
+    float(np.nextafter(_F32(0.5), _F32(0))),
+    float(np.nextafter(_F32(0.3), _F32(1))),
+]
+_THRESHOLDS = [0.3, 0.5, 0.7]
+
+_entry = st.builds(
+    lambda c, t, label, score, cats: {
+        "classifier": c,
+        "target": t,
+        "label": label,
+        "score": score,
+        "categories": cats,
+    },
+    st.sampled_from(["a", "b", "zz"]),  # zz: recorded, but not in the recipe
+    st.sampled_from(ALL_TARGETS),
+    st.sampled_from(["safe", "unsafe", ERROR_LABEL]),
+    st.sampled_from(_SCORES),
+    st.sampled_from([[], ["Toxic"], ["hate"], ["S1"], ["Violent", "Toxic"]]),
+)
+_mark = st.builds(
+    lambda old, new: {"classifier": RELABEL_CLASSIFIER, "target": "violation", "label": "relabeled",
+                      "score": 1.0, "categories": [old, new]},
+    st.sampled_from(CATEGORIES), st.sampled_from(CATEGORIES),
+)  # fmt: skip
+_injection = st.builds(
+    lambda offset, category, violation: {
+        "offset": offset, "relative_position": offset / 64, "sentence_index": 0, "category": category,
+        "steering": " Honestly.", "violation": violation,
+    },
+    st.integers(0, 40), st.sampled_from([*CATEGORIES, "Other"]), st.sampled_from(_VIOLATIONS),
+)  # fmt: skip
+_row = st.builds(
+    lambda kind, response, injection, backtrack, scores: empty_row(
+        kind=kind, response=response, injection=injection, scores=scores, reasons=[], detail="",
+        backtrack=[{"tokenizer": f"t{i}", "tokens": x} for i, x in enumerate(backtrack)],
+    ),
+    st.sampled_from(["injected", "clean"]), st.sampled_from(_RESPONSES), st.none() | _injection,
+    st.lists(st.integers(0, 40), max_size=2), st.lists(_entry | _mark, max_size=6),
+)  # fmt: skip
+_rule = st.fixed_dictionaries(
+    {"target": st.sampled_from(ALL_TARGETS), "verdict": st.sampled_from(["safe", "unsafe"])},
+    optional={
+        "classifiers": st.sampled_from([["a"], ["b"], ["a", "b"]]),
+        "combine": st.sampled_from(["any", "all"]),
+        "threshold": st.sampled_from(_THRESHOLDS),
+        "kinds": st.sampled_from([["injected"], ["clean"]]),
+    },
+)
+_filters = st.fixed_dictionaries(
+    {
+        "enabled": st.sampled_from([True, True, True, False]),
+        "classifiers": st.tuples(
+            st.sampled_from(_THRESHOLDS), st.sampled_from(_THRESHOLDS),
+            st.sampled_from([None, ["violation"], ["violation", "response"]]),
+        ).map(lambda t: [{"name": "a", "threshold": t[0]},
+                         {"name": "b", "threshold": t[1], "targets": t[2]}]),
+        "require_violation_flagged": st.booleans(),
+        "require_context_safe": st.booleans(),
+        "require_source_safe": st.booleans(),
+        "rules": st.lists(_rule, max_size=3),
+        "category_mismatch": st.sampled_from(["keep", "reject", "relabel"]),
+        "quality": st.fixed_dictionaries({
+            "violation_tokens": st.sampled_from([{}, {"min": 10}, {"max": 30}, {"min": 5, "max": 20}]),
+            "max_context_overlap": st.sampled_from([None, 0.3]),
+            "reject_source_refusals": st.booleans(),
+        }),
+    }
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(filters=_filters, rows=st.lists(_row, min_size=1, max_size=24), pick=st.integers(0, 2))
+def test_decide_table_and_relabelled_scores_match_the_row_by_row_rules(filters, rows, pick):
+    """Columnar rules (one decide per score signature) give every row what RuleSet.decide gives it,
+    and the columnar labels at new thresholds are those of is_unsafe, on every row or a subset."""
+    try:
+        spec = FilterSpec(**filters)
+    except ValidationError:
+        assume(False)
+    rules = RuleSet(spec, CATEGORIES)
+    table = pa.Table.from_pylist(rows, schema=REJECTED_ARROW_SCHEMA)
+    stored = table.to_pylist()  # as refilter reads them: float32 scores
+    subset = np.arange(len(rows))[pick::2] if pick else np.arange(len(rows))
+    decided = rules.decide_table(table, subset)
+    for i, row_index in enumerate(subset.tolist()):
+        expected = rules.decide(stored[row_index])
+        got = decided.decisions[decided.groups[i]]
+        assert got.reasons == expected.reasons, (stored[row_index], filters)
+        assert got.category == expected.category
+        assert requested_category(decided.examples[decided.groups[i]]) == requested_category(
+            stored[row_index]
+        )
+    scores = table.column("scores")
+    relabeled = refilter_module._relabeled_scores(
+        scores, list_entries(scores.combine_chunks()), rules, subset
+    ).to_pylist()
+    for row_index, (row, new) in enumerate(zip(stored, relabeled, strict=True)):
+        want = [dict(e) for e in row["scores"]]
+        for e in want if row_index in subset else []:
+            if e["classifier"] in rules.specs and e["label"] != ERROR_LABEL:
+                e["label"] = (
+                    "unsafe" if is_unsafe(e["score"], rules.specs[e["classifier"]].threshold) else "safe"
+                )
+        assert new == want
+
+
+def test_columnar_refilter_writes_what_the_row_hooks_write(moderation_build, tmp_path, monkeypatch):
+    """Order keys and chunk counters from columns give the bytes of the method's row hooks
+    (order_key, chunk_from_rows), relabels and duplicates included; stats agree with the rows."""
+    _, built, _, _ = moderation_build
+    overrides = ["filters.category_mismatch=relabel", "filters.quality.dedupe.exact=true",
+                 "filters.classifiers.0.threshold=0.6"]  # fmt: skip
+    columnar, rows = tmp_path / "columnar", tmp_path / "rows"
+    shutil.copytree(built, columnar)
+    shutil.copytree(built, rows)
+    counters = []  # the merged chunk counters each refilter hands the writer, key order included
+    write = writer.write_dataset_folder
+
+    def recording(out, chunks, recipe, stats, *args, **kwargs):
+        counters.append(json.dumps(stats.to_json()))
+        return write(out, chunks, recipe, stats, *args, **kwargs)
+
+    monkeypatch.setattr(writer, "write_dataset_folder", recording)
+    result = refilter(columnar, overrides)
+    assert result.relabeled and result.newly_rejected
+    with monkeypatch.context() as mp:
+        mp.setattr(refilter_module, "_counts_columns", lambda method: None)
+        mp.setattr(refilter_module, "_order_columns", lambda m, t, f, o: refilter_module._hook_order(m, t, o))
+        refilter(rows, overrides)
+    assert counters[0] == counters[1] and json.loads(counters[0])["positions"]
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", "README.md") and ".bsafe" not in p.parts
+        }
+
+    assert files(columnar) == files(rows)
+    manifests = [json.loads((f / "manifest.json").read_text()) for f in (columnar, rows)]
+    for m in manifests:
+        m.pop("timings"), m.pop("files")
+    assert manifests[0] == manifests[1] and manifests[0]["categories"]
+    expected: dict[tuple[str, str], list[float]] = {}
+    errors: dict[tuple[str, str], int] = {}
+    for row in rows_of(columnar).values():
+        for e in row["scores"]:
+            if not e["classifier"].startswith("bsafe:"):
+                key = (e["classifier"], e["target"])
+                if e["label"] == ERROR_LABEL:
+                    errors[key] = errors.get(key, 0) + 1
+                else:
+                    expected.setdefault(key, []).append(e["score"])
+    summaries = score_summaries(columnar)
+    assert {(s.classifier, s.target): sorted(s.scores) for s in summaries} == {
+        k: sorted(v) for k, v in expected.items()
+    }
+    for s in summaries:
+        assert s.errors == errors.get((s.classifier, s.target), 0)
+        assert s.flagged == sum(is_unsafe(x, s.threshold) for x in s.scores)
+    assert any(s.flagged for s in summaries) and any(len(s.scores) > s.flagged for s in summaries)
