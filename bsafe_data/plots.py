@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def injection_plots(out_dir: Path, stats: Any) -> list[str]:
     """``plots/positions.png`` and ``plots/categories.png`` of kept injections; relative paths."""
@@ -17,7 +19,8 @@ def injection_plots(out_dir: Path, stats: Any) -> list[str]:
     plot_dir.mkdir(exist_ok=True)
     written = []
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist(stats.positions or [0.0], bins=20, range=(0, 1), color="#4C72B0")
+    # an array: matplotlib walks a list value by value (seconds at a million rows)
+    ax.hist(np.asarray(stats.positions or [0.0]), bins=20, range=(0, 1), color="#4C72B0")
     ax.set_xlabel("relative injection position in the answer")
     ax.set_ylabel("rows")
     ax.set_title("Where violations were injected")
