@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,34 +33,34 @@ class ScoreSummary:
 
     classifier: str
     target: str
-    scores: list[float]
+    scores: np.ndarray  # float64, in row order (an array: a million rows hold millions of scores)
     errors: int
     threshold: float | None
 
     @property
     def flagged(self) -> int:
         """Rows at or above the threshold (``is_unsafe``: compared as float32)."""
-        if self.threshold is None or not self.scores:
+        if self.threshold is None or not len(self.scores):
             return 0
-        scores = np.asarray(self.scores, dtype=np.float32)
+        scores = self.scores.astype(np.float32)
         return int(np.count_nonzero(scores >= np.float32(self.threshold)))
 
 
-def _scores_of(folder: Path) -> pl.DataFrame:
-    """Every ``scores`` entry of the folder (rows of ``data/`` then ``rejected/``, entries in
-    order): classifier, target, label, score."""
+def _shard_scores(folder: Path) -> Iterator[tuple[tuple[str, str], np.ndarray, int]]:
+    """Per shard (``data/`` then ``rejected/``, in name order) and (classifier, target), in entry
+    order: the scores of its non-internal entries that are not errors, and its error count. One
+    shard at a time: memory holds the scores, not every entry's strings."""
     from bsafe_data.columnar import list_entries
 
-    parts = []
     for sub in ("data", "rejected"):
         for path in sorted((folder / sub).glob("*.parquet")):
             column = pq.read_table(path, columns=["scores"]).column("scores").combine_chunks()
-            parts.append(list_entries(column).select("classifier", "target", "label", "score"))
-    if not parts:
-        return pl.DataFrame(
-            schema={"classifier": pl.Utf8, "target": pl.Utf8, "label": pl.Utf8, "score": pl.Float32}
-        )
-    return pl.concat(parts)
+            entries = list_entries(column).filter(~pl.col("classifier").str.starts_with("bsafe:"))
+            groups = entries.partition_by(["classifier", "target"], as_dict=True, maintain_order=True)
+            for (name, target), group in groups.items():
+                ok = group["label"].ne_missing(ERROR_LABEL)
+                scores = group.filter(ok)["score"].cast(pl.Float64).to_numpy()
+                yield (str(name), str(target)), scores, group.height - int(ok.sum())
 
 
 def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[ScoreSummary]:
@@ -67,14 +68,13 @@ def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[Sc
     folder = Path(folder)
     recipe = recipe or load_recipe(folder / "recipe.yaml")
     thresholds = {c.name: c.threshold for c in recipe.filters.classifiers}
-    entries = _scores_of(folder).filter(~pl.col("classifier").str.starts_with("bsafe:"))
-    grouped = entries.group_by(["classifier", "target"], maintain_order=True).agg(
-        pl.col("label").eq_missing(ERROR_LABEL).sum().alias("errors"),
-        pl.col("score").filter(pl.col("label").ne_missing(ERROR_LABEL)).cast(pl.Float64).alias("scores"),
-    )
+    parts: dict[tuple[str, str], tuple[list[np.ndarray], int]] = {}
+    for key, scores, errors in _shard_scores(folder):
+        arrays, seen = parts.get(key, ([], 0))
+        parts[key] = ([*arrays, scores], seen + errors)
     found = {
-        (name, target): ScoreSummary(name, target, list(scores), int(errors), thresholds.get(name))
-        for name, target, errors, scores in grouped.iter_rows()
+        key: ScoreSummary(*key, np.concatenate(arrays), errors, thresholds.get(key[0]))
+        for key, (arrays, errors) in parts.items()
     }
     names = list(thresholds) + sorted({c for c, _ in found} - set(thresholds))
     return [
@@ -122,7 +122,7 @@ def write_score_plots(
     for name, group in by_classifier.items():
         fig, axes = plt.subplots(1, len(group), figsize=(3.2 * len(group), 2.8), squeeze=False)
         for ax, s in zip(axes[0], group, strict=True):
-            values = np.asarray(s.scores or [0.0])  # an array: matplotlib walks a list value by value
+            values = s.scores if len(s.scores) else np.zeros(1)
             ax.hist(values, bins=20, range=(0, 1), color="#4C72B0")
             if s.threshold is not None:
                 ax.axvline(s.threshold, color="#C44E52", linestyle="--", linewidth=1)

@@ -117,8 +117,8 @@ def stats_command(
     for column in ("classifier", "target", "scored", "errors", "mean", "threshold", "≥ threshold"):
         table.add_column(column, justify="left" if column in ("classifier", "target") else "right")
     for s in report["scores"]:
-        mean = sum(s.scores) / len(s.scores) if s.scores else 0.0
-        share = f"{s.flagged} ({100.0 * s.flagged / len(s.scores):.0f}%)" if s.scores else "0"
+        mean = float(s.scores.mean()) if len(s.scores) else 0.0
+        share = f"{s.flagged} ({100.0 * s.flagged / len(s.scores):.0f}%)" if len(s.scores) else "0"
         threshold = "-" if s.threshold is None else f"{s.threshold:g}"
         table.add_row(
             s.classifier, s.target, str(len(s.scores)), str(s.errors), f"{mean:.3f}", threshold, share
