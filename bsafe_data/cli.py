@@ -222,7 +222,9 @@ def show(
     folder: Annotated[Path, typer.Argument(help="A built dataset folder.")],
     n: Annotated[int, typer.Option("--n", help="How many rows.", min=1)] = 3,
     config: Annotated[str, typer.Option(help="default or rejected.")] = "default",
-    split: Annotated[str, typer.Option(help="train or test.")] = "train",
+    split: Annotated[
+        str | None, typer.Option(help="train or test (default: train; test when all kept rows are there).")
+    ] = None,
     kind: Annotated[str | None, typer.Option(help="Only rows of this kind (injected/clean).")] = None,
 ) -> None:
     """Print rows with the segments coloured (violation, control and continuation distinct)."""
@@ -233,9 +235,11 @@ def show(
     if kind is not None and kind not in ROW_KINDS:
         raise _fail(f"--kind must be one of {', '.join(ROW_KINDS)}, not {kind!r}")
     sub = "data" if config == "default" else config
-    files = sorted((folder / sub).glob(f"{split}-*.parquet"))
+    files: list[Path] = []
+    for name in [split] if split else ["train", "test"]:  # a build may keep rows in test only
+        files = files or sorted((folder / sub).glob(f"{name}-*.parquet"))
     if not files:
-        raise _fail(f"no {config}/{split} parquet files under {folder}")
+        raise _fail(f"no {config}/{split or 'train'} parquet files under {folder}")
     shown = 0
     for path in files:
         for row in pq.read_table(path).to_pylist():

@@ -440,12 +440,10 @@ def test_show_escapes_terminal_control_sequences(tmp_path):
     evil = "Water it weekly. \x1b]0;pwned\x07Keep it moist.\x1b[2J Avoid sun. Mist leaves."
     path = corpus(tmp_path / "c.jsonl", [{"id": "evil\x1b[31m", "prompt": "hi\x1b[5m", "response": evil}])
     out = tmp_path / "out"
-    assert (
-        cli(
-            "build", FLAGSHIP, "--out", str(out), "--source", str(path), "--set", "sampling.clean_fraction=1"
-        ).returncode
-        == 0
-    )
+    # the one row lands in test (a split is a hash of the source row): `show` falls back to it
+    settings = ("--set", "sampling.clean_fraction=1", "--set", "split.test_fraction=0.999999")
+    assert cli("build", FLAGSHIP, "--out", str(out), "--source", str(path), *settings).returncode == 0
+    assert not list((out / "data").glob("train-*.parquet"))
     shown = cli("show", str(out), "--n", "5")
     assert shown.returncode == 0 and "\\x1b" in shown.stdout and "\x1b" not in shown.stdout
     assert cli("show", str(out), "--kind", "bogus").returncode == 2
