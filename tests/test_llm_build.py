@@ -186,14 +186,22 @@ def assert_within_rate(arrivals: list[float], per_minute: int) -> None:
 LIMITED = ("--set", "output.chunk_rows=10", "--set", "generator.requests_per_minute=600")
 
 
+@pytest.fixture(scope="module")
+def limited_local(server, tmp_path_factory):
+    """A local LLM build of a 60-row corpus under a 600 rpm limit: (corpus, folder)."""
+    tmp = tmp_path_factory.mktemp("limited")
+    corpus = write_corpus(tmp / "c.jsonl", 60)
+    local = build(server, corpus, tmp / "local", tmp / "cache-local", *LIMITED)
+    assert local.returncode == 0, local.stderr
+    return corpus, tmp / "local"
+
+
 @pytest.mark.parametrize("executor", ["processes", "ray"])
-def test_two_workers_share_one_rate_limit_and_write_the_local_bytes(server, tmp_path, executor):
+def test_two_workers_share_one_rate_limit_and_write_local_bytes(server, limited_local, tmp_path, executor):
     """2 workers, 600 requests/min between them: the server sees at most that; same parquet as local."""
     if executor == "ray":
         pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'bsafe-data[ray]'")
-    corpus = write_corpus(tmp_path / "c.jsonl", 70)
-    local = build(server, corpus, tmp_path / "local", tmp_path / "cache-local", *LIMITED)
-    assert local.returncode == 0, local.stderr
+    corpus, local = limited_local
     server.reset()
     pool = build(
         server, corpus, tmp_path / executor, tmp_path / "cache-pool", *LIMITED,
@@ -203,7 +211,7 @@ def test_two_workers_share_one_rate_limit_and_write_the_local_bytes(server, tmp_
     arrivals = server.arrivals()
     assert len(arrivals) >= 40  # enough requests to go past the first second's burst
     assert_within_rate(arrivals, 600)
-    assert parquet(tmp_path / executor) == parquet(tmp_path / "local")
+    assert parquet(tmp_path / executor) == parquet(local)
 
 
 def test_the_next_chunks_requests_are_in_flight_while_a_chunk_is_finished(server, tmp_path):
