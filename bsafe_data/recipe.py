@@ -585,8 +585,9 @@ class Recipe(Strict):
         """This recipe with each worker's share of the endpoint limits, for ``workers`` workers.
 
         RPM, TPM and max-concurrency are per recipe, not per worker: a pool of N workers gives each
-        one 1/N of them (at least 1), so together they never exceed the limit. The split is static:
-        an idle worker does not lend its share. Nothing that changes a row is touched.
+        one 1/N of them, so together they stay within the limit (a limit below N still gives each
+        worker 1: use fewer workers). The split is static: an idle worker does not lend its share.
+        Nothing that changes a row is touched.
         """
         if workers <= 1:
             return self
