@@ -511,7 +511,7 @@ def _write_chunks(
     paths: list[Path | Future[Path]] = []
     parts: list[ChunkStats] = []
     with ThreadPoolExecutor(max_workers=_WRITERS) as writer:
-        for position, (index, start, end) in enumerate(_chunk_bounds(frame)):
+        for position, (index, start, end) in enumerate(_runs(frame["chunk"].to_numpy())):
             part = frame.slice(start, end - start)
             src = part["src"].to_numpy()
             if count is not None:
@@ -540,16 +540,6 @@ def _write_chunks(
             parts.append(stats)
         done = [p.result() if isinstance(p, Future) else p for p in paths]
     return done, parts
-
-
-def _chunk_bounds(frame: pl.DataFrame) -> list[tuple[int, int, int]]:
-    """(chunk, first, end) of each chunk's rows in ``frame`` (sorted by chunk)."""
-    chunks = frame["chunk"].to_numpy()
-    if not len(chunks):
-        return []
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(chunks)) + 1])
-    ends = np.concatenate([starts[1:], [len(chunks)]])
-    return [(int(chunks[a]), int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
 def _shaped(table: pa.Table, schema: pa.Schema) -> pa.Table:

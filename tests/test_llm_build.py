@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_server import ServerProcess  # noqa: E402
 
 from tests.conftest import REPO  # noqa: E402
+from tests.test_executors import parquet  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
 FLAGSHIP = str(REPO / "recipes" / "bsafe_plus.yaml")
@@ -164,10 +165,6 @@ def test_sigkill_mid_generation_then_resume(server, tmp_path):
     # commit window (50 ms at ~200 answers/s here, so about 10) when the process died
     injected = kinds.count("injected")
     assert injected > 100 and after <= injected + 4 + 12
-
-
-def parquet(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.glob("*/*.parquet"))}
 
 
 def assert_within_rate(arrivals: list[float], per_minute: int) -> None:
