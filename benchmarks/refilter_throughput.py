@@ -43,7 +43,7 @@ from bsafe_data.recipe import load_recipe  # noqa: E402
 from bsafe_data.refilter import read_rows, refilter  # noqa: E402
 from bsafe_data.stages.sample import split_of  # noqa: E402
 from bsafe_data.stages.stats import funnel_of, merge_stats  # noqa: E402
-from bsafe_data.writer import write_dataset_folder  # noqa: E402
+from bsafe_data.writer import ChunkFolders, write_dataset_folder  # noqa: E402
 
 RECIPE = REPO / "recipes" / "bsafe_plus.yaml"
 #: the issue's must-show: a 1M-row folder refiltered in at most 10 s
@@ -110,7 +110,7 @@ def large_folder(work: Path, rows: int) -> Path:
         stats = merge_stats(parts)
         staging = folder.new_staging()
         write_dataset_folder(
-            staging, paths, recipe, stats, funnel_of(stats),
+            staging, ChunkFolders(paths), recipe, stats, funnel_of(stats),
             usage=manifest.get("usage", {}), timings={"synthesised": round(time.perf_counter() - t0, 3)},
         )  # fmt: skip
         folder.write_marker(staging, recipe.sha256())

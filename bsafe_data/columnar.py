@@ -9,8 +9,6 @@ here knows a rule or a method; it only moves columns.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,21 +222,6 @@ class Gatherer:
 def gather(table: pa.Table, rows: np.ndarray) -> pa.Table:
     """``table`` at ``rows`` (see ``Gatherer``; build one when gathering repeatedly)."""
     return Gatherer(table)(rows)
-
-
-def write_chunk_tables(work: Path, name: str, tables: Mapping[str, pa.Table], stats: dict[str, Any]) -> Path:
-    """A finished chunk folder ``work/name`` (the layout of ``executor.local.write_chunk``: one
-    ``{split}.parquet`` per table, ``stats.json``), written atomically. The files only feed the
-    writer, which decodes and re-encodes every row: they get the cheaper default compression."""
-    final, tmp = work / name, work / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for split, table in tables.items():
-        pq.write_table(table, tmp / f"{split}.parquet")
-    (tmp / "stats.json").write_text(json.dumps(stats))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
 
 
 class PatchedColumn:

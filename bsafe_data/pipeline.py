@@ -82,7 +82,7 @@ def _build(
     generator: Generator | None,
     allow_empty: bool,
 ) -> BuildResult:
-    from bsafe_data.writer import write_dataset_folder
+    from bsafe_data.writer import ChunkFolders, write_dataset_folder
 
     timings: Counter[str] = Counter()
     started = time.perf_counter()
@@ -152,7 +152,7 @@ def _build(
 
         counts = write_dataset_folder(
             staging,
-            run.chunks,
+            ChunkFolders(run.chunks),
             recipe,
             stats,
             funnel,

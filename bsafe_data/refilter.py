@@ -25,7 +25,6 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datasets import Features
 
 from bsafe_data.audit.apply import REASON as ANNOTATOR_REJECTED
 from bsafe_data.audit.apply import Policy, annotator_rejections
@@ -49,7 +49,6 @@ from bsafe_data.columnar import (
     replace_list_field,
     struct_field,
     taken,
-    write_chunk_tables,
 )
 from bsafe_data.methods.base import method_class
 from bsafe_data.recipe import Recipe, RecipeError, load_recipe
@@ -57,13 +56,12 @@ from bsafe_data.rows import rejected_features
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.sample import split_of as sample_split
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
+from bsafe_data.writer import ChunkFolders, RowParts, write_dataset_folder
 
 if TYPE_CHECKING:
     from bsafe_data.methods.base import Method
 
 
-#: threads writing chunk files (parquet encoding releases the GIL)
-_WRITERS = 2
 #: relabelled rows turned into dicts at a time
 _RELABEL_BATCH = 20_000
 
@@ -172,7 +170,6 @@ def refilter(
 def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> RefilterResult:
     from bsafe_data.audit.report import card_section
     from bsafe_data.executor.output import OutputFolder, os_error_message
-    from bsafe_data.writer import write_dataset_folder
 
     started = time.perf_counter()
     manifest_path = folder / "manifest.json"
@@ -248,7 +245,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
         work.mkdir()
         try:
             repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
-            paths, parts = _write_chunks(method, work, combined, frame, repaired)
+            chunk_rows, parts = _write_chunks(method, work, combined, frame, repaired)
             total = merge_stats(parts)
             total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
             funnel = funnel_of(total)
@@ -266,7 +263,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
             staging = output.new_staging()
             write_dataset_folder(
                 staging,
-                paths,
+                chunk_rows,
                 new,
                 total,
                 funnel,
@@ -495,51 +492,66 @@ def _with_relabeled(
 
 def _write_chunks(
     method: type[Method], work: Path, table: pa.Table, frame: pl.DataFrame, repaired: int
-) -> tuple[list[Path], list[ChunkStats]]:
-    """One finished chunk per build chunk (``frame`` in dataset order, ``src`` its table rows).
+) -> tuple[RowParts, list[ChunkStats]]:
+    """The rows of one chunk per build chunk (``frame`` in dataset order, ``src`` its table rows)
+    for the writer, and each chunk's counters.
 
-    From columns when the method counts rows as a ``_counts_columns`` twin says (files written
-    on other threads while the next chunk is gathered), else through ``chunk_from_rows``."""
-    from bsafe_data.executor.local import chunk_name, write_chunk
+    From columns when the method counts rows as a ``_counts_columns`` twin says (the writer
+    gathers each chunk's rows from ``table`` as it encodes them: nothing is written twice), else
+    chunk folders in ``work`` built through ``chunk_from_rows``."""
+    from bsafe_data.executor.local import write_chunk
 
     count = _counts_columns(method)
-    rows_of = Gatherer(table)
-    kept_schema = method.features.arrow_schema
-    rejected_schema = rejected_features(method.features).arrow_schema
     counters = _chunk_counters(frame, table, count) if count is not None else {}
     sources = dict(frame.group_by("chunk").agg(pl.struct("dataset", "index").n_unique()).iter_rows())
-    paths: list[Path | Future[Path]] = []
+    gathered = GatheredChunks(table, method.features)
+    rows_of = Gatherer(table)
+    paths: list[Path] = []
     parts: list[ChunkStats] = []
-    with ThreadPoolExecutor(max_workers=_WRITERS) as writer:
-        for position, (index, start, end) in enumerate(_runs(frame["chunk"].to_numpy())):
-            part = frame.slice(start, end - start)
-            src = part["src"].to_numpy()
-            if count is not None:
-                stats = counters[index]
-                splits = part["split"]
-                tables = {
-                    split: _shaped(rows_of(src[(splits == split).fill_null(False).to_numpy()]), kept_schema)
-                    for split in ("train", "test")
-                }
-                tables["rejected"] = _shaped(rows_of(src[~part["kept"].to_numpy()]), rejected_schema)
-            else:
-                rows = rows_of(src).to_pylist()
-                split_of = {r["id"]: s for r, s in zip(rows, part["split"].to_list(), strict=True) if s}
-                out = method.chunk_from_rows(rows, split_of)
-                stats = out.stats
-            stats.source_rows = sources[index]
-            if position == 0:
-                stats.repaired = repaired
-            if count is not None:
-                if len(paths) > _WRITERS and isinstance(paths[-_WRITERS - 1], Future):
-                    paths[-_WRITERS - 1].result()  # a bounded number of chunks held in memory
-                name = chunk_name(index)
-                paths.append(writer.submit(write_chunk_tables, work, name, tables, stats.to_json()))
-            else:
-                paths.append(write_chunk(work, index, out, method.features))
-            parts.append(stats)
-        done = [p.result() if isinstance(p, Future) else p for p in paths]
-    return done, parts
+    for position, (index, start, end) in enumerate(_runs(frame["chunk"].to_numpy())):
+        part = frame.slice(start, end - start)
+        src = part["src"].to_numpy()
+        if count is not None:
+            stats = counters[index]
+            splits = part["split"]
+            for split in ("train", "test"):
+                gathered.add(split, src[(splits == split).fill_null(False).to_numpy()])
+            gathered.add("rejected", src[~part["kept"].to_numpy()])
+        else:
+            rows = rows_of(src).to_pylist()
+            split_of = {r["id"]: s for r, s in zip(rows, part["split"].to_list(), strict=True) if s}
+            out = method.chunk_from_rows(rows, split_of)
+            stats = out.stats
+            paths.append(write_chunk(work, index, out, method.features))
+        stats.source_rows = sources[index]
+        if position == 0:
+            stats.repaired = repaired
+        parts.append(stats)
+    return (gathered if count is not None else ChunkFolders(paths)), parts
+
+
+class GatheredChunks:
+    """``RowParts`` taken from the refiltered table: each chunk's table rows per file, gathered
+    (``Gatherer``: read-only, so shards can be encoded on several threads) when the writer asks."""
+
+    def __init__(self, table: pa.Table, features: Features):
+        self.gather = Gatherer(table)
+        self.schemas = {
+            "train": features.arrow_schema,
+            "test": features.arrow_schema,
+            "rejected": rejected_features(features).arrow_schema,
+        }
+        self.rows: dict[str, list[np.ndarray]] = {name: [] for name in self.schemas}
+
+    def add(self, name: str, rows: np.ndarray) -> None:
+        """The next chunk's rows of file ``name`` (table row numbers, in order)."""
+        self.rows[name].append(rows)
+
+    def sizes(self, name: str) -> list[int]:
+        return [len(rows) for rows in self.rows.get(name, [])]
+
+    def read(self, name: str, part: int) -> pa.Table:
+        return _shaped(self.gather(self.rows[name][part]), self.schemas[name])
 
 
 def _shaped(table: pa.Table, schema: pa.Schema) -> pa.Table:

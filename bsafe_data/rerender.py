@@ -260,7 +260,7 @@ def rerender_folder(
     from bsafe_data.refilter import read_rows
     from bsafe_data.rows import ROW_ARROW_SCHEMA
     from bsafe_data.stages.stats import funnel_of
-    from bsafe_data.writer import write_dataset_folder
+    from bsafe_data.writer import ChunkFolders, write_dataset_folder
 
     folder, out = Path(folder), Path(out)
     checked = verify(folder)
@@ -320,7 +320,7 @@ def rerender_folder(
                 staging = target.new_staging()
                 write_dataset_folder(
                     staging,
-                    [path],
+                    ChunkFolders([path]),
                     recipe,
                     chunk.stats,
                     funnel,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,14 +29,47 @@ UPSTREAM_TOKENIZERS = {
 }
 
 
+#: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
+SHARD_ROWS = 50_000
+#: Rows per row group: the grid restarts at each part (build chunk), so a shard's row groups are
+#: the same whichever executor or refilter produced its parts.
+_ROW_GROUP = 2_000
+#: Shards encoded at once: Arrow's parquet encoder and zstd release the GIL, so threads use the cores.
+_SHARD_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+class RowParts(Protocol):
+    """The rows of a dataset's files, in order, as consecutive parts (one per build chunk).
+
+    ``name`` is a chunk file's stem: ``train``, ``test``, ``rejected`` or ``CONFIG-SPLIT`` for a
+    method's extra configs."""
+
+    def sizes(self, name: str) -> list[int]:
+        """Rows of each part of ``name``, in order (0 for a part without such rows)."""
+        ...
+
+    def read(self, name: str, part: int) -> pa.Table:
+        """The rows of part ``part`` of ``name``, in the columns of its dataset file."""
+        ...
+
+
+class ChunkFolders:
+    """``RowParts`` of finished chunk folders (``{name}.parquet`` in each, absent when empty)."""
+
+    def __init__(self, chunks: list[Path]):
+        self.chunks = chunks
+
+    def sizes(self, name: str) -> list[int]:
+        files = [chunk / f"{name}.parquet" for chunk in self.chunks]
+        return [pq.ParquetFile(f).metadata.num_rows if f.exists() else 0 for f in files]
+
+    def read(self, name: str, part: int) -> pa.Table:
+        return pq.read_table(self.chunks[part] / f"{name}.parquet")
+
+
 def upstream_tokenizer(ref: str) -> str:
     """The Hub id or path to load ``ref`` with outside bsafe-data (bundled ones: their upstream id)."""
     return UPSTREAM_TOKENIZERS.get(ref, ref)
-
-
-#: Rows per parquet shard: keeps shards well under the Hub's 500 MB guideline.
-SHARD_ROWS = 50_000
-_ROW_GROUP = 2_000
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -44,41 +78,63 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _shard_count(rows: int) -> int:
-    return max(1, -(-rows // SHARD_ROWS))
+#: one shard's rows: (part, first row, end row) slices of consecutive parts
+_Pieces = list[tuple[int, int, int]]
 
 
-def _write_shards(sources: list[Path], schema: pa.Schema, folder: Path, split: str, rows: int) -> list[str]:
-    """Stream chunk files into ``folder/split-i-of-N.parquet`` shards; returns relative paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"{split}-*.parquet"):
-        stale.unlink()
-    shards = _shard_count(rows)
-    names = [f"{split}-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
-    batches = (
-        batch
-        for src in sources
-        if src.exists()
-        for batch in pq.ParquetFile(src).iter_batches(batch_size=_ROW_GROUP)
-    )
-    pending: list[pa.RecordBatch] = []
-    for i, name in enumerate(names):
-        tmp = folder / (name + ".tmp")
-        budget = SHARD_ROWS if i < shards - 1 else None
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            written = 0
-            while budget is None or written < budget:
-                batch = pending.pop() if pending else next(batches, None)
-                if batch is None:
-                    break
-                if budget is not None and written + batch.num_rows > budget:
-                    cut = budget - written
-                    pending.append(batch.slice(cut))
-                    batch = batch.slice(0, cut)
-                writer.write_table(pa.Table.from_batches([batch], schema=schema), row_group_size=_ROW_GROUP)
-                written += batch.num_rows
-        os.replace(tmp, folder / name)
-    return [f"{folder.name}/{n}" for n in names]
+def _shard_pieces(sizes: list[int]) -> list[_Pieces]:
+    """The parts' rows cut into shards of ``SHARD_ROWS`` (the last one shorter; one when empty)."""
+    shards: list[_Pieces] = [[]]
+    room = SHARD_ROWS
+    for part, size in enumerate(sizes):
+        start = 0
+        while start < size:
+            if not room:
+                shards.append([])
+                room = SHARD_ROWS
+            end = min(size, start + room)
+            shards[-1].append((part, start, end))
+            room -= end - start
+            start = end
+    return shards
+
+
+def _write_shard(rows: RowParts, name: str, pieces: _Pieces, schema: pa.Schema, path: Path) -> None:
+    """One shard from its pieces; a row group ends every ``_ROW_GROUP`` rows of a part and at a
+    piece's end. Written to a temp file, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for part, start, end in pieces:
+            table = rows.read(name, part)
+            grid = range(start - start % _ROW_GROUP + _ROW_GROUP, end, _ROW_GROUP)
+            at = start
+            for cut in [*grid, end]:
+                writer.write_table(table.slice(at, cut - at), row_group_size=_ROW_GROUP)
+                at = cut
+    os.replace(tmp, path)
+
+
+class _ShardJobs:
+    """Every shard of a dataset folder, planned first and then encoded on ``_SHARD_THREADS``."""
+
+    def __init__(self, rows: RowParts):
+        self.rows = rows
+        self.jobs: list[tuple[str, _Pieces, pa.Schema, Path]] = []
+
+    def add(self, name: str, sizes: list[int], schema: pa.Schema, folder: Path, split: str) -> list[str]:
+        """Plan ``folder/split-i-of-N.parquet`` from the parts of ``name``; returns relative paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{split}-*.parquet"):
+            stale.unlink()
+        shards = _shard_pieces(sizes)
+        names = [f"{split}-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
+        self.jobs += [(name, pieces, schema, folder / n) for pieces, n in zip(shards, names, strict=True)]
+        return [f"{folder.name}/{n}" for n in names]
+
+    def run(self) -> None:
+        with ThreadPoolExecutor(max_workers=_SHARD_THREADS) as pool:
+            for done in [pool.submit(_write_shard, self.rows, *job) for job in self.jobs]:
+                done.result()
 
 
 def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
@@ -107,7 +163,7 @@ def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> li
 
 def write_dataset_folder(
     out_dir: Path,
-    chunks: list[Path],
+    rows: RowParts,
     recipe: Recipe,
     stats: Any,
     funnel: dict[str, Any],
@@ -117,48 +173,38 @@ def write_dataset_folder(
     manifest_extra: dict[str, Any] | None = None,
     audit: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Write shards from the finished ``chunks`` (in order), card, recipe and manifest; returns row
-    counts per config and split. ``audit``: the card's "Audit" figures (read from the target
-    folder by the caller: ``out_dir`` is a staging folder)."""
+    """Write shards from ``rows`` (the finished chunks' rows, in order: ``ChunkFolders``), card,
+    recipe and manifest; returns row counts per config and split. ``audit``: the card's "Audit"
+    figures (read from the target folder by the caller: ``out_dir`` is a staging folder)."""
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
 
     method = method_class(recipe)  # its `features` are the shards' columns
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
-    for split in ("train", "test"):
-        rows = stats.kept.get(split, 0)
+    shards = _ShardJobs(rows)
+    kept = {split: rows.sizes(split) for split in ("train", "test")}
+    for split, sizes in kept.items():
         # an (allowed) empty build still has a default config, so `load_dataset` never serves another
-        if rows or (split == "train" and not sum(stats.kept.values())):
-            counts["default"][split] = rows
-            files["default"][split] = _write_shards(
-                [c / f"{split}.parquet" for c in chunks],
-                method.features.arrow_schema,
-                out_dir / "data",
-                split,
-                rows,
+        if sum(sizes) or (split == "train" and not sum(map(sum, kept.values()))):
+            counts["default"][split] = sum(sizes)
+            files["default"][split] = shards.add(
+                split, sizes, method.features.arrow_schema, out_dir / "data", split
             )
-    if stats.rejected:
-        counts["rejected"]["train"] = stats.rejected
-        files["rejected"]["train"] = _write_shards(
-            [c / "rejected.parquet" for c in chunks],
-            rejected_features(method.features).arrow_schema,
-            out_dir / "rejected",
-            "train",
-            stats.rejected,
-        )
-    for config, config_features in method_class(recipe).extra_configs.items():  # DPO pairs: CONFIG/…
-        per_split = {}
-        for split in ("train", "test"):
-            sources = [c / f"{config}-{split}.parquet" for c in chunks]
-            present = [src for src in sources if src.exists()]
-            per_split[split] = (sources, sum(pq.ParquetFile(src).metadata.num_rows for src in present))
-        for split, (sources, rows) in per_split.items():
-            if rows or (split == "train" and not sum(n for _, n in per_split.values())):
-                counts.setdefault(config, {})[split] = rows
-                files.setdefault(config, {})[split] = _write_shards(
-                    sources, config_features.arrow_schema, out_dir / config, split, rows
+    rejected = rows.sizes("rejected")
+    if sum(rejected):
+        counts["rejected"]["train"] = sum(rejected)
+        schema = rejected_features(method.features).arrow_schema
+        files["rejected"]["train"] = shards.add("rejected", rejected, schema, out_dir / "rejected", "train")
+    for config, config_features in method.extra_configs.items():  # DPO pairs: CONFIG/…
+        per_split = {split: rows.sizes(f"{config}-{split}") for split in ("train", "test")}
+        for split, sizes in per_split.items():
+            if sum(sizes) or (split == "train" and not sum(map(sum, per_split.values()))):
+                counts.setdefault(config, {})[split] = sum(sizes)
+                files.setdefault(config, {})[split] = shards.add(
+                    f"{config}-{split}", sizes, config_features.arrow_schema, out_dir / config, split
                 )
+    shards.run()
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
     manifest = {
         "schema_version": SCHEMA_VERSION,

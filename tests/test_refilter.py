@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import bsafe_data.refilter as refilter_module
-from bsafe_data import writer
 from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
 from bsafe_data.classify.rules import RELABEL_CLASSIFIER, RuleSet, requested_category
 from bsafe_data.classify.taxonomy import to_recipe
@@ -417,13 +416,13 @@ def test_columnar_refilter_writes_what_the_row_hooks_write(moderation_build, tmp
     shutil.copytree(built, columnar)
     shutil.copytree(built, rows)
     counters = []  # the merged chunk counters each refilter hands the writer, key order included
-    write = writer.write_dataset_folder
+    write = refilter_module.write_dataset_folder
 
     def recording(out, chunks, recipe, stats, *args, **kwargs):
         counters.append(json.dumps(stats.to_json()))
         return write(out, chunks, recipe, stats, *args, **kwargs)
 
-    monkeypatch.setattr(writer, "write_dataset_folder", recording)
+    monkeypatch.setattr(refilter_module, "write_dataset_folder", recording)
     result = refilter(columnar, overrides)
     assert result.relabeled and result.newly_rejected
     with monkeypatch.context() as mp:
