@@ -233,7 +233,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
     table = table.set_column(table.schema.get_field_index("detail"), "detail", detail.array())
     kept = _lengths(final) == 0
     frame = frame.with_columns(
-        _splits(old, frame, kept),
+        _splits(old, frame, kept, stored),
         pl.Series("kept", kept[frame["_r"].to_numpy()]),
     )
     combined, frame = _with_relabeled(table, frame, relabeled, relabel_rows)
@@ -442,18 +442,21 @@ def _is_in(values: pa.ChunkedArray, wanted: list[str]) -> np.ndarray:
     return found.combine_chunks().to_numpy(zero_copy_only=False)
 
 
-def _splits(old: Recipe, frame: pl.DataFrame, kept: np.ndarray) -> pl.Series:
-    """train/test of each row of ``frame`` (by its source row) when kept, else null."""
-    keep = pl.Series(kept[frame["_r"].to_numpy()])
-    pairs = frame.filter(keep).select("dataset", "source_id").unique(maintain_order=True)
-    split = [sample_split(old.seed, old.split.test_fraction, d, i) for d, i in pairs.iter_rows()]
-    pairs = pairs.with_columns(pl.Series("split", split, dtype=pl.Utf8))
-    found = (
-        frame.select("dataset", "source_id")
-        .with_row_index("_i")
-        .join(pairs, on=["dataset", "source_id"], how="left")
-        .sort("_i")
-    )
+def _splits(old: Recipe, frame: pl.DataFrame, kept: np.ndarray, stored: np.ndarray) -> pl.Series:
+    """train/test of each row of ``frame`` (by its source row) when kept, else null.
+
+    A source row's split is a function of the built recipe: the split a kept row of it was stored
+    in, else drawn (``split_of``) for the source rows that had no kept row before."""
+    rows = frame["_r"].to_numpy()
+    keep = pl.Series(kept[rows])
+    sources = frame.select("dataset", "source_id").with_columns(pl.Series("stored", stored[rows]))
+    known = sources.filter(pl.col("stored") != "rejected").unique(["dataset", "source_id"], keep="first")
+    wanted = sources.filter(keep).select("dataset", "source_id").unique(maintain_order=True)
+    new = wanted.join(known, on=["dataset", "source_id"], how="anti")
+    drawn = [sample_split(old.seed, old.split.test_fraction, d, i) for d, i in new.iter_rows()]
+    new = new.with_columns(pl.Series("split", drawn, pl.Utf8))
+    pairs = pl.concat([known.rename({"stored": "split"}), new])
+    found = sources.with_row_index("_i").join(pairs, on=["dataset", "source_id"], how="left").sort("_i")
     return pl.select(pl.when(keep).then(found["split"]).otherwise(None)).to_series().alias("split")
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -131,10 +133,16 @@ class _ShardJobs:
         self.jobs += [(name, pieces, schema, folder / n) for pieces, n in zip(shards, names, strict=True)]
         return [f"{folder.name}/{n}" for n in names]
 
-    def run(self) -> None:
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Encode the planned shards while the block runs; all are written when it ends."""
         with ThreadPoolExecutor(max_workers=_SHARD_THREADS) as pool:
-            for done in [pool.submit(_write_shard, self.rows, *job) for job in self.jobs]:
-                done.result()
+            futures = [pool.submit(_write_shard, self.rows, *job) for job in self.jobs]
+            try:
+                yield
+            finally:
+                for done in futures:
+                    done.result()
 
 
 def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
@@ -204,7 +212,9 @@ def write_dataset_folder(
                 files.setdefault(config, {})[split] = shards.add(
                     f"{config}-{split}", sizes, config_features.arrow_schema, out_dir / config, split
                 )
-    shards.run()
+    with shards.running():
+        # drawn while the shards encode: matplotlib holds the GIL, the parquet encoder does not
+        method_plots = method.plots(out_dir, stats)
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -236,7 +246,7 @@ def write_dataset_folder(
     }
     from bsafe_data.stats import write_score_plots
 
-    plots = method.plots(out_dir, stats) + write_score_plots(out_dir, recipe)
+    plots = method_plots + write_score_plots(out_dir, recipe)  # these read the written shards
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
     card = render_card(recipe, manifest, files, examples, plots, stats, audit=audit)

@@ -31,7 +31,8 @@ def test_shards_cut_parts_on_the_row_group_grid_of_each_part(tmp_path, monkeypat
     jobs = writer._ShardJobs(rows)
     schema = pa.schema([("n", pa.int64())])
     names = jobs.add("train", rows.sizes("train"), schema, tmp_path / "data", "train")
-    jobs.run()
+    with jobs.running():
+        pass
     assert names == [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)]
     files = [pq.ParquetFile(tmp_path / name) for name in names]
     values = [v for f in files for v in f.read().column("n").to_pylist()]
@@ -48,7 +49,8 @@ def test_an_empty_split_is_one_empty_shard_and_stale_shards_go(tmp_path):
     rows = ChunkFolders(_chunks(tmp_path, [0, 0]))
     jobs = writer._ShardJobs(rows)
     names = jobs.add("train", rows.sizes("train"), pa.schema([("n", pa.int64())]), data, "train")
-    jobs.run()
+    with jobs.running():
+        pass
     assert names == ["data/train-00000-of-00001.parquet"]
     assert sorted(p.name for p in data.iterdir()) == ["train-00000-of-00001.parquet"]
     assert pq.read_table(tmp_path / names[0]).num_rows == 0
