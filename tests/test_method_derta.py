@@ -181,7 +181,8 @@ def test_export_in_the_authors_layout(built, rows, tmp_path):
     path = tmp_path / "llama_derta.json"
     n = export_derta(built, path)
     records = [json.loads(line) for line in path.read_text().splitlines()]
-    train = [r for r in rows if r["id"] in {x["id"] for x in load_dataset(str(built), split="train")}]
+    train_ids = set(load_dataset(str(built), split="train")["id"])
+    train = [r for r in rows if r["id"] in train_ids]
     assert n == len(records) == len(train)
     assert all(set(r) == {"prefix", "text", "safe"} for r in records)
     assert all(r["prefix"].startswith("[INST] ") and r["text"].endswith("<|end_of_text|>") for r in records)
