@@ -291,28 +291,37 @@ def e2e_mode(args: argparse.Namespace) -> None:
             run = build_run(server, corpus, in_flight, args.chunk_rows)
         arrivals = run["arrivals"]
         total, setup = run["end"] - run["start"], arrivals[0] - run["start"]
-        tail = run["end"] - (arrivals[-1] + 1.0)
+        tail = run["end"] - (arrivals[-1] + 1.0)  # the last chunk's label and classify, the write
+        write = run["timings"]["write_dataset"]
         ideal = len(arrivals) / in_flight * 1.0
         print(
             f"1 s server, {in_flight} in flight, {args.rows} rows, chunk_rows {args.chunk_rows}: "
             f"{len(arrivals)} requests, build {total:.1f} s = set-up {setup:.1f} s (to the first request) "
-            f"+ {total - setup - tail:.1f} s + {tail:.1f} s after the last answer (dataset write)"
+            f"+ {total - setup - tail:.1f} s + {tail:.1f} s after the last answer (of which the dataset "
+            f"write {write:.1f} s)"
         )
         print(
             f"  ideal requests/{in_flight} x 1 s = {ideal:.1f} s; (build - set-up) / ideal = "
             f"{(total - setup) / ideal:.2f}; (build - set-up - write) / ideal = "
+            f"{(total - setup - write) / ideal:.2f}; (build - set-up - tail) / ideal = "
             f"{(total - setup - tail) / ideal:.2f}; "
             f"server in flight (5-95%) {mean_in_flight(arrivals, 1.0):.0f}"
         )
         with ServerProcess(latency_s=0.05, model=MODEL) as server:
             run = build_run(server, corpus, in_flight, args.chunk_rows)
+            # what this machine allows: the bare aiohttp loop's occupancy, same server, same count
+            server.reset()
+            asyncio.run(bare_loop(server.url + "/chat/completions", payloads(make_requests(
+                len(run["arrivals"]), "e2e-bare")), in_flight))  # fmt: skip
+            bare = mean_in_flight(server.arrivals(), 0.05)
         arrivals = run["arrivals"]
         occupancy = mean_in_flight(arrivals, 0.05)
         print(
             f"50 ms server, {in_flight} in flight: {len(arrivals)} requests over "
             f"{arrivals[-1] - arrivals[0]:.1f} s, build {run['end'] - run['start']:.1f} s; server in flight "
             f"between the first and last 5% of requests: mean {occupancy:.0f} = {occupancy / in_flight:.2f} "
-            "of the limit"
+            f"of the limit; a bare aiohttp loop of as many requests: {bare:.0f} = {bare / in_flight:.2f} "
+            f"(build / bare {occupancy / bare:.2f})"
         )
         print(f"  stage timings of that build (s): {run['timings']}")
 
