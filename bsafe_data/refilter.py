@@ -56,6 +56,7 @@ from bsafe_data.rows import rejected_features
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.sample import split_of as sample_split
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
+from bsafe_data.stats import entry_scores, summarised
 from bsafe_data.writer import ChunkFolders, RowParts, write_dataset_folder
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
                 timings={**manifest.get("timings", {}), **timings},
                 manifest_extra=note,
                 audit=card_section(folder),
+                scores=summarised(entry_scores(entries), new),  # every row's scores, as read
             )
             output.write_marker(staging, new.sha256())
             output.commit()

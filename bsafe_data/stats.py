@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,35 +46,50 @@ class ScoreSummary:
         return int(np.count_nonzero(scores >= np.float32(self.threshold)))
 
 
-def _shard_scores(folder: Path) -> Iterator[tuple[tuple[str, str], np.ndarray, int]]:
-    """Per shard (``data/`` then ``rejected/``, in name order) and (classifier, target), in entry
-    order: the scores of its non-internal entries that are not errors, and its error count. One
-    shard at a time: memory holds the scores, not every entry's strings."""
+#: per (classifier, target): scores that are not errors, and the error count
+_EntryScores = tuple[tuple[str, str], np.ndarray, int]
+
+
+def entry_scores(entries: pl.DataFrame) -> Iterator[_EntryScores]:
+    """Per (classifier, target) of the score entries ``entries`` (``columnar.list_entries`` of a
+    ``scores`` column), in entry order: its scores that are not errors and its error count.
+    Internal entries (``bsafe:`` markers) are left out."""
+    entries = entries.filter(~pl.col("classifier").str.starts_with("bsafe:"))
+    groups = entries.partition_by(["classifier", "target"], as_dict=True, maintain_order=True)
+    for (name, target), group in groups.items():
+        ok = group["label"].ne_missing(ERROR_LABEL)
+        scores = group.filter(ok)["score"].cast(pl.Float64).to_numpy()
+        yield (str(name), str(target)), scores, group.height - int(ok.sum())
+
+
+def _shard_scores(folder: Path) -> Iterator[_EntryScores]:
+    """``entry_scores`` per shard (``data/`` then ``rejected/``, in name order). One shard at a
+    time: memory holds the scores, not every entry's strings."""
     from bsafe_data.columnar import list_entries
 
     for sub in ("data", "rejected"):
         for path in sorted((folder / sub).glob("*.parquet")):
             column = pq.read_table(path, columns=["scores"]).column("scores").combine_chunks()
-            entries = list_entries(column).filter(~pl.col("classifier").str.starts_with("bsafe:"))
-            groups = entries.partition_by(["classifier", "target"], as_dict=True, maintain_order=True)
-            for (name, target), group in groups.items():
-                ok = group["label"].ne_missing(ERROR_LABEL)
-                scores = group.filter(ok)["score"].cast(pl.Float64).to_numpy()
-                yield (str(name), str(target)), scores, group.height - int(ok.sum())
+            yield from entry_scores(list_entries(column))
 
 
 def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[ScoreSummary]:
     """One summary per (classifier, target) recorded in the folder, in recipe order."""
     folder = Path(folder)
-    recipe = recipe or load_recipe(folder / "recipe.yaml")
+    return summarised(_shard_scores(folder), recipe or load_recipe(folder / "recipe.yaml"))
+
+
+def summarised(parts: Iterable[_EntryScores], recipe: Recipe) -> list[ScoreSummary]:
+    """One summary per (classifier, target) of ``parts`` (``entry_scores`` of one or more row
+    sets, added up), in recipe order."""
     thresholds = {c.name: c.threshold for c in recipe.filters.classifiers}
-    parts: dict[tuple[str, str], tuple[list[np.ndarray], int]] = {}
-    for key, scores, errors in _shard_scores(folder):
-        arrays, seen = parts.get(key, ([], 0))
-        parts[key] = ([*arrays, scores], seen + errors)
+    collected: dict[tuple[str, str], tuple[list[np.ndarray], int]] = {}
+    for key, scores, errors in parts:
+        arrays, seen = collected.get(key, ([], 0))
+        collected[key] = ([*arrays, scores], seen + errors)
     found = {
         key: ScoreSummary(*key, np.concatenate(arrays), errors, thresholds.get(key[0]))
-        for key, (arrays, errors) in parts.items()
+        for key, (arrays, errors) in collected.items()
     }
     names = list(thresholds) + sorted({c for c, _ in found} - set(thresholds))
     return [
@@ -98,11 +113,14 @@ def _safe_name(name: str) -> str:
 
 
 def write_score_plots(
-    folder: str | Path, recipe: Recipe | None = None, out_dir: str | Path | None = None
+    folder: str | Path,
+    recipe: Recipe | None = None,
+    out_dir: str | Path | None = None,
+    summaries: list[ScoreSummary] | None = None,
 ) -> list[str]:
-    """One PNG per classifier (a histogram per target, threshold marked) of the rows of ``folder``,
-    into ``folder/plots`` or ``out_dir``; returns the paths written relative to ``folder`` (with
-    ``out_dir``: the full paths)."""
+    """One PNG per classifier (a histogram per target, threshold marked) of the rows of ``folder``
+    (or of ``summaries`` of them, when the caller has them), into ``folder/plots`` or ``out_dir``;
+    returns the paths written relative to ``folder`` (with ``out_dir``: the full paths)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +128,8 @@ def write_score_plots(
 
     folder = Path(folder)
     recipe = recipe or load_recipe(folder / "recipe.yaml")
-    summaries = score_summaries(folder, recipe)
+    if summaries is None:
+        summaries = score_summaries(folder, recipe)
     plot_dir = Path(out_dir) if out_dir is not None else folder / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     for stale in plot_dir.glob("scores_*.png"):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +23,9 @@ from bsafe_data.integrity import file_entries
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import SCHEMA_VERSION, rejected_features
 from bsafe_data.stages.sample import fifths_histogram
+
+if TYPE_CHECKING:
+    from bsafe_data.stats import ScoreSummary
 
 #: Upstream Hub ids of the bundled tokenizers (tests/fixtures/tokenizers/PROVENANCE.md).
 UPSTREAM_TOKENIZERS = {
@@ -180,12 +183,16 @@ def write_dataset_folder(
     timings: dict[str, float],
     manifest_extra: dict[str, Any] | None = None,
     audit: dict[str, Any] | None = None,
+    scores: list[ScoreSummary] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Write shards from ``rows`` (the finished chunks' rows, in order: ``ChunkFolders``), card,
     recipe and manifest; returns row counts per config and split. ``audit``: the card's "Audit"
-    figures (read from the target folder by the caller: ``out_dir`` is a staging folder)."""
+    figures (read from the target folder by the caller: ``out_dir`` is a staging folder).
+    ``scores``: the rows' score summaries when the caller holds them (refilter), else they are
+    read back from the written shards."""
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
+    from bsafe_data.stats import write_score_plots
 
     method = method_class(recipe)  # its `features` are the shards' columns
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
@@ -214,7 +221,11 @@ def write_dataset_folder(
                 )
     with shards.running():
         # drawn while the shards encode: matplotlib holds the GIL, the parquet encoder does not
-        method_plots = method.plots(out_dir, stats)
+        plots = method.plots(out_dir, stats)
+        if scores is not None:
+            plots += write_score_plots(out_dir, recipe, summaries=scores)
+    if scores is None:
+        plots += write_score_plots(out_dir, recipe)  # from the written shards
     max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -244,9 +255,6 @@ def write_dataset_folder(
         "transient_rows": stats.transient,
         **(manifest_extra or {}),
     }
-    from bsafe_data.stats import write_score_plots
-
-    plots = method_plots + write_score_plots(out_dir, recipe)  # these read the written shards
     examples = _examples(out_dir, files["default"])
     _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
     card = render_card(recipe, manifest, files, examples, plots, stats, audit=audit)

@@ -27,7 +27,7 @@ from bsafe_data.pipeline import build
 from bsafe_data.recipe import ALL_TARGETS, FilterSpec
 from bsafe_data.refilter import RefilterError, refilter
 from bsafe_data.rows import REJECTED_ARROW_SCHEMA, empty_row
-from bsafe_data.stats import score_summaries
+from bsafe_data.stats import score_summaries, write_score_plots
 from tests.guard_server import GuardServer, make_recipe, write_corpus
 from tests.test_classifiers import BANK_WORDS
 
@@ -454,6 +454,11 @@ def test_columnar_refilter_writes_what_the_row_hooks_write(moderation_build, tmp
                 else:
                     expected.setdefault(key, []).append(e["score"])
     summaries = score_summaries(columnar)
+    # the histograms refilter drew from the scores it read are those of the rows it wrote
+    redrawn = write_score_plots(columnar, out_dir=tmp_path / "redrawn")
+    assert redrawn
+    for path in map(Path, redrawn):
+        assert path.read_bytes() == (columnar / "plots" / path.name).read_bytes(), path.name
     assert {(s.classifier, s.target): sorted(s.scores) for s in summaries} == {
         k: sorted(v) for k, v in expected.items()
     }
