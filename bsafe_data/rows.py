@@ -141,10 +141,6 @@ REJECTED_FEATURES = datasets.Features(
     }
 )
 
-#: Reasons that are not final: a re-run retries these rows (transient endpoint failures).
-TRANSIENT_REASONS: frozenset[str] = frozenset({"generator_error", "classifier_error"})
-
-
 # Arrow schemas carry the `datasets` metadata, so parquet files load back with the exact Features.
 ROW_ARROW_SCHEMA: pa.Schema = ROW_FEATURES.arrow_schema
 REJECTED_ARROW_SCHEMA: pa.Schema = REJECTED_FEATURES.arrow_schema

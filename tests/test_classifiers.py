@@ -15,7 +15,7 @@ import pytest
 import yaml
 from datasets import load_dataset
 
-from bsafe_data.classify.base import ERROR_LABEL, Item, Score
+from bsafe_data.classify.base import ERROR_LABEL, Item, Score, transient_error
 from bsafe_data.classify.dedupe import DedupeIndex, MinHasher, jaccard
 from bsafe_data.classify.factory import make_classifier
 from bsafe_data.classify.guard import LlamaGuardClassifier, llama_guard_prompt, parse_llama_guard
@@ -251,6 +251,11 @@ def test_retries_then_errors_are_scored_as_errors(server, cache):
     server.configure(fail_status=500, fail_count=3)
     [score] = classifier.score_items([Item("You absolute moron.")])
     assert score.label == ERROR_LABEL and classifier.usage["errors"] == 1
+    assert transient_error(score)  # retries exhausted: a re-run retries the row
+    server.configure(fail_status=422, fail_count=1)
+    [refused] = classifier.score_items([Item("Some text the endpoint refuses.")])
+    assert refused.label == ERROR_LABEL and not transient_error(refused)  # its final answer
+    assert "a re-run does not retry it" in refused.detail["error"]
     server.configure(fail_status=None, fail_count=0)
     # a failed call is not served from the cache: the next run asks again
     before = server.requests()

@@ -104,11 +104,12 @@ def test_faults_are_survived_and_the_funnel_adds_up(server, tmp_path):
     markers = {
         1: "[[fault:429:2]]", 2: "[[fault:500:1]]", 3: "[[fault:malformed:1]]", 4: "[[fault:hang:1]]",
         5: "[[fault:refuse:0]]", 6: "[[fault:truncate:1]]", 7: "[[fault:503:0]]", 8: "[[fault:notags:0]]",
-        9: "[[fault:drop:1]]",
+        9: "[[fault:drop:1]]", 10: "[[fault:ctxlen:0]]",
     }  # fmt: skip
     corpus = write_corpus(tmp_path / "c.jsonl", 24, markers)
     proc = build(server, corpus, tmp_path / "out", tmp_path / "cache", "--set", "sampling.clean_fraction=0")
-    # the always-503 row is a transient failure: the dataset is written, the build says it is incomplete
+    # the always-503 row is a transient failure: the dataset is written, the build says it is incomplete;
+    # the prompt the endpoint refuses as too long is a final failure: a re-run would not change it
     assert proc.returncode == 3, proc.stderr
     assert "incomplete: 1 row(s)" in proc.stderr and "Traceback" not in proc.stderr
     m = manifest(tmp_path / "out")
@@ -118,6 +119,7 @@ def test_faults_are_survived_and_the_funnel_adds_up(server, tmp_path):
     reasons = {r["id"]: r["reasons"][0] for r in load_dataset(str(tmp_path / "out"), "rejected")["train"]}
     assert reasons.get("t5/v0") == "generator_refused"
     assert reasons.get("t7/v0") == "generator_error"
+    assert reasons.get("t10/v0") == "generator_error"
     assert reasons.get("t8/v0") == "generator_unparseable"
     kept = {r["id"] for split in load_dataset(str(tmp_path / "out")).values() for r in split}
     for transient in ("t1/v0", "t2/v0", "t3/v0", "t4/v0", "t6/v0", "t9/v0"):

@@ -248,8 +248,10 @@ def test_exhausted_retries_fail_only_that_row(srv, tmp_path):
         out = gen.generate_batch([req(1, "[[fault:500:0]]"), req(2), req(3, "[[fault:ctxlen:0]]")])
         assert out[0].error == "generator_error" and "HTTP 500" in out[0].detail
         assert out[0].usage["requests"] == 3 and out[0].category == "Toxic"
+        assert out[0].transient  # retries exhausted: the next run asks again
         assert out[1].error is None
         assert out[2].error == "generator_error" and "context length" in out[2].detail  # 400, row-level
+        assert not out[2].transient and "a re-run does not retry it" in out[2].detail  # refused: final
         assert gen.usage["errors"] == 2
     stats = cache_stats(tmp_path / "cache")
     assert stats["by_status"]["error"] == 2

@@ -61,12 +61,14 @@ def test_policy_verdicts():
     for status in (400, 401, 403, 404):
         assert policy.decide(status, "nope", {}, 1) == Fatal(status, "nope")
     row_level = policy.decide(400, "This model's maximum context length is 8192 tokens.", {}, 1)
-    assert isinstance(row_level, Fail) and "context length" in row_level.reason
+    assert isinstance(row_level, Fail) and "context length" in row_level.reason and row_level.final
     quota = "You exceeded your current quota, please check your plan and billing details."
     assert policy.decide(429, quota, {}, 1) == Fatal(429, quota)
-    assert policy.decide(413, "too large", {}, 1) == Fail("HTTP 413: too large")
-    assert policy.decide(500, "", {}, 3) == Fail("HTTP 500; gave up after 3 attempts")
-    assert policy.decide(412, "", {}, 1) == Fail("HTTP 412")  # not retryable by default ...
+    # the endpoint's answer to this very request: final (a re-run would get it again) ...
+    assert policy.decide(413, "too large", {}, 1) == Fail("HTTP 413: too large", final=True)
+    # ... retries exhausted: not final (the next run may get an answer)
+    assert policy.decide(500, "", {}, 3) == Fail("HTTP 500; gave up after 3 attempts", final=False)
+    assert policy.decide(412, "", {}, 1) == Fail("HTTP 412", final=True)  # not retryable by default ...
     assert isinstance(hub_policy(5, 0.01).decide(412, "", {}, 1), Retry)  # ... but for Hub commits
     assert hub_policy(5, 0.01).max_retries == 4
 

@@ -49,6 +49,13 @@ class Score:
         }
 
 
+def transient_error(score: Score) -> bool:
+    """Whether a re-run retries the row of this score: a call that failed in a way that may not
+    recur (endpoint down, retries exhausted). Not an unparseable answer (the cache holds it) nor
+    a request the endpoint refused (it would refuse it again)."""
+    return score.label == ERROR_LABEL and bool(score.detail.get("transient"))
+
+
 @dataclass(frozen=True)
 class Item:
     """One span to score, with what a conversation-aware classifier needs around it."""

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, is_unsafe
 from bsafe_data.llm.cache import ResponseCache, request_key
-from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.errors import RequestFailed, failure_detail
 from bsafe_data.llm.loop import off_running_loop
 from bsafe_data.llm.transport import Transport, resolve_endpoint
 
@@ -189,14 +189,14 @@ class RemoteClassifier(Classifier):
         for key, req, body in zip(keys, requests, bodies, strict=True):
             if key not in stored and key not in todo:
                 todo[key] = (req, body)
-        failed: dict[str, str] = {}
+        failed: dict[str, RequestFailed] = {}
         if todo:
             fetched = off_running_loop(asyncio.run, self._fetch_all(todo))
             self.usage["requests"] = self._transport.stats.requests
             self.usage["retries"] = self._transport.stats.retries
             for key, result in fetched.items():
                 if isinstance(result, RequestFailed):
-                    failed[key] = result.reason
+                    failed[key] = result
                     self.usage["errors"] += 1
                     self._cache.put(key, model=self.model, status="error", text="", detail=result.reason)
                 else:
@@ -206,7 +206,8 @@ class RemoteClassifier(Classifier):
         scores = []
         for item, key in zip(items, keys, strict=True):
             if key in failed:
-                scores.append(Score(self.name, ERROR_LABEL, 0.0, detail={"error": failed[key]}))
+                detail = {"error": failure_detail(failed[key]), "transient": failed[key].transient}
+                scores.append(Score(self.name, ERROR_LABEL, 0.0, detail=detail))
                 continue
             try:
                 scores.append(self.parse(item, stored[key]))

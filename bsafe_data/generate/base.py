@@ -37,6 +37,8 @@ class Generation:
     error: str | None = None
     detail: str = ""  # human-readable note for the rejected config (never the API key)
     usage: dict[str, int] = field(default_factory=dict)  # input_tokens, output_tokens, requests, ...
+    #: the error may not recur (endpoint down, retries exhausted): a re-run retries the row
+    transient: bool = False
 
 
 class Generator(ABC):

@@ -45,7 +45,7 @@ from bsafe_data.inject import (
 )
 from bsafe_data.llm.cache import CachedResponse, ResponseCache, request_key
 from bsafe_data.llm.client import ChatEngine, check_endpoint
-from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.errors import RequestFailed, failure_detail
 from bsafe_data.llm.transport import resolve_endpoint
 from bsafe_data.recipe import GeneratorSpec
 
@@ -314,7 +314,11 @@ class OpenAIGenerator(Generator):
                         cache.put(key, model=self.model, status="error", text="", detail=exc.reason)
                         counts["errors"] += 1
                         result = Generation(
-                            category=request.category, error="generator_error", detail=exc.reason, usage=row
+                            category=request.category,
+                            error="generator_error",
+                            detail=failure_detail(exc),
+                            usage=row,
+                            transient=exc.transient,
                         )
                         break
                     row["requests"] += answer.attempts
@@ -363,7 +367,8 @@ class OpenAIGenerator(Generator):
         if progress is not None:
             progress({"done": done, "total": total, **self.usage})
         return [
-            r if r is not None else Generation(error="generator_error", detail="not run") for r in results
+            r if r is not None else Generation(error="generator_error", detail="not run", transient=True)
+            for r in results
         ]
 
 

@@ -6,7 +6,8 @@ protocol) and ask a ``TextWriter`` for one answer per (user message, seed). Requ
 package's one transport (retries, backoff, fatal errors) and response cache, keyed like every other
 request (``request_key(body, protocol)``); failures are never cached, so a re-run asks again for
 exactly those rows. Each answer is a ``Written``: the text, or a reason code
-(``generator_error`` is transient, ``generator_refused`` / ``generator_unparseable`` are not).
+(``generator_error`` is transient unless the endpoint refused that very request, e.g. a prompt over
+its context length; ``generator_refused`` / ``generator_unparseable`` are not).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bsafe_data.llm.cache import ResponseCache, request_key
-from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.errors import RequestFailed, failure_detail
 from bsafe_data.llm.loop import off_running_loop
 from bsafe_data.llm.transport import Transport, resolve_endpoint
 from bsafe_data.recipe import GeneratorSpec
@@ -96,25 +97,27 @@ class TextWriter:
         found = {k: (hit.text, hit.finish_reason) for k, hit in self._cache.get_many(keys).items()}
         self.usage["cache_hits"] += sum(1 for k in keys if k in found)
         todo = {k: b for k, b in zip(keys, bodies, strict=True) if k not in found}
-        failed: dict[str, str] = {}
+        failed: dict[str, RequestFailed] = {}
         if todo:
             fetched = off_running_loop(asyncio.run, self._fetch(todo))
             self.usage["requests"] = self._transport.stats.requests
             for key, result in fetched.items():
                 if isinstance(result, RequestFailed):
-                    failed[key] = result.reason
+                    failed[key] = result
                     self.usage["errors"] += 1
                 else:
                     found[key] = result
                     self._cache.put(key, model=self.spec.model, status="ok", text=result[0],
                                     finish_reason=result[1])  # fmt: skip
             self._cache.flush()
-        return [self._parse(found.get(k), failed.get(k, "")) for k in keys]
+        return [self._parse(found.get(k), failed.get(k)) for k in keys]
 
     @staticmethod
-    def _parse(answer: tuple[str, str | None] | None, failure: str) -> Written:
+    def _parse(answer: tuple[str, str | None] | None, failure: RequestFailed | None) -> Written:
         if answer is None:
-            return Written(error="generator_error", detail=f"generator: {failure}", transient=True)
+            reason = failure_detail(failure) if failure is not None else "not run"
+            transient = failure is None or failure.transient
+            return Written(error="generator_error", detail=f"generator: {reason}", transient=transient)
         text, finish = answer
         if finish == "content_filter":
             return Written(error="generator_refused", detail="generator: finish_reason=content_filter")

@@ -45,9 +45,26 @@ def describe_failure(role: str, endpoint: str, status: int | None, message: str 
 
 
 class RequestFailed(Exception):
-    """One request failed for good (retries exhausted or a non-retryable per-request status)."""
+    """One request failed for good (retries exhausted or a non-retryable per-request status).
 
-    def __init__(self, reason: str, attempts: int = 1):
+    ``final``: the endpoint refused this very request (``retry.Fail.final``), so a re-run would get
+    the same answer and the row is not retried; otherwise the failure is transient."""
+
+    def __init__(self, reason: str, attempts: int = 1, *, final: bool = False):
         self.reason = reason
         self.attempts = attempts
+        self.final = final
         super().__init__(reason)
+
+    @property
+    def transient(self) -> bool:
+        """Whether a re-run retries the row (the failure was not the endpoint's final answer)."""
+        return not self.final
+
+
+def failure_detail(exc: RequestFailed) -> str:
+    """The rejected row's detail for a failed request: its reason, and when the endpoint's answer
+    was final, that a re-run does not retry it."""
+    if exc.transient:
+        return exc.reason
+    return f"{exc.reason} (refused by the endpoint: a re-run does not retry it)"

@@ -9,7 +9,9 @@ only). The same rules hold for every caller:
   exponential backoff and jitter, at least as long as ``Retry-After`` / ``retry-after-ms`` asks;
 * 400, 401, 403, 404: fatal, except a 400 about one prompt's context length (``Fail``);
 * a 429 that means the quota or credit is exhausted: fatal (waiting cannot help);
-* any other status, or retries exhausted: ``Fail``.
+* any other status, or retries exhausted: ``Fail``. A ``Fail`` is ``final`` when the endpoint
+  answered this request with a non-retryable status (the 400 about context length, 413, 422, ...):
+  asking again gets the same answer, so a re-run does not retry it. Retries exhausted is not final.
 """
 
 from __future__ import annotations
@@ -139,9 +141,11 @@ class Fatal:
 
 @dataclass(frozen=True, slots=True)
 class Fail:
-    """Give up on this request only (``reason`` says why and after how many attempts)."""
+    """Give up on this request only (``reason`` says why and after how many attempts); ``final``:
+    the endpoint refused this very request, so a re-run would get the same answer."""
 
     reason: str
+    final: bool = False
 
 
 _NO_HEADERS: Mapping[str, str] = {}
@@ -184,7 +188,7 @@ class RetryPolicy:
             if status == 429 and is_quota_exhausted(message):  # billing, not rate: no retry helps
                 return Fatal(status, message)
             if not self.retryable(status):
-                return Fail(f"HTTP {status}: {message}" if message else f"HTTP {status}")
+                return Fail(f"HTTP {status}: {message}" if message else f"HTTP {status}", final=True)
             reason = f"HTTP {status}"
             hint = retry_after_s(headers)
         if attempt > self.max_retries:

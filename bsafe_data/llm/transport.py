@@ -280,7 +280,7 @@ class Transport:
                     headers = resp.headers
             except BodyTooLarge as exc:  # a server ignoring max_tokens: asking again gets the same
                 stats.failed += 1
-                raise RequestFailed(str(exc), attempt) from None
+                raise RequestFailed(str(exc), attempt, final=True) from None
             except asyncio.TimeoutError:
                 reason = f"timeout after {self.timeout_s:g} s"
             except (aiohttp.ClientError, OSError) as exc:
@@ -311,7 +311,7 @@ class Transport:
             if isinstance(decision, Fatal):
                 raise FatalEndpointError(self.role, endpoint, decision.status, decision.message)
             stats.failed += 1
-            raise RequestFailed(decision.reason, attempt)
+            raise RequestFailed(decision.reason, attempt, final=decision.final)
 
     def _error_message(self, raw: bytes) -> str:
         """The server's error message (redacted, shortened), for error reports."""

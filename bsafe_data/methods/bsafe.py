@@ -20,7 +20,8 @@ Steps of a chunk (``BsafeMethod.process``):
    ``bsafe/continue_safe/1``); offline (the builtin generator) the bundled safe continuation of the
    source row (``continuation.path``, default ``bsafe_data/data/unsafe/unsafe_answers.jsonl``;
    none for the row: ``continuation_missing``). Failed requests: ``generator_error`` (transient,
-   retried by a re-run), ``generator_refused`` / ``generator_unparseable``.
+   retried by a re-run, unless the endpoint refused that very request), ``generator_refused`` /
+   ``generator_unparseable``.
 3. **count X** per tokenizer (``stages.count``; one step back to the previous word on a merge,
    else ``token_boundary``).
 4. **check** the continuation with ``continuation.check`` (default: every recipe classifier; a
@@ -46,7 +47,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score
+from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, transient_error
 from bsafe_data.classify.builtin import BuiltinClassifier
 from bsafe_data.classify.judge import JudgeClassifier
 from bsafe_data.classify.taxonomy import to_recipe
@@ -251,10 +252,8 @@ class BsafeMethod(Method):
         """Put the injection at the span starting at ``start`` (response offset), or reject."""
         record.scores.append(score.as_dict("violation"))
         if score.label == ERROR_LABEL:
-            error = str(score.detail.get("error", ""))
-            transient = not error.startswith("unparseable")
-            detail = f"classifier {score.classifier}: {error}"[:300]
-            record.reject("classifier_error", detail, transient=transient)
+            detail = f"classifier {score.classifier}: {score.detail.get('error', '')}"[:300]
+            record.reject("classifier_error", detail, transient=transient_error(score))
             return
         response = record.conv.response
         if score.label != "unsafe" or start is None or not 0 <= start < len(response):
@@ -354,9 +353,9 @@ class BsafeMethod(Method):
             for record, score in zip(live, scores, strict=True):
                 record.scores.append(score.as_dict("part2"))
                 if score.label == ERROR_LABEL:
-                    error = str(score.detail.get("error", ""))
+                    error = score.detail.get("error", "")
                     record.reject("classifier_error", f"classifier {classifier.name}: {error}"[:300],
-                                  transient=not error.startswith("unparseable"))  # fmt: skip
+                                  transient=transient_error(score))  # fmt: skip
                 elif score.label == "unsafe":
                     record.reject("continuation_flagged", f"classifier {classifier.name}")
         for record in live:

@@ -25,7 +25,8 @@ Missing refusals: offline (the builtin generator) a harmful row without one is r
 ``missing_companion``. With ``generator.provider: openai`` the generator writes it (``generate.text``,
 prompt: the conversation; protocol ``derta/refusal/1``; answers cached): one request per harmful row
 without a refusal, before its cut is sampled. A failed request rejects the row's records
-``generator_error`` (transient: a re-run retries them), ``generator_refused`` /
+``generator_error`` (transient: a re-run retries them, unless the endpoint refused that very
+request), ``generator_refused`` /
 ``generator_unparseable``; written text passes the generated-text checks (length, control strings).
 """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, score_items
+from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, score_items, transient_error
 from bsafe_data.stages.record import Record
 
 ItemsOf = Callable[[Record, Sequence[str]], list[Item]]
@@ -38,7 +38,7 @@ def classify(
             collected[index].append((record, score.as_dict(item.target)))
             verdicts.append((record, item, score))
             if score.label == ERROR_LABEL:
-                _note_error(record, classifier.name, str(score.detail.get("error", "")))
+                _note_error(record, classifier.name, score)
         if classifier.adjusts_spans and on_verdict is not None:
             on_verdict(verdicts)
     for entries in collected:  # recipe order of classifiers, whatever order they ran in
@@ -46,12 +46,12 @@ def classify(
             record.scores.append(entry)
 
 
-def _note_error(record: Record, name: str, error: str) -> None:
-    """Remember why a classifier call failed; a failed request (not an unparseable answer) is
-    transient, so a re-run retries the row."""
+def _note_error(record: Record, name: str, score: Score) -> None:
+    """Remember why a classifier call failed; a transient failure (``transient_error``) makes
+    a re-run retry the row."""
     if not record.detail:
-        record.detail = f"classifier {name}: {error}"[:300]
-    if not error.startswith("unparseable"):
+        record.detail = f"classifier {name}: {score.detail.get('error', '')}"[:300]
+    if transient_error(score):
         record.transient = True
 
 

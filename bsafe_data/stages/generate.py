@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
-from bsafe_data.rows import TRANSIENT_REASONS
 from bsafe_data.stages.record import Record
 
 
@@ -31,8 +30,7 @@ def apply_answers(
     """Wait for the batch ``send`` submitted and take each usable answer into its record."""
     for record, generation in zip(records, answers.result(), strict=True):
         if generation.error:
-            transient = generation.error in TRANSIENT_REASONS
-            record.reject(generation.error, f"generator: {generation.detail}", transient=transient)
+            record.reject(generation.error, f"generator: {generation.detail}", transient=generation.transient)
         elif not generation.violation.strip():
             record.reject("empty_violation")
         else:
