@@ -461,7 +461,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_output(tmp_path):
     took = time.time() - started
     out = tmp_path / "out"
     rng = random.Random(5)
-    for _ in range(6):  # kill points spread over set-up, chunks, the final write and the swap
+    for _ in range(4):  # kill points spread over set-up, chunks, the final write and the swap
         proc = subprocess.Popen(
             [CLI, "build", FLAGSHIP, "--out", str(out), *args],
             env=os.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
