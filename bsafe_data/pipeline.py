@@ -98,7 +98,7 @@ def _build(
         return method
 
     totals: Counter[str] = Counter()
-    worker_usage: list[dict[str, Any]] = []  # processes executor: one entry per worker process
+    worker_usage: list[dict[str, dict[str, Any]]] = []  # per worker (process, actor): per client
     worker_timings: list[dict[str, float]] = []
 
     def on_chunk(stats: ChunkStats) -> None:  # running totals: re-merging every chunk would be quadratic
@@ -132,9 +132,10 @@ def _build(
         for resources, _ in loaded:
             resources.close()
     for resources, method in loaded:
-        worker_usage.append(dict(resources.generator.usage))
+        worker_usage.append(resources.usage())
         worker_timings.append(dict(method.timings))
-    usage = summed_usage(worker_usage)
+    clients = summed_usage(worker_usage)
+    usage = clients.get("generator", {})
     for part in worker_timings:
         timings.update(part)
     if recipe.filters.enabled:
@@ -157,6 +158,7 @@ def _build(
             stats,
             funnel,
             usage=usage,
+            client_usage=clients,
             timings=timings_out,
             audit=card_section(folder.target),  # the audit store is carried over from the target
         )

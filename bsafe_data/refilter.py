@@ -269,6 +269,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
                 total,
                 funnel,
                 usage=manifest.get("usage", {}),
+                client_usage=manifest.get("usage_by_client"),
                 timings={**manifest.get("timings", {}), **timings},
                 manifest_extra=note,
                 audit=card_section(folder),

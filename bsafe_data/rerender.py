@@ -325,6 +325,7 @@ def rerender_folder(
                     chunk.stats,
                     funnel,
                     usage=manifest.get("usage", {}),
+                    client_usage=manifest.get("usage_by_client"),
                     timings=manifest.get("timings", {}),
                     manifest_extra=note,
                 )

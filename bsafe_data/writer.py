@@ -181,6 +181,7 @@ def write_dataset_folder(
     *,
     usage: dict[str, Any],
     timings: dict[str, float],
+    client_usage: dict[str, dict[str, Any]] | None = None,
     manifest_extra: dict[str, Any] | None = None,
     audit: dict[str, Any] | None = None,
     scores: list[ScoreSummary] | None = None,
@@ -188,6 +189,7 @@ def write_dataset_folder(
     """Write shards from ``rows`` (the finished chunks' rows, in order: ``ChunkFolders``), card,
     recipe and manifest; returns row counts per config and split. ``audit``: the card's "Audit"
     figures (read from the target folder by the caller: ``out_dir`` is a staging folder).
+    ``usage``: the generator's counters; ``client_usage``: every client's (``Resources.usage``).
     ``scores``: the rows' score summaries when the caller holds them (refilter), else they are
     read back from the written shards."""
     from bsafe_data.card import render_card
@@ -250,6 +252,7 @@ def write_dataset_folder(
         "position_fifths": fifths_histogram(stats.positions),
         "backtrack_max": max_x,
         "usage": usage,
+        **({"usage_by_client": client_usage} if client_usage is not None else {}),
         "timings": timings,
         "complete": not stats.transient,
         "transient_rows": stats.transient,

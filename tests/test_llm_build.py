@@ -211,6 +211,11 @@ def test_two_workers_share_one_rate_limit_and_write_local_bytes(server, limited_
     assert len(arrivals) >= 40  # enough requests to go past the first second's burst
     assert_within_rate(arrivals, 600)
     assert parquet(tmp_path / executor) == parquet(local)
+    # the workers' counters add up to what the server saw (the cache was new: every row asked)
+    built = manifest(tmp_path / executor)
+    clients = built["usage_by_client"]
+    assert clients["generator"]["requests"] == len(arrivals) == built["usage"]["requests"]
+    assert clients["classifier:builtin"]["texts"] > 0
 
 
 def test_the_next_chunks_requests_are_in_flight_while_a_chunk_is_finished(server, tmp_path):

@@ -280,6 +280,10 @@ def test_generator_writes_missing_refusals_caches_them_and_a_fault_is_transient(
     sent, judged = gen.stats()["chat"], guard.requests()
     assert sent == n  # exactly one refusal request per harmful row without a refusal
     assert judged > 0
+    # the manifest counts the requests of every client, not only the (unused) violation generator
+    clients = json.loads((tmp_path / "a" / "manifest.json").read_text())["usage_by_client"]
+    assert clients["companion_writer"]["requests"] == sent and clients["generator"].get("requests", 0) == 0
+    assert clients["classifier:guard"]["requests"] == judged
     kept, rejected = parquet_rows(tmp_path / "a")
     harmful_kept = [r for r in kept if r["kind"] != "helpful"]
     assert {r["source"]["id"] for r in harmful_kept} == {ids[i] for i in bland}

@@ -35,17 +35,21 @@ def _process(work: Path, index: int, chunk: list[SourceItem]) -> tuple[ChunkStat
     if method is None:
         method = _worker["method"] = _worker["load"](_worker["workers"])
     stats = run_chunk(method, work, index, chunk)
-    return stats, dict(method.resources.generator.usage), {"pid": os.getpid(), **method.timings}
+    return stats, method.resources.usage(), {"pid": os.getpid(), **method.timings}
 
 
-def summed_usage(per_worker: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The workers' generator usage counters added up (``cost_usd`` rounded like the backend's)."""
-    total: dict[str, Any] = {}
+def summed_usage(per_worker: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The workers' usage counters (``Resources.usage``: per client) added up per client
+    (``cost_usd`` rounded like the backend's)."""
+    total: dict[str, dict[str, Any]] = {}
     for usage in per_worker:
-        for key, value in usage.items():
-            total[key] = total.get(key, 0) + value
-    if "cost_usd" in total:
-        total["cost_usd"] = round(total["cost_usd"], 6)
+        for client, counters in usage.items():
+            into = total.setdefault(client, {})
+            for key, value in counters.items():
+                into[key] = into.get(key, 0) + value
+    for counters in total.values():
+        if "cost_usd" in counters:
+            counters["cost_usd"] = round(counters["cost_usd"], 6)
     return total
 
 
@@ -56,7 +60,7 @@ class ProcessExecutor:
         self.plan = LocalExecutor(recipe, work)
         self.work = work
         self.workers = max(1, workers or os.cpu_count() or 1)
-        #: per worker process: its generator usage and stage timings (summed by the caller)
+        #: per worker process: its clients' usage and stage timings (summed by the caller)
         self.usage: dict[int, dict[str, Any]] = {}
         self.timings: dict[int, dict[str, float]] = {}
 

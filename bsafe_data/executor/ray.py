@@ -33,7 +33,7 @@ class _Worker:
 
     def process(self, work: str, index: int, chunk: list[SourceItem]) -> tuple[ChunkStats, dict, dict]:
         stats = run_chunk(self.method, Path(work), index, chunk)
-        return stats, dict(self.method.resources.generator.usage), dict(self.method.timings)
+        return stats, self.method.resources.usage(), dict(self.method.timings)
 
 
 class RayExecutor:
@@ -44,7 +44,7 @@ class RayExecutor:
         self.work = work
         self.workers = workers
         self.address = address
-        #: per actor: its generator usage and stage timings (summed by the caller)
+        #: per actor: its clients' usage and stage timings (summed by the caller)
         self.usage: dict[int, dict[str, Any]] = {}
         self.timings: dict[int, dict[str, float]] = {}
 

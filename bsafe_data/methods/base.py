@@ -109,6 +109,8 @@ class Resources:
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
     #: the LLM response cache folder of the build (for methods that send requests of their own)
     cache_dir: Path | None = None
+    #: usage counters of the clients a method opened itself (``adopt``), by name
+    _adopted: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(
@@ -142,6 +144,20 @@ class Resources:
     def close_later(self, close: Callable[[], None]) -> None:
         """Run ``close`` when these resources close (for clients a method opens itself)."""
         self._stack.callback(close)
+
+    def adopt(self, name: str, close: Callable[[], None], usage: Callable[[], dict[str, Any]]) -> None:
+        """A client a method opened itself (e.g. a companion-text writer): closed with these
+        resources, its usage counters reported as ``name`` in ``usage()``."""
+        self.close_later(close)
+        self._adopted[name] = usage
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Usage counters of every client, by name: ``generator``, ``classifier:NAME`` and the
+        adopted ones (requests, cache hits, tokens, ... as each client counts them)."""
+        clients = {"generator": dict(self.generator.usage)}
+        clients.update({f"classifier:{c.name}": dict(c.usage) for c in self.classifiers})
+        clients.update({name: dict(usage()) for name, usage in self._adopted.items()})
+        return clients
 
 
 @dataclass

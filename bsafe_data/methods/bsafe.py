@@ -278,7 +278,7 @@ class BsafeMethod(Method):
         if self.resources.generator.backend == "builtin":
             return None
         writer = TextWriter(self.recipe.generator, CONTINUE_PROMPT, self.resources.cache_dir)
-        self.resources.close_later(writer.close)
+        self.resources.adopt("continuation_writer", writer.close, lambda: writer.usage)
         return writer
 
     @cached_property

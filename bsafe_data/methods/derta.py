@@ -121,7 +121,7 @@ def companion_writer(method: Method, prompt: TextPrompt) -> TextWriter | None:
     if method.resources.generator.backend == "builtin":
         return None
     writer = TextWriter(method.recipe.generator, prompt, method.resources.cache_dir)
-    method.resources.close_later(writer.close)
+    method.resources.adopt("companion_writer", writer.close, lambda: writer.usage)
     return writer
 
 
