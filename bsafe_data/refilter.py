@@ -246,7 +246,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
         work.mkdir()
         try:
             repaired = int(manifest.get("funnel", {}).get("repaired_boundaries", 0))
-            chunk_rows, parts = _write_chunks(method, work, combined, frame, repaired)
+            chunk_rows, parts = _chunk_parts(method, work, combined, frame, repaired)
             total = merge_stats(parts)
             total.source_rows = int(manifest.get("funnel", {}).get("source_rows", total.source_rows))
             funnel = funnel_of(total)
@@ -496,7 +496,7 @@ def _with_relabeled(
     return pa.concat_tables([table, patched]), frame.with_columns(pl.Series("src", source))
 
 
-def _write_chunks(
+def _chunk_parts(
     method: type[Method], work: Path, table: pa.Table, frame: pl.DataFrame, repaired: int
 ) -> tuple[RowParts, list[ChunkStats]]:
     """The rows of one chunk per build chunk (``frame`` in dataset order, ``src`` its table rows)
@@ -511,7 +511,7 @@ def _write_chunks(
     counters = _chunk_counters(frame, table, count) if count is not None else {}
     sources = dict(frame.group_by("chunk").agg(pl.struct("dataset", "index").n_unique()).iter_rows())
     gathered = GatheredChunks(table, method.features)
-    rows_of = Gatherer(table)
+    rows_of = gathered.gather
     paths: list[Path] = []
     parts: list[ChunkStats] = []
     for position, (index, start, end) in enumerate(_runs(frame["chunk"].to_numpy())):
