@@ -181,6 +181,20 @@ def test_endpoint_down_stops_and_a_rerun_completes_exactly(server, tmp_path):
     assert parquet_bytes(out) == parquet_bytes(reference)
 
 
+def test_an_endpoint_refusing_every_request_stops_the_build(server, tmp_path):
+    """A 422 is final for its row (a re-run would get it again), yet an endpoint answering every
+    request with one is broken: the error budget stops the build as for one that is down."""
+    path = corpus(tmp_path / "c.jsonl", good_rows(30))
+    server.reset(fault="422", fault_count=0)
+    try:
+        refused = llm_build(server, path, tmp_path / "out", tmp_path / "cache")
+    finally:
+        server.reset()
+    assert refused.returncode == 1, refused.stderr
+    assert "generator endpoint" in refused.stderr and "HTTP 422" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_partial_failures_leave_an_incomplete_build_that_a_rerun_finishes(server, tmp_path):
     rows = good_rows(30)
     for i in (3, 17):  # both attempts of these two rows fail with HTTP 500, later ones succeed

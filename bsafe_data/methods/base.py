@@ -426,8 +426,10 @@ class Method(ABC):
                     record.reject("row_error", error_detail(stage, exc))
 
     def _breaker(self, wanted: Sequence[Record]) -> None:
-        """Stop the build when the generator endpoint looks down (error budget exceeded)."""
-        failed = [r for r in wanted if r.transient]
+        """Stop the build when the generator endpoint looks down (error budget exceeded). Every
+        failed request counts, transient or refused: an endpoint refusing most requests (a wrong
+        parameter, a model that does not exist there) is as broken as one that is down."""
+        failed = [r for r in wanted if "generator_error" in r.reasons]
         budget = self.recipe.generator.max_error_fraction
         if len(failed) < _BREAKER_MIN_FAILURES or len(failed) <= budget * len(wanted):
             return
