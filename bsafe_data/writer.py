@@ -148,6 +148,14 @@ class _ShardJobs:
                     done.result()
 
 
+def _written_splits(per_split: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The splits of a config that get shards (their part sizes): those with rows, and train when
+    every split is empty, so an (allowed) empty build still has the config and ``load_dataset``
+    never serves another."""
+    empty = not any(sum(sizes) for sizes in per_split.values())
+    return {split: sizes for split, sizes in per_split.items() if sum(sizes) or (split == "train" and empty)}
+
+
 def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
     """Up to n rows for the card: injected first, then clean (other kinds: one row of each)."""
     rows: list[dict[str, Any]] = []
@@ -200,14 +208,10 @@ def write_dataset_folder(
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     shards = _ShardJobs(rows)
-    kept = {split: rows.sizes(split) for split in ("train", "test")}
-    for split, sizes in kept.items():
-        # an (allowed) empty build still has a default config, so `load_dataset` never serves another
-        if sum(sizes) or (split == "train" and not sum(map(sum, kept.values()))):
-            counts["default"][split] = sum(sizes)
-            files["default"][split] = shards.add(
-                split, sizes, method.features.arrow_schema, out_dir / "data", split
-            )
+    for split, sizes in _written_splits({s: rows.sizes(s) for s in ("train", "test")}).items():
+        counts["default"][split] = sum(sizes)
+        schema = method.features.arrow_schema
+        files["default"][split] = shards.add(split, sizes, schema, out_dir / "data", split)
     rejected = rows.sizes("rejected")
     if sum(rejected):
         counts["rejected"]["train"] = sum(rejected)
@@ -215,12 +219,11 @@ def write_dataset_folder(
         files["rejected"]["train"] = shards.add("rejected", rejected, schema, out_dir / "rejected", "train")
     for config, config_features in method.extra_configs.items():  # DPO pairs: CONFIG/…
         per_split = {split: rows.sizes(f"{config}-{split}") for split in ("train", "test")}
-        for split, sizes in per_split.items():
-            if sum(sizes) or (split == "train" and not sum(map(sum, per_split.values()))):
-                counts.setdefault(config, {})[split] = sum(sizes)
-                files.setdefault(config, {})[split] = shards.add(
-                    f"{config}-{split}", sizes, config_features.arrow_schema, out_dir / config, split
-                )
+        for split, sizes in _written_splits(per_split).items():
+            counts.setdefault(config, {})[split] = sum(sizes)
+            files.setdefault(config, {})[split] = shards.add(
+                f"{config}-{split}", sizes, config_features.arrow_schema, out_dir / config, split
+            )
     with shards.running():
         # drawn while the shards encode: matplotlib holds the GIL, the parquet encoder does not
         plots = method.plots(out_dir, stats)
