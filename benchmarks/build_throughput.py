@@ -1,6 +1,7 @@
 """Build throughput and peak memory with the builtin generator on a synthetic corpus.
 
 Usage: python benchmarks/build_throughput.py [--sizes 10000 100000] [--executor local processes]
+       [--variants 1]  (rows per source answer; the flagship recipe uses 5; "rows" below are source rows)
 
 Each (size, executor) runs in a fresh process (so peak RSS is that build's own; for ``processes``
 the largest worker's) through the real pipeline:
@@ -31,7 +32,7 @@ sys.path.insert(0, {here!r})
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import load_recipe
 n, work, executor, corpus = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=1",
+overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=" + sys.argv[5],
              "execution.executor=" + executor]
 recipe = load_recipe({recipe!r}, overrides)
 start = time.perf_counter()
@@ -44,13 +45,13 @@ print(json.dumps({{"rows": n, "executor": executor, "seconds": elapsed, "rows_pe
 """
 
 
-def run_size(n: int, executor: str, corpus: Path) -> dict:
+def run_size(n: int, executor: str, corpus: Path, variants: int = 1) -> dict:
     """Build the n-row ``corpus`` in a child process with ``executor``; returns its measurements."""
     code = _CHILD.format(here=str(HERE), recipe=str(REPO / "recipes" / "bsafe_plus.yaml"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(n), work, executor, str(corpus)],
+            [sys.executable, "-c", code, str(n), work, executor, str(corpus), str(variants)],
             capture_output=True, text=True, env=env,
         )  # fmt: skip
     if proc.returncode != 0:
@@ -63,13 +64,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--executor", nargs="+", default=["local"], choices=["local", "processes"])
+    parser.add_argument("--variants", type=int, default=1, help="sampling.variants_per_answer")
     args = parser.parse_args()
     runs = {}
     with tempfile.TemporaryDirectory() as corpora:  # one corpus per size, at one path: same rows per executor
         for n in args.sizes:
             corpus = write_corpus(Path(corpora) / f"corpus-{n}.jsonl", n)
             for ex in args.executor:
-                runs[(n, ex)] = run_size(n, ex, corpus)
+                runs[(n, ex)] = run_size(n, ex, corpus, args.variants)
     print(f"{'rows':>8} {'executor':>10} {'seconds':>8} {'rows/s':>8} {'peak RSS MB':>12} {'kept':>8}")
     for (n, ex), r in runs.items():
         rate, peak = r["rows_per_s"], r["peak_rss_mb"]

@@ -100,6 +100,30 @@ def test_count_gives_exact_x_for_every_tokenizer(tokenizers):
         assert entry["tokens"] == backtrack_counts(tok, [(head, rec.part1, rec.injection.inserted)])[0]
 
 
+def test_frame_renders_each_context_once_and_gives_every_record_its_own(tokenizers, monkeypatch):
+    """Variants share a context: one chat-template render per (tokenizer, context), same frames."""
+    other = (("user", "And a cactus?"),)
+    records = [record(rid=f"r/v{i}") for i in range(3)] + [record(rid="s/v0")]
+    records[-1].conv = Conversation(SourceRef("mem", "train", 1, "s", ""), other, RESPONSE)
+    renders: list[str] = []
+
+    def counted(name: str, original):
+        def render(*args, **kwargs):
+            renders.append(name)
+            return original(*args, **kwargs)
+
+        return render
+
+    for name, tok in tokenizers.items():
+        monkeypatch.setattr(tok, "apply_chat_template", counted(name, tok.apply_chat_template))
+    count.frame(tokenizers, records)
+    assert sorted(renders) == sorted(list(tokenizers) * 2)  # two contexts per tokenizer, not four
+    monkeypatch.undo()
+    for rec in records:
+        assert rec.frames == {ref: chat_frame(tok, rec.conv.context) for ref, tok in tokenizers.items()}
+    assert records[0].frames != records[-1].frames
+
+
 def test_count_with_repair_steps_back_or_rejects(tokenizers):
     refs = dict(tokenizers)
     # "week" + "ly" merges across the boundary for byte-level BPE: the injection sits mid-word.

@@ -17,10 +17,16 @@ from bsafe_data.tokenization import short_name
 
 
 def frame(tokenizers: Mapping[str, Any], records: Sequence[Record]) -> None:
-    """Chat-template head and tail of every record, per tokenizer."""
-    for record in records:
-        for ref, tok in tokenizers.items():
-            record.frames[ref] = chat_frame(tok, record.conv.context)
+    """Chat-template head and tail of every record, per tokenizer: rendered once per context (a
+    pure function of it), so the variants of an answer share theirs."""
+    for ref, tok in tokenizers.items():
+        rendered: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+        for record in records:
+            context = record.conv.context
+            found = rendered.get(context)
+            if found is None:
+                found = rendered[context] = chat_frame(tok, context)
+            record.frames[ref] = found
 
 
 def count(tokenizers: Mapping[str, Any], records: Sequence[Record]) -> list[Record]:
