@@ -101,6 +101,21 @@ def test_taxonomy_covers_every_vocabulary_and_maps_to_rlbf():
     assert rlbf_of("unknown-thing") == ()
 
 
+def test_builtin_pii_kinds_with_and_without_the_quick_test():
+    """The "@ or three digits" test only skips texts no pattern can match (Unicode digits too)."""
+    from bsafe_data.classify.builtin import _PII_PATTERNS, pii_categories
+
+    texts = [
+        "mail me at a.b+c@d-e.org today", "call (555) 123-4567", "+1 555.123.4567", "ssn 123-45-6789",
+        "card 1234 5678 9012 3456", "\u0661\u0662\u0663-\u0664\u0665-\u0666\u0667\u0668\u0669",
+        "x@y", "no numbers here", "12 34 56", "1234-5678-9012-3456 and 987-65-4321", "",
+    ]  # fmt: skip
+    every = [[name for name, pattern in _PII_PATTERNS.items() if pattern.search(t)] for t in texts]
+    assert [pii_categories(t) for t in texts] == every
+    assert every[0] == ["pii:email"] and every[3] == ["pii:ssn"] and every[5] == ["pii:ssn"]
+    assert every[7] == every[8] == [] and set(every[9]) == {"pii:card", "pii:ssn"}
+
+
 def test_taxonomy_to_recipe_categories_and_extra_map():
     cats = list(RLBF_CATEGORIES)
     assert to_recipe("S10", cats) == ["Hate Speech", "Religion & Belief"]
