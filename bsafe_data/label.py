@@ -369,8 +369,12 @@ def end_of_turn(tokenizer: Any) -> str | None:
 
 
 def _encode_many(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    # Batch call: the Rust tokenizer parallelises across texts. Special tokens come from the template.
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # Batch call: the Rust tokenizer parallelises across texts. Special tokens come from the template;
+    # ids only (no masks to build and convert: 5-10% of the call)
+    encoded = tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )
+    return encoded["input_ids"]
 
 
 def anchor(tokenizer: Any, head: str) -> str:
