@@ -208,22 +208,22 @@ def write_dataset_folder(
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     shards = _ShardJobs(rows)
-    for split, sizes in _written_splits({s: rows.sizes(s) for s in ("train", "test")}).items():
-        counts["default"][split] = sum(sizes)
-        schema = method.features.arrow_schema
-        files["default"][split] = shards.add(split, sizes, schema, out_dir / "data", split)
+    # (config, folder, the rows' part-name prefix, features): the kept rows, then the method's
+    # extra configs (DPO pairs: CONFIG/…); their splits follow one rule (``_written_splits``)
+    configs = [("default", "data", "", method.features)]
+    configs += [(name, name, f"{name}-", features) for name, features in method.extra_configs.items()]
+    for config, folder, prefix, features in configs:
+        per_split = {split: rows.sizes(prefix + split) for split in ("train", "test")}
+        for split, sizes in _written_splits(per_split).items():
+            counts.setdefault(config, {})[split] = sum(sizes)
+            files.setdefault(config, {})[split] = shards.add(
+                prefix + split, sizes, features.arrow_schema, out_dir / folder, split
+            )
     rejected = rows.sizes("rejected")
     if sum(rejected):
         counts["rejected"]["train"] = sum(rejected)
         schema = rejected_features(method.features).arrow_schema
         files["rejected"]["train"] = shards.add("rejected", rejected, schema, out_dir / "rejected", "train")
-    for config, config_features in method.extra_configs.items():  # DPO pairs: CONFIG/…
-        per_split = {split: rows.sizes(f"{config}-{split}") for split in ("train", "test")}
-        for split, sizes in _written_splits(per_split).items():
-            counts.setdefault(config, {})[split] = sum(sizes)
-            files.setdefault(config, {})[split] = shards.add(
-                f"{config}-{split}", sizes, config_features.arrow_schema, out_dir / config, split
-            )
     with shards.running():
         # drawn while the shards encode: matplotlib holds the GIL, the parquet encoder does not
         plots = method.plots(out_dir, stats)
