@@ -561,8 +561,9 @@ class GatheredChunks:
 
 
 def _shaped(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table``'s columns of ``schema``, carrying its metadata (the ``datasets`` features)."""
-    return table.select(schema.names).replace_schema_metadata(schema.metadata)
+    """``table``'s columns of ``schema`` in its types (dictionary columns decoded), carrying its
+    metadata (the ``datasets`` features)."""
+    return table.select(schema.names).cast(schema.remove_metadata()).replace_schema_metadata(schema.metadata)
 
 
 # -- counters -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import bsafe_data.refilter as refilter_module
 from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
 from bsafe_data.classify.rules import RELABEL_CLASSIFIER, RuleSet, requested_category
 from bsafe_data.classify.taxonomy import to_recipe
-from bsafe_data.columnar import list_entries
+from bsafe_data.columnar import list_entries, read_folder, unique_map
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import ALL_TARGETS, FilterSpec
 from bsafe_data.refilter import RefilterError, refilter
@@ -466,3 +466,41 @@ def test_columnar_refilter_writes_what_the_row_hooks_write(moderation_build, tmp
         assert s.errors == errors.get((s.classifier, s.target), 0)
         assert s.flagged == sum(is_unsafe(x, s.threshold) for x in s.scores)
     assert any(s.flagged for s in summaries) and any(len(s.scores) > s.flagged for s in summaries)
+
+
+@given(
+    st.lists(st.lists(st.sampled_from(["I can't help.", "Sure: step one", "", None]), max_size=6), max_size=4)
+)
+def test_unique_map_of_a_dictionary_column_is_the_plain_columns(chunks):
+    calls: list = []
+
+    def fn(value):
+        calls.append(value)
+        return None if value is None else len(value)
+
+    plain = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], pa.string())
+    expected = unique_map(plain, fn)
+    calls.clear()
+    encoded = pa.chunked_array(
+        [a.dictionary_encode() for a in plain.chunks], pa.dictionary(pa.int32(), pa.string())
+    )
+    assert unique_map(encoded, fn).tolist() == expected.tolist()
+    assert len(calls) == len(set(calls))  # once per distinct value, across chunks
+
+
+def test_read_folder_keeps_repeated_text_encoded_and_the_writer_decodes_it(guard_build):
+    _, folder, _ = guard_build
+    features = refilter_module.method_class(refilter_module.load_recipe(folder / "recipe.yaml")).features
+    table, stored = read_folder(folder, features)
+    for name in ("response", "prompt"):
+        assert pa.types.is_dictionary(table.schema.field(name).type)
+    stored_rows = [pq.read_table(p) for p in sorted((folder / "data").glob("*.parquet"))]
+    gathered = refilter_module.GatheredChunks(table, features)
+    gathered.add("train", np.flatnonzero(stored != "rejected"))  # data/ rows: read first, in order
+    decoded = gathered.read("train", 0)
+    assert decoded.schema == features.arrow_schema  # plain strings again, with the features
+    assert decoded.num_rows == sum(t.num_rows for t in stored_rows) > 0
+    for name in ("response", "prompt", "completion"):
+        assert decoded.column(name).to_pylist() == [
+            v for t in stored_rows for v in t.column(name).to_pylist()
+        ]
