@@ -143,23 +143,15 @@ def unique_map(values: pa.Array | pa.ChunkedArray, fn: Callable[[Any], Any]) -> 
 
 
 def _dictionary_map(values: pa.Array | pa.ChunkedArray, fn: Callable[[Any], Any]) -> np.ndarray:
-    """``unique_map`` of a dictionary column, chunk by chunk, without decoding it."""
-    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
-    known: dict[Any, Any] = {}
-
-    def once(value: Any) -> Any:
-        if value not in known:
-            known[value] = fn(value)
-        return known[value]
-
-    parts = [np.empty(0, dtype=object)]
-    for chunk in chunks:
-        words = chunk.dictionary.to_pylist()
-        results = np.array(
-            [once(w) for w in words] + [once(None) if chunk.null_count else None], dtype=object
-        )
-        parts.append(results[chunk.indices.fill_null(len(words)).to_numpy()])
-    return np.concatenate(parts)
+    """``unique_map`` of a dictionary column without decoding it: the chunks' dictionaries unified
+    into one (its values are the distinct values), each row's result taken by its index."""
+    chunked = values if isinstance(values, pa.ChunkedArray) else pa.chunked_array([values])
+    chunks = chunked.unify_dictionaries().chunks
+    if not chunks:
+        return np.empty(0, dtype=object)
+    words = chunks[0].dictionary.to_pylist()
+    results = np.array([fn(w) for w in words] + [fn(None) if chunked.null_count else None], dtype=object)
+    return np.concatenate([results[c.indices.fill_null(len(words)).to_numpy()] for c in chunks])
 
 
 def signature_groups(columns: Mapping[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
