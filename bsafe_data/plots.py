@@ -2,18 +2,62 @@
 
 from __future__ import annotations
 
+import io
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+_warming: threading.Thread | None = None
+_warming_lock = threading.Lock()
 
-def injection_plots(out_dir: Path, stats: Any) -> list[str]:
-    """``plots/positions.png`` and ``plots/categories.png`` of kept injections; relative paths."""
+
+def _warm() -> None:
+    plt = _import_pyplot()
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.set_title("warm")  # loads the font the plots use
+    fig.savefig(io.BytesIO(), format="png", dpi=10)
+    plt.close(fig)
+
+
+def _import_pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def warm_up() -> None:
+    """Import matplotlib and load its font on a thread (once per process), while a build or a
+    refilter does other work: that first use costs ~0.5 s, which would otherwise come after a
+    build's last answer. ``pyplot()`` waits for it: pyplot is not thread-safe."""
+    global _warming
+    with _warming_lock:
+        if _warming is None and "matplotlib.pyplot" not in sys.modules:
+            _warming = threading.Thread(target=_warm, name="bsafe-plots-warm-up", daemon=True)
+            _warming.start()
+
+
+def warmed_up() -> None:
+    """Wait for a started warm-up (before drawing, or before forking: a child must not inherit a
+    thread half-way through an import)."""
+    if _warming is not None:
+        _warming.join()
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the headless Agg backend, once any warm-up has finished."""
+    warmed_up()
+    return _import_pyplot()
+
+
+def injection_plots(out_dir: Path, stats: Any) -> list[str]:
+    """``plots/positions.png`` and ``plots/categories.png`` of kept injections; relative paths."""
+    plt = pyplot()
 
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(exist_ok=True)

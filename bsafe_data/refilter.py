@@ -51,6 +51,7 @@ from bsafe_data.columnar import (
     taken,
 )
 from bsafe_data.methods.base import method_class
+from bsafe_data.plots import warm_up
 from bsafe_data.recipe import Recipe, RecipeError, load_recipe
 from bsafe_data.rows import rejected_features
 from bsafe_data.stages.dedupe import find_duplicates
@@ -186,6 +187,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
     manifest = json.loads(manifest_path.read_text())
     judged_bad = annotator_rejections(folder, audit) if audit else {}
     table, stored = read_folder(folder, method.features)
+    warm_up()  # the plots' library loads on the core the rules below leave idle
     entries = list_entries(table.column("scores").combine_chunks())
     _check_classifiers(old, new, set(entries["classifier"].unique().to_list()))
     rules = method.rules_for(new)

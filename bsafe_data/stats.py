@@ -121,10 +121,9 @@ def write_score_plots(
     """One PNG per classifier (a histogram per target, threshold marked) of the rows of ``folder``
     (or of ``summaries`` of them, when the caller has them), into ``folder/plots`` or ``out_dir``;
     returns the paths written relative to ``folder`` (with ``out_dir``: the full paths)."""
-    import matplotlib
+    from bsafe_data.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder = Path(folder)
     recipe = recipe or load_recipe(folder / "recipe.yaml")

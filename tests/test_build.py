@@ -172,6 +172,46 @@ def test_same_recipe_same_bytes(tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
+_WARM_UP_PROBE = """
+import json, sys, threading
+from pathlib import Path
+from bsafe_data.pipeline import build
+from bsafe_data.recipe import load_recipe
+
+assert "matplotlib.pyplot" not in sys.modules  # else the probe proves nothing
+seen = []
+
+def progress(totals):  # after each chunk: the warm-up has started (running, or pyplot loaded)
+    names = {t.name for t in threading.enumerate()}
+    seen.append("bsafe-plots-warm-up" in names or "matplotlib.pyplot" in sys.modules)
+
+recipe = load_recipe(Path(sys.argv[1]), ["output.chunk_rows=15"])
+build(recipe, Path(sys.argv[2]), limit=30, progress=progress)
+import matplotlib
+print(json.dumps({
+    "seen": seen,
+    "left": [t.name for t in threading.enumerate() if t.name == "bsafe-plots-warm-up"],
+    "backend": matplotlib.get_backend().lower(),
+    "plots": sorted(p.name for p in (Path(sys.argv[2]) / "plots").iterdir()),
+}))
+"""
+
+
+def test_a_local_build_loads_matplotlib_while_chunks_run_and_joins_it(tmp_path):
+    """The writer's first matplotlib use (~0.5 s) happens on a thread while chunks run, not after
+    the last answer; the build joins that thread before drawing (pyplot is not thread-safe)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WARM_UP_PROBE, str(FLAGSHIP), str(out)],
+        capture_output=True, text=True, timeout=300, env=os.environ,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["seen"] == [True, True], probe  # 30 rows in chunks of 15
+    assert probe["left"] == [] and probe["backend"] == "agg", probe
+    assert {"positions.png", "categories.png"} <= set(probe["plots"]), probe
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     """Kill the build after its first finished chunk; the re-run resumes and gives the same bytes."""
     args = ["--limit", "200", "--set", "output.chunk_rows=10", "--set", "sampling.variants_per_answer=2"]

@@ -193,10 +193,9 @@ def _classifier_confusion(
 
 def write_plot(report: dict[str, Any], path: str | Path) -> Path:
     """PNG of the answer rates and the per-category good rates, with Wilson 95% intervals (Agg)."""
-    import matplotlib
+    from bsafe_data.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
