@@ -56,6 +56,35 @@ _ERROR_KIND = re.compile(r"HTTP \d+|timeout|connection error|malformed response|
 #: finishes a chunk that ``Method.start`` began (its generator requests may still be in flight)
 ChunkFinish = Callable[[], "ChunkOutput"]
 
+#: Records per finish group (whole conversations: a group ends at the first conversation boundary
+#: after this many). A fixed number, never derived from timing or the worker count, so a chunk's
+#: classifier batches, and its rows, are the same however its answers arrive.
+FINISH_GROUP_RECORDS = 256
+
+
+@dataclass
+class FinishGroup:
+    """Consecutive records of a chunk, finished together once their generator answers are in."""
+
+    records: list[Record]
+    wanted: list[Record]  # the records waiting for a generator answer
+    answers: Future[list[Generation]] | None  # the answers of ``wanted``, in order
+
+
+def finish_groups(records: list[Record], size: int = FINISH_GROUP_RECORDS) -> list[list[Record]]:
+    """``records`` cut into consecutive groups of at least ``size`` records (the last may be
+    smaller), never between two records of one conversation."""
+    groups: list[list[Record]] = []
+    current: list[Record] = []
+    for record in records:
+        if len(current) >= size and record.conv.ref != current[-1].conv.ref:
+            groups.append(current)
+            current = []
+        current.append(record)
+    if current:
+        groups.append(current)
+    return groups
+
 
 class EndpointDown(BuildError):
     """The generator endpoint fails beyond ``generator.max_error_fraction``: stop the build."""
@@ -450,29 +479,41 @@ class Method(ABC):
         """The first half of ``process``: check, segment and plan the chunk and submit its
         generator requests. The requests are in flight when this returns; the returned call
         finishes the chunk (answers, labels, classifiers, rows), so the executor can start chunk
-        i+1 before it finishes chunk i and the endpoint stays busy across chunk boundaries."""
+        i+1 before it finishes chunk i and the endpoint stays busy across chunk boundaries.
+
+        The requests go out as one batch per ``FinishGroup`` (in order: the transport serves older
+        batches first), and the returned call finishes the groups in order, each as soon as its
+        answers are in: little work is left after the chunk's last answer."""
         out = self.new_output()
         out.stats.source_rows = len(items)
         with self.timed("segment"):
             records = self.prepare(items, out)
-        wanted = [r for r in records if r.live and self.needs_generation(r)]
-        answers = None
-        if wanted:
-            with self.timed("generate"):
-                answers = generate_stage.send(self.resources.generator, wanted, self.request)
-        return partial(self._finish, out, records, wanted, answers)
+        groups = []
+        for group in finish_groups(records):
+            wanted = [r for r in group if r.live and self.needs_generation(r)]
+            answers = None
+            if wanted:
+                with self.timed("generate"):
+                    answers = generate_stage.send(self.resources.generator, wanted, self.request)
+            groups.append(FinishGroup(group, wanted, answers))
+        return partial(self._finish, out, groups)
 
-    def _finish(
-        self,
-        out: ChunkOutput,
-        records: list[Record],
-        wanted: list[Record],
-        answers: Future[list[Generation]] | None,
-    ) -> ChunkOutput:
+    def _finish(self, out: ChunkOutput, groups: list[FinishGroup]) -> ChunkOutput:
+        wanted = [r for group in groups for r in group.wanted]
+        for group in groups:
+            self._finish_group(out, group, wanted)
+        if groups:
+            self._breaker(wanted)  # the chunk's budget, checked on every request's outcome
+        return out
+
+    def _finish_group(self, out: ChunkOutput, group: FinishGroup, chunk_wanted: list[Record]) -> None:
+        records = group.records
         with self.timed("generate"):  # the time spent waiting for answers (not hidden by overlap)
-            if answers is not None:
-                generate_stage.apply_answers(wanted, answers, self.apply_generation)
-                self._breaker(wanted)
+            if group.answers is not None:
+                generate_stage.apply_answers(group.wanted, group.answers, self.apply_generation)
+                # failures so far against the whole chunk's budget: when this trips, the check on
+                # the whole chunk would too (the count only grows), so stop without waiting
+                self._breaker(chunk_wanted)
             self._check_generated(records)
         with self.timed("label"):
             repaired: list[int] = []
@@ -489,7 +530,6 @@ class Method(ABC):
             if self.recipe.filters.enabled:
                 rules_stage.apply_rules(self.rules, records)
         self.emit_records(out, records)
-        return out
 
     def emit_records(self, out: ChunkOutput, records: Sequence[Record]) -> None:
         """Build every record's row and emit it, kept or rejected (a failing build_row is row_error)."""
