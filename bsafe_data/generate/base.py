@@ -9,6 +9,7 @@ instead of crashing the run. Only a ``FatalEndpointError`` (bad key, wrong URL) 
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -62,13 +63,18 @@ class Generator(ABC):
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Return one Generation per request, in the same order."""
 
-    def submit(self, requests: Sequence[GenerationRequest]) -> Future[list[Generation]]:
+    def submit(
+        self, requests: Sequence[GenerationRequest], sent: threading.Event | None = None
+    ) -> Future[list[Generation]]:
         """Start a batch and return its future (``result()`` is what ``generate_batch`` returns).
 
         Endpoint backends send the requests in the background, so the caller can label and
-        classify another chunk while they are in flight. The default (offline backends, which
-        are CPU work anyway) computes the batch here and returns a finished future.
+        classify another chunk while they are in flight; they set ``sent`` once every request of
+        the batch has left (or the batch ended). The default (offline backends, which are CPU
+        work anyway) computes the batch here and returns a finished future.
         """
+        if sent is not None:
+            sent.set()
         future: Future[list[Generation]] = Future()
         try:
             future.set_result(self.generate_batch(requests))

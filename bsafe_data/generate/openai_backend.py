@@ -176,17 +176,22 @@ class OpenAIGenerator(Generator):
         """One ``Generation`` per request, in order. Raises ``FatalEndpointError`` to stop the run."""
         return _wait(self.submit(requests))
 
-    def submit(self, requests: Sequence[GenerationRequest]) -> Future[list[Generation]]:
+    def submit(
+        self, requests: Sequence[GenerationRequest], sent: threading.Event | None = None
+    ) -> Future[list[Generation]]:
         """Send a batch in the background; its future gives one ``Generation`` per request, in
-        order (or raises ``FatalEndpointError``). The endpoint is checked before the first batch."""
+        order (or raises ``FatalEndpointError``); ``sent`` is set once every request has left (or
+        the batch ended). The endpoint is checked before the first batch."""
         if not requests:
+            if sent is not None:
+                sent.set()
             done: Future[list[Generation]] = Future()
             done.set_result([])
             return done
         if not self._checked:
             self.check()
         _HEAP.enter()
-        future = self._spawn(self._agenerate(list(requests)))
+        future = self._spawn(self._agenerate(list(requests), sent))
         future.add_done_callback(_HEAP.exit)
         return future
 
@@ -260,7 +265,9 @@ class OpenAIGenerator(Generator):
         body = text.encode()
         return body, request_key(body, TEMPLATE_VERSION)
 
-    async def _agenerate(self, requests: list[GenerationRequest]) -> list[Generation]:
+    async def _agenerate(
+        self, requests: list[GenerationRequest], sent: threading.Event | None = None
+    ) -> list[Generation]:
         engine, cache, counts = self._engine, self._cache, self._counts
         await engine.open()
         total = len(requests)
@@ -361,8 +368,10 @@ class OpenAIGenerator(Generator):
                     progress({"done": done, "total": total, **self.usage})
 
         try:
-            await engine.run(rows(), handle, total)
+            await engine.run(rows(), handle, total, started=sent.set if sent is not None else None)
         finally:
+            if sent is not None:
+                sent.set()  # also when the batch ends early (fatal error, cancelled)
             cache.flush()
         if progress is not None:
             progress({"done": done, "total": total, **self.usage})

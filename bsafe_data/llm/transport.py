@@ -212,12 +212,17 @@ class Transport:
 
     # -- requests ------------------------------------------------------------------------------
     async def run(
-        self, items: Iterable[ItemT], handler: Callable[[ItemT], Awaitable[None]], total: int | None = None
+        self,
+        items: Iterable[ItemT],
+        handler: Callable[[ItemT], Awaitable[None]],
+        total: int | None = None,
+        started: Callable[[], None] | None = None,
     ) -> None:
         """Call ``handler`` on every item with at most ``max_concurrency`` running at once.
 
-        ``items`` is consumed lazily (pass ``total`` to avoid starting idle workers). The first
-        exception (e.g. ``FatalEndpointError``) cancels the other workers and propagates.
+        ``items`` is consumed lazily (pass ``total`` to avoid starting idle workers). ``started``
+        is called once the last item has a slot (every handler has begun). The first exception
+        (e.g. ``FatalEndpointError``) cancels the other workers and propagates.
         """
         if total is None:
             items = list(items)
@@ -228,10 +233,15 @@ class Transport:
         slots, priority = self._slots, next(self._runs)
         assert slots is not None
         source = iter(items)
+        waiting = total  # items that have no slot yet
 
         async def worker() -> None:
+            nonlocal waiting
             for item in source:  # shared iterator: each item is taken by exactly one worker
                 await slots.acquire(priority)
+                waiting -= 1
+                if waiting == 0 and started is not None:
+                    started()
                 try:
                     await handler(item)
                 finally:

@@ -16,6 +16,7 @@ module with a ``Method`` subclass decorated with ``@register_method``, one recip
 from __future__ import annotations
 
 import re
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -69,6 +70,7 @@ class FinishGroup:
     records: list[Record]
     wanted: list[Record]  # the records waiting for a generator answer
     answers: Future[list[Generation]] | None  # the answers of ``wanted``, in order
+    sent: threading.Event  # set once every request of ``wanted`` has left
 
 
 def finish_groups(records: list[Record], size: int = FINISH_GROUP_RECORDS) -> list[list[Record]]:
@@ -482,8 +484,10 @@ class Method(ABC):
         i+1 before it finishes chunk i and the endpoint stays busy across chunk boundaries.
 
         The requests go out as one batch per ``FinishGroup`` (in order: the transport serves older
-        batches first), and the returned call finishes the groups in order, each as soon as its
-        answers are in: little work is left after the chunk's last answer."""
+        batches first). The returned call waits until the chunk's last request has left, then
+        finishes the groups in order, each as soon as its answers are in: little work is left
+        after the chunk's last answer, and none of it competes with the sending of the chunk's
+        requests (the event loop shares this process's interpreter lock)."""
         out = self.new_output()
         out.stats.source_rows = len(items)
         with self.timed("segment"):
@@ -491,15 +495,19 @@ class Method(ABC):
         groups = []
         for group in finish_groups(records):
             wanted = [r for r in group if r.live and self.needs_generation(r)]
-            answers = None
+            answers, sent = None, threading.Event()
             if wanted:
                 with self.timed("generate"):
-                    answers = generate_stage.send(self.resources.generator, wanted, self.request)
-            groups.append(FinishGroup(group, wanted, answers))
+                    answers = generate_stage.send(self.resources.generator, wanted, self.request, sent)
+            groups.append(FinishGroup(group, wanted, answers, sent))
         return partial(self._finish, out, groups)
 
     def _finish(self, out: ChunkOutput, groups: list[FinishGroup]) -> ChunkOutput:
         wanted = [r for group in groups for r in group.wanted]
+        last = next((g for g in reversed(groups) if g.answers is not None), None)
+        if last is not None and last.answers is not None:
+            with self.timed("generate"):
+                generate_stage.wait_sent(last.sent, last.answers)  # served last: then all have left
         for group in groups:
             self._finish_group(out, group, wanted)
         if groups:

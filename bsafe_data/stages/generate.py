@@ -10,6 +10,7 @@ sends them and records the generator's reason code (``generator_error``, ``gener
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -18,10 +19,20 @@ from bsafe_data.stages.record import Record
 
 
 def send(
-    generator: Generator, records: Sequence[Record], request_of: Callable[[Record], GenerationRequest]
+    generator: Generator,
+    records: Sequence[Record],
+    request_of: Callable[[Record], GenerationRequest],
+    sent: threading.Event | None = None,
 ) -> Future[list[Generation]]:
-    """Submit the request of every record as one batch; the answers arrive in record order."""
-    return generator.submit([request_of(r) for r in records])
+    """Submit the request of every record as one batch; the answers arrive in record order.
+    ``sent`` is set once every request has left (at once for an offline generator)."""
+    return generator.submit([request_of(r) for r in records], sent)
+
+
+def wait_sent(sent: threading.Event, answers: Future[list[Generation]]) -> None:
+    """Wait until every request of a batch has left, or the batch has ended."""
+    while not sent.wait(0.1) and not answers.done():
+        pass
 
 
 def apply_answers(
