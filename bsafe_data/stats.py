@@ -121,7 +121,7 @@ def write_score_plots(
     """One PNG per classifier (a histogram per target, threshold marked) of the rows of ``folder``
     (or of ``summaries`` of them, when the caller has them), into ``folder/plots`` or ``out_dir``;
     returns the paths written relative to ``folder`` (with ``out_dir``: the full paths)."""
-    from bsafe_data.plots import pyplot
+    from bsafe_data.plots import pyplot, save, scores_figure
 
     plt = pyplot()
 
@@ -138,22 +138,9 @@ def write_score_plots(
     for s in summaries:
         by_classifier.setdefault(s.classifier, []).append(s)
     for name, group in by_classifier.items():
-        fig, axes = plt.subplots(1, len(group), figsize=(3.2 * len(group), 2.8), squeeze=False)
-        for ax, s in zip(axes[0], group, strict=True):
-            values = s.scores if len(s.scores) else np.zeros(1)
-            ax.hist(values, bins=20, range=(0, 1), color="#4C72B0")
-            if s.threshold is not None:
-                ax.axvline(s.threshold, color="#C44E52", linestyle="--", linewidth=1)
-            ax.set_title(f"{s.target} (n={len(s.scores)})", fontsize=9)
-            ax.set_xlabel("score", fontsize=8)
-            ax.tick_params(labelsize=7)
-        axes[0][0].set_ylabel("rows", fontsize=8)
-        fig.suptitle(f"Scores of classifier {name} (dashed: threshold)", fontsize=10)
-        fig.tight_layout()
         rel = f"{SCORE_PLOT_PREFIX}{_safe_name(name)}.png"
         path = plot_dir / rel.split("/", 1)[1]
-        fig.savefig(path, dpi=90, metadata={"Software": None})
-        plt.close(fig)
+        save(plt, scores_figure(plt, name, [(s.target, s.scores, s.threshold) for s in group]), path)
         written.append(str(path) if out_dir is not None else rel)
     return written
 

@@ -19,14 +19,13 @@ Batches run on the generator's own event loop, in a background thread: ``submit`
 at once, so the caller labels and classifies one chunk while the next chunk's requests are in
 flight (batches share ``max_concurrency``, older batches first); ``generate_batch`` waits for it.
 A batch's answers are committed to the cache before its future completes. While any batch runs,
-the objects that existed before are frozen for the garbage collector (``gc.freeze``), so full
+the objects that existed before are frozen for the garbage collector (``heap.HEAP``), so full
 collections do not stall the loop by re-scanning the whole heap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import threading
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
+from bsafe_data.heap import HEAP
 from bsafe_data.inject import (
     TEMPLATE_VERSION,
     ParsedOutput,
@@ -61,38 +61,6 @@ _PROGRESS_EVERY_S = 0.2
 _SEED_MOD = 1 << 63
 _USER_MARK = "\x00user\x00"
 _SEED_MARK = "\x00seed\x00"
-
-
-class _HeapFreeze:
-    """Freeze the objects that exist when the first batch starts (``gc.freeze``) until none runs.
-
-    A full collection during a batch would otherwise re-scan the whole heap (tokenizers, datasets,
-    SDK modules: 100+ ms stalls of the event loop, measured); objects created later are still
-    collected as usual. Skipped when the caller already froze objects itself. ``gc`` is global to
-    the process, so one counter serves every generator.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running = 0
-        self._ours = False
-
-    def enter(self) -> None:
-        with self._lock:
-            self._running += 1
-            if self._running == 1 and not gc.get_freeze_count():
-                gc.freeze()
-                self._ours = True
-
-    def exit(self, _future: object = None) -> None:
-        with self._lock:
-            self._running -= 1
-            if self._running == 0 and self._ours:
-                gc.unfreeze()
-                self._ours = False
-
-
-_HEAP = _HeapFreeze()
 
 
 class OpenAIGenerator(Generator):
@@ -190,9 +158,9 @@ class OpenAIGenerator(Generator):
             return done
         if not self._checked:
             self.check()
-        _HEAP.enter()
+        HEAP.enter()
         future = self._spawn(self._agenerate(list(requests), sent))
-        future.add_done_callback(_HEAP.exit)
+        future.add_done_callback(HEAP.exit)
         return future
 
     def close(self) -> None:
