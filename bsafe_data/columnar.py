@@ -200,11 +200,14 @@ def replace_list_field(column: pa.ChunkedArray | pa.Array, name: str, values: pa
 
 class Gatherer:
     """Rows of a table by index, batch by batch: ``Table.take`` on a table read from many shards
-    first concatenates each whole column; here a run of consecutive rows is a zero-copy slice
-    (a refilter keeps most rows in place) and scattered rows are taken from their own batches."""
+    first concatenates each whole column; here a few runs of consecutive rows are zero-copy
+    slices (a refilter keeps most rows in place) and more are taken from their own batches."""
 
-    #: more runs of consecutive rows than this: taken batch by batch, not sliced run by run
-    MAX_PIECES = 256
+    #: more runs of consecutive rows than this: taken batch by batch, not sliced run by run. The
+    #: parquet writer pays per array piece (levels, dictionary and statistics updates of every
+    #: nested column): a 50k-row shard gathered as ~1,000 slices (2% of rows moved) encoded in
+    #: 0.44 s, taken into whole batches (one copy) in 0.38 s, unmoved rows in 0.32 s
+    MAX_PIECES = 16
 
     def __init__(self, table: pa.Table):
         self.schema = table.schema

@@ -22,7 +22,7 @@ import bsafe_data.refilter as refilter_module
 from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
 from bsafe_data.classify.rules import RELABEL_CLASSIFIER, RuleSet, requested_category
 from bsafe_data.classify.taxonomy import to_recipe
-from bsafe_data.columnar import list_entries, read_folder, unique_map
+from bsafe_data.columnar import Gatherer, list_entries, read_folder, unique_map
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import ALL_TARGETS, FilterSpec
 from bsafe_data.refilter import RefilterError, refilter
@@ -486,6 +486,32 @@ def test_unique_map_of_a_dictionary_column_is_the_plain_columns(chunks):
     )
     assert unique_map(encoded, fn).tolist() == expected.tolist()
     assert len(calls) == len(set(calls))  # once per distinct value, across chunks
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=5),
+    st.lists(st.integers(0, 10_000), max_size=120),
+)
+def test_gatherer_takes_rows_in_order_whether_sliced_or_taken(batch_sizes, picks):
+    total = sum(batch_sizes)
+    assume(total > 0)
+    batches = [
+        pa.record_batch(
+            {
+                "i": pa.array(range(a, a + n), pa.int64()),
+                "s": pa.array([f"row {k}" for k in range(a, a + n)], pa.string()),
+            }
+        )
+        for a, n in zip(np.cumsum([0, *batch_sizes[:-1]]).tolist(), batch_sizes, strict=True)
+    ]
+    table = pa.Table.from_batches(batches)
+    rows = np.array([p % total for p in picks], dtype=np.int64)
+    rows = np.concatenate([rows, np.arange(total // 3, total)])  # one long run besides the picks
+    expected = table.take(pa.array(rows)).to_pylist()
+    gatherer = Gatherer(table)
+    assert gatherer(rows).to_pylist() == expected  # slices for a few runs, takes for many
+    assert gatherer._scattered(rows).to_pylist() == expected
 
 
 def test_read_folder_keeps_repeated_text_encoded_and_the_writer_decodes_it(guard_build):
