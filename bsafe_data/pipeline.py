@@ -23,7 +23,7 @@ from bsafe_data.executor.ray import RayExecutor
 from bsafe_data.generate.base import Generator
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.methods.base import Method, Resources, method_class
-from bsafe_data.plots import warm_up
+from bsafe_data.plots import start_plotter
 from bsafe_data.recipe import Recipe
 from bsafe_data.sources import SourceError, read_sources
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
@@ -110,11 +110,6 @@ def _build(
         timings["setup"] += time.perf_counter() - t0
         return method
 
-    def load_here(workers: int) -> Method:  # the local executor: this process writes the dataset
-        method = load(workers)
-        warm_up()  # after the resources' imports, so two threads never import one module
-        return method
-
     totals: Counter[str] = Counter()
     worker_usage: list[dict[str, dict[str, Any]]] = []  # per worker (process, actor): per client
     worker_timings: list[dict[str, float]] = []
@@ -127,13 +122,14 @@ def _build(
         usage = loaded[0][0].generator.usage if loaded else {}
         progress({**totals, "usage": usage})
 
+    start_plotter()  # matplotlib loads in its own process while the chunks run (``plots``)
     try:
         work = prepare_work_dir(folder.work, recipe, limit)
         items = read_sources(recipe.sources, limit)
         on = on_chunk if progress else None
         execution = recipe.execution
         if execution.executor == "local":
-            run = LocalExecutor(recipe, work).run(items, load_here, on)
+            run = LocalExecutor(recipe, work).run(items, load, on)
         else:
             pool: ProcessExecutor | RayExecutor = (
                 ProcessExecutor(recipe, work, execution.workers)

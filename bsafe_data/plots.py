@@ -1,34 +1,176 @@
-"""PNG plots of a built dataset (matplotlib, headless): written next to the card, embedded by it."""
+"""PNG plots of a built dataset (matplotlib, headless): written next to the card, embedded by it.
+
+A figure is a ``*_figure`` builder (named in ``FIGURES``) and its data. ``draw`` writes one as a
+PNG. Inside ``in_background()`` (the writer's block) the figures go to the *plotter*: a child
+process that ``start_plotter`` launches while a build's chunks run (or a refilter decides), which
+imports matplotlib and draws stand-in figures there. The first matplotlib use (~0.5 s) and the
+drawing itself (~0.1 s a figure) then run on the other core and never hold this process's
+interpreter lock, which the generator's event loop and the shard encoders need. Without a running
+plotter (or when it fails) the figure is drawn here, with the same code and the same bytes.
+"""
 
 from __future__ import annotations
 
+import atexit
 import io
+import os
+import pickle
+import queue
+import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-_warming: threading.Thread | None = None
-_warming_lock = threading.Lock()
+#: the builders a plotter draws, by name (the requests carry names, not code)
+FigureBuilder = Callable[..., tuple[Any, int]]
 
 
-def _warm() -> None:
+#: a figure request: (path, figure name, args)
+_Request = tuple[Path, str, tuple[Any, ...]]
+#: the answer to every request left when the plotter ended before answering
+_GONE = "the plotter process ended"
+
+
+class _Plotter:
+    """The child process that draws figures, and what it was asked and has answered.
+
+    Requests are pickled ``(path, figure name, args)`` on its stdin; it answers each, in order,
+    with ``None`` or the error text on its stdout, which a thread here reads as they come. Used
+    only by the process that started it (a forked worker inherits the object, not the child)."""
+
+    def __init__(self) -> None:
+        root = str(Path(__file__).resolve().parent.parent)  # bsafe_data's parent, for the child's imports
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        self.owner = os.getpid()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bsafe_data.plots"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # matplotlib's warnings are not the user's business here
+            env={**os.environ, "PYTHONPATH": path},
+        )
+        self.sent: list[_Request] = []
+        self.answers: list[str | None] = []
+        self.ended = False
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read_answers, name="bsafe-plotter-answers", daemon=True).start()
+
+    def _read_answers(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            try:
+                answer = pickle.load(self.proc.stdout)
+            except Exception:  # end of output: the child exited (or broke)
+                with self.changed:
+                    self.ended = True
+                    self.changed.notify_all()
+                return
+            with self.changed:
+                self.answers.append(answer)
+                self.changed.notify_all()
+
+    @property
+    def usable(self) -> bool:
+        return os.getpid() == self.owner and not self.ended and self.proc.poll() is None
+
+    @property
+    def idle(self) -> bool:
+        """Every figure sent has been answered."""
+        return len(self.answers) >= len(self.sent)
+
+    def send(self, request: _Request) -> bool:
+        """Hand a figure to the child; False when it cannot take it."""
+        path, name, args = request
+        assert self.proc.stdin is not None
+        try:
+            pickle.dump((str(path), name, args), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+        except (OSError, ValueError):  # the child is gone
+            return False
+        self.sent.append(request)
+        return True
+
+    def collect(self) -> list[_Request]:
+        """Wait for the answers to every figure sent; the requests the child did not draw."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.idle or self.ended)
+            answers = self.answers + [_GONE] * (len(self.sent) - len(self.answers))
+            failed = [request for request, error in zip(self.sent, answers, strict=True) if error]
+            self.sent, self.answers = [], []
+        return failed
+
+    def close(self) -> None:
+        if os.getpid() != self.owner:
+            return
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # end of requests: the child exits
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+
+
+_plotter: _Plotter | None = None
+_plotter_lock = threading.Lock()
+_background = threading.local()
+
+
+def start_plotter() -> None:
+    """Start the plotter process once per process (a no-op while one runs). A build calls it
+    before its chunks run, refilter before it reads the folder."""
+    global _plotter
+    with _plotter_lock:
+        if (_plotter is None or not _plotter.usable) and sys.executable:
+            try:
+                _plotter = _Plotter()
+            except OSError:  # no process to be had: figures are drawn here
+                _plotter = None
+                return
+            atexit.register(_plotter.close)
+
+
+def plotter_pid() -> int | None:
+    """The running plotter's process id (None when figures are drawn in this process)."""
+    plotter = _plotter
+    return plotter.proc.pid if plotter is not None and plotter.usable else None
+
+
+@contextmanager
+def in_background() -> Iterator[None]:
+    """Inside the block, ``draw`` hands figures to the plotter (when one runs) and returns; every
+    figure is written when the block ends. A figure the plotter could not draw is drawn here
+    (where any error surfaces). Drawing here instead while the plotter is busy is slower: this
+    process would load matplotlib first (~0.35 s)."""
+    _background.active = True
     try:
-        plt = _import_pyplot()
-        # the figures the writer draws, on stand-in data: every font size, artist and the PNG
-        # encoder are loaded here, not after a build's last answer
-        figures = [
-            positions_figure(plt, np.linspace(0, 1, 50)),
-            categories_figure(plt, [("warm-up", 1)]),
-            scores_figure(plt, "warm-up", [("target", np.linspace(0, 1, 50), 0.5)]),
-        ]
-        for fig, dpi in figures:
-            fig.savefig(io.BytesIO(), format="png", dpi=dpi)
-            plt.close(fig)
-    except Exception:  # only a head start: the plot itself meets the failure, where it is handled
-        return
+        yield
+    finally:
+        _background.active = False
+        plotter = _plotter
+        if plotter is not None and os.getpid() == plotter.owner:
+            for path, name, args in plotter.collect():
+                _draw_here(path, name, args)
+
+
+def draw(path: Path, figure: FigureBuilder, *args: Any) -> None:
+    """Write ``figure(plt, *args)`` as a PNG at ``path`` (see ``in_background``; outside it, here)."""
+    name = figure.__name__
+    assert FIGURES.get(name) is figure, f"{name} is not in FIGURES"
+    plotter = _plotter
+    if getattr(_background, "active", False) and plotter is not None and plotter.usable:
+        if plotter.send((path, name, args)):
+            return
+    _draw_here(path, name, args)
+
+
+def _draw_here(path: Path, name: str, args: tuple[Any, ...]) -> None:
+    plt = pyplot()
+    save(plt, FIGURES[name](plt, *args), path)
 
 
 def _import_pyplot() -> Any:
@@ -40,30 +182,8 @@ def _import_pyplot() -> Any:
     return plt
 
 
-def warm_up() -> None:
-    """Import matplotlib and draw the writer's figures on stand-in data on a thread (once per
-    process), while a build or a refilter does other work: that first use costs ~0.5 s, which
-    would otherwise come after a build's last answer. ``pyplot()`` waits for it: pyplot is not
-    thread-safe."""
-    global _warming
-    with _warming_lock:
-        if _warming is None and "matplotlib.pyplot" not in sys.modules:
-            # not a daemon: interpreter exit waits for it (a daemon thread stopped inside
-            # matplotlib's C++ code at exit aborts the process)
-            _warming = threading.Thread(target=_warm, name="bsafe-plots-warm-up")
-            _warming.start()
-
-
-def warmed_up() -> None:
-    """Wait for a started warm-up (before drawing, or before forking: a child must not inherit a
-    thread half-way through an import)."""
-    if _warming is not None:
-        _warming.join()
-
-
 def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the headless Agg backend, once any warm-up has finished."""
-    warmed_up()
+    """``matplotlib.pyplot`` on the headless Agg backend."""
     return _import_pyplot()
 
 
@@ -131,11 +251,56 @@ def save(plt: Any, figure: tuple[Any, int], path: Path) -> None:
 
 def injection_plots(out_dir: Path, stats: Any) -> list[str]:
     """``plots/positions.png`` and ``plots/categories.png`` of kept injections; relative paths."""
-    plt = pyplot()
-
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
-    save(plt, positions_figure(plt, np.asarray(stats.positions or [0.0])), plot_dir / "positions.png")
+    draw(plot_dir / "positions.png", positions_figure, np.asarray(stats.positions or [0.0]))
     cats = sorted(stats.categories.items(), key=lambda kv: (-kv[1], kv[0]))
-    save(plt, categories_figure(plt, cats), plot_dir / "categories.png")
+    draw(plot_dir / "categories.png", categories_figure, cats)
     return ["plots/positions.png", "plots/categories.png"]
+
+
+FIGURES: dict[str, FigureBuilder] = {
+    f.__name__: f for f in (positions_figure, categories_figure, scores_figure)
+}
+
+
+def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
+    """The plotter's loop: draw each request and answer it, in order; ends at the end of
+    ``requests``. Requests are read on a thread from the start, so a parent's write never waits
+    for an import or a drawing."""
+    inbox: queue.Queue[Any] = queue.Queue()
+
+    def read() -> None:
+        while True:
+            try:
+                inbox.put(pickle.load(requests))
+            except Exception:  # end of input (or a broken parent): stop after what came
+                inbox.put(None)
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    plt = pyplot()
+    # the builders on stand-in data: every font size, artist and the PNG encoder load now
+    stand_ins = [
+        positions_figure(plt, np.linspace(0, 1, 50)),
+        categories_figure(plt, [("warm-up", 1)]),
+        scores_figure(plt, "warm-up", [("target", np.linspace(0, 1, 50), 0.5)]),
+    ]
+    for fig, dpi in stand_ins:
+        fig.savefig(io.BytesIO(), format="png", dpi=dpi)
+        plt.close(fig)
+    while (request := inbox.get()) is not None:
+        path, name, args = request
+        try:
+            save(plt, FIGURES[name](plt, *args), Path(path))
+            error = None
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        pickle.dump(error, replies)
+        replies.flush()
+
+
+if __name__ == "__main__":  # the plotter process (``start_plotter``)
+    _replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print must not corrupt the answers
+    _serve(sys.stdin.buffer, _replies)

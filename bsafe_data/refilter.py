@@ -51,7 +51,7 @@ from bsafe_data.columnar import (
     taken,
 )
 from bsafe_data.methods.base import method_class
-from bsafe_data.plots import warm_up
+from bsafe_data.plots import start_plotter
 from bsafe_data.recipe import Recipe, RecipeError, load_recipe
 from bsafe_data.rows import rejected_features
 from bsafe_data.stages.dedupe import find_duplicates
@@ -186,8 +186,8 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
     method = method_class(old)
     manifest = json.loads(manifest_path.read_text())
     judged_bad = annotator_rejections(folder, audit) if audit else {}
+    start_plotter()  # matplotlib loads in its own process while the folder is read and decided
     table, stored = read_folder(folder, method.features)
-    warm_up()  # the plots' library loads on the core the rules below leave idle
     entries = list_entries(table.column("scores").combine_chunks())
     _check_classifiers(old, new, set(entries["classifier"].unique().to_list()))
     rules = method.rules_for(new)
@@ -275,7 +275,7 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
                 timings={**manifest.get("timings", {}), **timings},
                 manifest_extra=note,
                 audit=card_section(folder),
-                scores=summarised(entry_scores(entries), new),  # every row's scores, as read
+                scores=summarised(entry_scores(table.column("scores")), new),  # every row's, as read
             )
             output.write_marker(staging, new.sha256())
             output.commit()
@@ -558,8 +558,9 @@ class GatheredChunks:
     def sizes(self, name: str) -> list[int]:
         return [len(rows) for rows in self.rows.get(name, [])]
 
-    def read(self, name: str, part: int) -> pa.Table:
-        return _shaped(self.gather(self.rows[name][part]), self.schemas[name])
+    def read(self, name: str, part: int, columns: list[str] | None = None) -> pa.Table:
+        table = _shaped(self.gather(self.rows[name][part]), self.schemas[name])
+        return table if columns is None else table.select(columns)
 
 
 def _shaped(table: pa.Table, schema: pa.Schema) -> pa.Table:

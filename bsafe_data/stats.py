@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bsafe_data.classify.base import ERROR_LABEL
@@ -47,30 +48,37 @@ class ScoreSummary:
 
 
 #: per (classifier, target): scores that are not errors, and the error count
-_EntryScores = tuple[tuple[str, str], np.ndarray, int]
+EntryScores = tuple[tuple[str, str], np.ndarray, int]
 
 
-def entry_scores(entries: pl.DataFrame) -> Iterator[_EntryScores]:
-    """Per (classifier, target) of the score entries ``entries`` (``columnar.list_entries`` of a
-    ``scores`` column), in entry order: its scores that are not errors and its error count.
-    Internal entries (``bsafe:`` markers) are left out."""
-    entries = entries.filter(~pl.col("classifier").str.starts_with("bsafe:"))
-    groups = entries.partition_by(["classifier", "target"], as_dict=True, maintain_order=True)
-    for (name, target), group in groups.items():
-        ok = group["label"].ne_missing(ERROR_LABEL)
-        scores = group.filter(ok)["score"].cast(pl.Float64).to_numpy()
-        yield (str(name), str(target)), scores, group.height - int(ok.sum())
+def entry_scores(scores: pa.Array | pa.ChunkedArray) -> Iterator[EntryScores]:
+    """Per (classifier, target) of a ``scores`` column's entries, in order of first appearance:
+    its scores that are not errors (in entry order) and its error count. Internal entries
+    (``bsafe:`` markers) are left out. Arrow and numpy only: a build's writer calls it, and the
+    build never imports polars."""
+    array = scores.combine_chunks() if isinstance(scores, pa.ChunkedArray) else scores
+    flat = pc.list_flatten(array)
+    if not len(flat):
+        return
+    classifier, target = flat.field("classifier"), flat.field("target")
+    key = pc.binary_join_element_wise(classifier, target, "\x1f").dictionary_encode()
+    index = key.indices.to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.not_equal(flat.field("label"), ERROR_LABEL), True).to_numpy(zero_copy_only=False)
+    values = flat.field("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    for code, joined in enumerate(key.dictionary.to_pylist()):
+        if joined.startswith("bsafe:"):
+            continue
+        name, target_name = joined.split("\x1f", 1)
+        mine = index == code
+        yield (name, target_name), values[mine & ok], int(np.count_nonzero(mine & ~ok))
 
 
-def _shard_scores(folder: Path) -> Iterator[_EntryScores]:
+def _shard_scores(folder: Path) -> Iterator[EntryScores]:
     """``entry_scores`` per shard (``data/`` then ``rejected/``, in name order). One shard at a
     time: memory holds the scores, not every entry's strings."""
-    from bsafe_data.columnar import list_entries
-
     for sub in ("data", "rejected"):
         for path in sorted((folder / sub).glob("*.parquet")):
-            column = pq.read_table(path, columns=["scores"]).column("scores").combine_chunks()
-            yield from entry_scores(list_entries(column))
+            yield from entry_scores(pq.read_table(path, columns=["scores"]).column("scores"))
 
 
 def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[ScoreSummary]:
@@ -79,7 +87,7 @@ def score_summaries(folder: str | Path, recipe: Recipe | None = None) -> list[Sc
     return summarised(_shard_scores(folder), recipe or load_recipe(folder / "recipe.yaml"))
 
 
-def summarised(parts: Iterable[_EntryScores], recipe: Recipe) -> list[ScoreSummary]:
+def summarised(parts: Iterable[EntryScores], recipe: Recipe) -> list[ScoreSummary]:
     """One summary per (classifier, target) of ``parts`` (``entry_scores`` of one or more row
     sets, added up), in recipe order."""
     thresholds = {c.name: c.threshold for c in recipe.filters.classifiers}
@@ -121,9 +129,7 @@ def write_score_plots(
     """One PNG per classifier (a histogram per target, threshold marked) of the rows of ``folder``
     (or of ``summaries`` of them, when the caller has them), into ``folder/plots`` or ``out_dir``;
     returns the paths written relative to ``folder`` (with ``out_dir``: the full paths)."""
-    from bsafe_data.plots import pyplot, save, scores_figure
-
-    plt = pyplot()
+    from bsafe_data.plots import draw, scores_figure
 
     folder = Path(folder)
     recipe = recipe or load_recipe(folder / "recipe.yaml")
@@ -140,7 +146,7 @@ def write_score_plots(
     for name, group in by_classifier.items():
         rel = f"{SCORE_PLOT_PREFIX}{_safe_name(name)}.png"
         path = plot_dir / rel.split("/", 1)[1]
-        save(plt, scores_figure(plt, name, [(s.target, s.scores, s.threshold) for s in group]), path)
+        draw(path, scores_figure, name, [(s.target, s.scores, s.threshold) for s in group])
         written.append(str(path) if out_dir is not None else rel)
     return written
 

@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 
 from bsafe_data import __version__
 from bsafe_data.integrity import file_entries
+from bsafe_data.plots import in_background
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import SCHEMA_VERSION, rejected_features
 from bsafe_data.stages.sample import fifths_histogram
 
 if TYPE_CHECKING:
-    from bsafe_data.stats import ScoreSummary
+    from bsafe_data.stats import EntryScores, ScoreSummary
 
 #: Upstream Hub ids of the bundled tokenizers (tests/fixtures/tokenizers/PROVENANCE.md).
 UPSTREAM_TOKENIZERS = {
@@ -53,8 +54,9 @@ class RowParts(Protocol):
         """Rows of each part of ``name``, in order (0 for a part without such rows)."""
         ...
 
-    def read(self, name: str, part: int) -> pa.Table:
-        """The rows of part ``part`` of ``name``, in the columns of its dataset file."""
+    def read(self, name: str, part: int, columns: list[str] | None = None) -> pa.Table:
+        """The rows of part ``part`` of ``name``, in the columns of its dataset file (or only
+        ``columns`` of them)."""
         ...
 
 
@@ -68,8 +70,8 @@ class ChunkFolders:
         files = [chunk / f"{name}.parquet" for chunk in self.chunks]
         return [pq.ParquetFile(f).metadata.num_rows if f.exists() else 0 for f in files]
 
-    def read(self, name: str, part: int) -> pa.Table:
-        return pq.read_table(self.chunks[part] / f"{name}.parquet")
+    def read(self, name: str, part: int, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.chunks[part] / f"{name}.parquet", columns=columns)
 
 
 def upstream_tokenizer(ref: str) -> str:
@@ -148,6 +150,16 @@ class _ShardJobs:
                     done.result()
 
 
+def _part_scores(rows: RowParts) -> Iterator[EntryScores]:
+    """``stats.entry_scores`` of every part of the default and rejected configs' files."""
+    from bsafe_data.stats import entry_scores
+
+    for name in ("train", "test", "rejected"):
+        for part, size in enumerate(rows.sizes(name)):
+            if size:
+                yield from entry_scores(rows.read(name, part, ["scores"]).column("scores"))
+
+
 def _written_splits(per_split: dict[str, list[int]]) -> dict[str, list[int]]:
     """The splits of a config that get shards (their part sizes): those with rows, and train when
     every split is empty, so an (allowed) empty build still has the config and ``load_dataset``
@@ -156,20 +168,21 @@ def _written_splits(per_split: dict[str, list[int]]) -> dict[str, list[int]]:
     return {split: sizes for split, sizes in per_split.items() if sum(sizes) or (split == "train" and empty)}
 
 
-def _examples(out_dir: Path, data_files: dict[str, list[str]], n: int = 3) -> list[dict[str, Any]]:
-    """Up to n rows for the card: injected first, then clean (other kinds: one row of each)."""
+def _examples(parts: RowParts, names: list[str], n: int = 3) -> list[dict[str, Any]]:
+    """Up to n of the first 200 train rows for the card: injected first, then clean (other kinds:
+    one row of each). ``names``: the dataset's columns."""
+    wanted = [c for c in ("id", "kind", "prompt", "completion", "injection") if c in names]
     rows: list[dict[str, Any]] = []
-    for path in data_files.get("train", []):
-        wanted = ["id", "kind", "prompt", "completion", "injection"]
-        names = pq.read_schema(out_dir / path).names
-        table = pq.read_table(out_dir / path, columns=[c for c in wanted if c in names])
-        for row in table.slice(0, 200).to_pylist():
+    for part, size in enumerate(parts.sizes("train")):
+        if len(rows) >= 200:
+            break
+        if not size:
+            continue
+        for row in parts.read("train", part, wanted).slice(0, 200 - len(rows)).to_pylist():
             if isinstance(row["prompt"], list):  # conversational prompt (prompt sets): as text
                 row["prompt"] = "\n".join(f"{m['role']}: {m['content']}" for m in row["prompt"])
             row.setdefault("completion", "")
             rows.append(row)
-        if len(rows) >= 200:
-            break
     injected = [r for r in rows if r["kind"] == "injected"][: n - 1]
     clean = [r for r in rows if r["kind"] == "clean"][: n - len(injected)]
     if injected or clean:
@@ -202,7 +215,7 @@ def write_dataset_folder(
     read back from the written shards."""
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
-    from bsafe_data.stats import write_score_plots
+    from bsafe_data.stats import summarised, write_score_plots
 
     method = method_class(recipe)  # its `features` are the shards' columns
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
@@ -224,47 +237,46 @@ def write_dataset_folder(
         counts["rejected"]["train"] = sum(rejected)
         schema = rejected_features(method.features).arrow_schema
         files["rejected"]["train"] = shards.add("rejected", rejected, schema, out_dir / "rejected", "train")
-    with shards.running():
-        # drawn while the shards encode: matplotlib holds the GIL, the parquet encoder does not
+    # while the shards encode (threads) and the figures are drawn (the plotter process), the
+    # card is written from the parts; only the files' hashes wait for both
+    with in_background(), shards.running():
         plots = method.plots(out_dir, stats)
-        if scores is not None:
-            plots += write_score_plots(out_dir, recipe, summaries=scores)
-    if scores is None:
-        plots += write_score_plots(out_dir, recipe)  # from the written shards
-    max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "package": "bsafe-data",
-        "package_version": __version__,
-        "recipe_name": recipe.name,
-        "recipe_version": recipe.version,
-        "recipe_sha256": recipe.sha256(),
-        "method": recipe.method,
-        "seed": recipe.seed,
-        "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
-        "tokenizers": {
-            "primary": recipe.tokenizers.primary,
-            "all": recipe.tokenizers.all,
-            "hub_ids": {ref: upstream_tokenizer(ref) for ref in recipe.tokenizers.all},
-        },
-        **method.manifest_fields(recipe),
-        "control_tokens": method.control_vocabulary(recipe, max_x),
-        "funnel": funnel,
-        "counts": counts,
-        "categories": dict(sorted(stats.categories.items())),
-        "position_fifths": fifths_histogram(stats.positions),
-        "backtrack_max": max_x,
-        "usage": usage,
-        **({"usage_by_client": client_usage} if client_usage is not None else {}),
-        "timings": timings,
-        "complete": not stats.transient,
-        "transient_rows": stats.transient,
-        **(manifest_extra or {}),
-    }
-    examples = _examples(out_dir, files["default"])
-    _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
-    card = render_card(recipe, manifest, files, examples, plots, stats, audit=audit)
-    _atomic_write_text(out_dir / "README.md", card)
+        summaries = scores if scores is not None else summarised(_part_scores(rows), recipe)
+        plots += write_score_plots(out_dir, recipe, summaries=summaries)
+        max_x = {name: max(values) for name, values in stats.backtrack.items() if values}
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "package": "bsafe-data",
+            "package_version": __version__,
+            "recipe_name": recipe.name,
+            "recipe_version": recipe.version,
+            "recipe_sha256": recipe.sha256(),
+            "method": recipe.method,
+            "seed": recipe.seed,
+            "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
+            "tokenizers": {
+                "primary": recipe.tokenizers.primary,
+                "all": recipe.tokenizers.all,
+                "hub_ids": {ref: upstream_tokenizer(ref) for ref in recipe.tokenizers.all},
+            },
+            **method.manifest_fields(recipe),
+            "control_tokens": method.control_vocabulary(recipe, max_x),
+            "funnel": funnel,
+            "counts": counts,
+            "categories": dict(sorted(stats.categories.items())),
+            "position_fifths": fifths_histogram(stats.positions),
+            "backtrack_max": max_x,
+            "usage": usage,
+            **({"usage_by_client": client_usage} if client_usage is not None else {}),
+            "timings": timings,
+            "complete": not stats.transient,
+            "transient_rows": stats.transient,
+            **(manifest_extra or {}),
+        }
+        examples = _examples(rows, list(method.features))
+        _atomic_write_text(out_dir / "recipe.yaml", recipe.to_yaml())
+        card = render_card(recipe, manifest, files, examples, plots, stats, audit=audit)
+        _atomic_write_text(out_dir / "README.md", card)
     manifest["files"] = file_entries(out_dir)  # last: the manifest describes every other file
     _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return counts

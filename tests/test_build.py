@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import load_dataset
@@ -17,6 +18,7 @@ from datasets import load_dataset
 from bsafe_data import add_control_tokens, render, tokenize
 from bsafe_data.label import chat_frame
 from bsafe_data.stages.sample import fifths_histogram
+from bsafe_data.stats import write_score_plots
 from tests.conftest import REPO
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
@@ -172,44 +174,73 @@ def test_same_recipe_same_bytes(tmp_path):
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
 
 
-_WARM_UP_PROBE = """
-import json, sys, threading
+_PLOTTER_PROBE = """
+import json, os, sys
 from pathlib import Path
+from bsafe_data import plots
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import load_recipe
 
-assert "matplotlib.pyplot" not in sys.modules  # else the probe proves nothing
 seen = []
 
-def progress(totals):  # after each chunk: the warm-up has started (running, or pyplot loaded)
-    names = {t.name for t in threading.enumerate()}
-    seen.append("bsafe-plots-warm-up" in names or "matplotlib.pyplot" in sys.modules)
+def progress(totals):  # after each chunk: the plotter process runs
+    pid = plots.plotter_pid()
+    seen.append(pid is not None and pid != os.getpid())
 
 recipe = load_recipe(Path(sys.argv[1]), ["output.chunk_rows=15"])
 build(recipe, Path(sys.argv[2]), limit=30, progress=progress)
-import matplotlib
 print(json.dumps({
     "seen": seen,
-    "left": [t.name for t in threading.enumerate() if t.name == "bsafe-plots-warm-up"],
-    "backend": matplotlib.get_backend().lower(),
+    "pid": plots.plotter_pid(),
+    "pyplot_here": "matplotlib.pyplot" in sys.modules,
     "plots": sorted(p.name for p in (Path(sys.argv[2]) / "plots").iterdir()),
 }))
 """
 
 
-def test_a_local_build_loads_matplotlib_while_chunks_run_and_joins_it(tmp_path):
-    """The writer's first matplotlib use (~0.5 s) happens on a thread while chunks run, not after
-    the last answer; the build joins that thread before drawing (pyplot is not thread-safe)."""
+def test_a_local_build_draws_its_plots_in_the_plotter_process_and_it_exits_with_the_build(tmp_path):
+    """matplotlib loads (~0.5 s) and the figures are drawn in a child process while the chunks
+    run and the shards encode: the build's own interpreter never imports pyplot. The figures are
+    the bytes an in-process drawing gives, and the child ends when the build's process does."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-c", _WARM_UP_PROBE, str(FLAGSHIP), str(out)],
+        [sys.executable, "-c", _PLOTTER_PROBE, str(FLAGSHIP), str(out)],
         capture_output=True, text=True, timeout=300, env=os.environ,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["seen"] == [True, True], probe  # 30 rows in chunks of 15
-    assert probe["left"] == [] and probe["backend"] == "agg", probe
-    assert {"positions.png", "categories.png"} <= set(probe["plots"]), probe
+    assert probe["pyplot_here"] is False, probe
+    assert {"positions.png", "categories.png", "scores_builtin.png"} <= set(probe["plots"]), probe
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{probe['pid']}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{probe['pid']}").exists(), "the plotter outlived the build's process"
+    # the same figures drawn in this process: the same bytes
+    redrawn = write_score_plots(out, out_dir=tmp_path / "redrawn")
+    assert [Path(p).read_bytes() for p in redrawn] == [
+        (out / "plots" / Path(p).name).read_bytes() for p in redrawn
+    ]
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_a_figure_the_plotter_cannot_draw_is_drawn_here(tmp_path, monkeypatch):
+    """The plotter dies mid-build (SIGKILL): its figures are drawn in the build's process."""
+    from bsafe_data import plots
+
+    plots.start_plotter()
+    pid = plots.plotter_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    positions = np.linspace(0, 1, 30)
+    with plots.in_background():
+        plots.draw(tmp_path / "a.png", plots.positions_figure, positions)
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plots.start_plotter()  # a new one replaces the dead one
+    assert plots.plotter_pid() not in (None, pid)
+    with plots.in_background():
+        plots.draw(tmp_path / "b.png", plots.positions_figure, positions)
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):

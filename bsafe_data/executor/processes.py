@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, chunk_name, run_chunk
-from bsafe_data.plots import warmed_up
 from bsafe_data.recipe import Recipe
 from bsafe_data.sources import SourceItem
 from bsafe_data.stages.stats import ChunkStats
@@ -75,7 +74,6 @@ class ProcessExecutor:
         run = ChunkRun([], [], 0)
         pending: deque[tuple[int, Future | ChunkStats]] = deque()
         context = multiprocessing.get_context("fork")
-        warmed_up()  # an earlier build's plotting warm-up thread must not be forked mid-import
 
         def finish(index: int, result: Future | ChunkStats) -> None:
             if isinstance(result, ChunkStats):
