@@ -42,14 +42,17 @@ class BuiltinClassifier(Classifier):
         self.threshold = threshold
         self.targets = tuple(targets) if targets else ALL_TARGETS
         self.usage = {"texts": 0}
+        # loaded with the build's resources (~1 s: scikit-learn and the model), not by the first
+        # chunk's scoring, where it would compete with the requests going out
+        from profanity_check import predict_prob
+
+        self._predict_prob = predict_prob
 
     def score_batch(self, texts: Sequence[str]) -> list[Score]:
         """Score every text; empty texts are safe with score 0."""
-        from profanity_check import predict_prob
-
         texts = list(texts)
         self.usage["texts"] += len(texts)
-        probs = predict_prob(texts) if texts else []
+        probs = self._predict_prob(texts) if texts else []
         out = []
         for text, prob in zip(texts, probs, strict=True):
             if not text.strip():
