@@ -16,9 +16,12 @@ import io
 import os
 import pickle
 import queue
+import select
+import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,22 +29,24 @@ from typing import IO, Any
 
 import numpy as np
 
-#: the builders a plotter draws, by name (the requests carry names, not code)
+#: a figure builder: ``builder(plt, *data)`` -> (figure, dpi); the plotter gets its name, not code
 FigureBuilder = Callable[..., tuple[Any, int]]
 
 
 #: a figure request: (path, figure name, args)
 _Request = tuple[Path, str, tuple[Any, ...]]
-#: the answer to every request left when the plotter ended before answering
-_GONE = "the plotter process ended"
+#: how long the writer waits for the plotter's answers before drawing the rest itself
+_ANSWER_TIMEOUT_S = 60.0
 
 
 class _Plotter:
-    """The child process that draws figures, and what it was asked and has answered.
+    """The child process that draws figures, and the figures it was sent and has not answered.
 
     Requests are pickled ``(path, figure name, args)`` on its stdin; it answers each, in order,
-    with ``None`` or the error text on its stdout, which a thread here reads as they come. Used
-    only by the process that started it (a forked worker inherits the object, not the child)."""
+    with a length-prefixed error text (empty: drawn) on its stdout, read here with ``select`` and
+    ``os.read``, so a stuck child costs a timeout, not a hung build, and no thread is needed (a
+    later fork of this process, by the processes executor, inherits none). Used only by the
+    process that started it."""
 
     def __init__(self) -> None:
         root = str(Path(__file__).resolve().parent.parent)  # bsafe_data's parent, for the child's imports
@@ -55,33 +60,11 @@ class _Plotter:
             env={**os.environ, "PYTHONPATH": path},
         )
         self.sent: list[_Request] = []
-        self.answers: list[str | None] = []
         self.ended = False
-        self.changed = threading.Condition()
-        threading.Thread(target=self._read_answers, name="bsafe-plotter-answers", daemon=True).start()
-
-    def _read_answers(self) -> None:
-        assert self.proc.stdout is not None
-        while True:
-            try:
-                answer = pickle.load(self.proc.stdout)
-            except Exception:  # end of output: the child exited (or broke)
-                with self.changed:
-                    self.ended = True
-                    self.changed.notify_all()
-                return
-            with self.changed:
-                self.answers.append(answer)
-                self.changed.notify_all()
 
     @property
     def usable(self) -> bool:
         return os.getpid() == self.owner and not self.ended and self.proc.poll() is None
-
-    @property
-    def idle(self) -> bool:
-        """Every figure sent has been answered."""
-        return len(self.answers) >= len(self.sent)
 
     def send(self, request: _Request) -> bool:
         """Hand a figure to the child; False when it cannot take it."""
@@ -91,28 +74,61 @@ class _Plotter:
             pickle.dump((str(path), name, args), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.flush()
         except (OSError, ValueError):  # the child is gone
+            self.ended = True
             return False
         self.sent.append(request)
         return True
 
     def collect(self) -> list[_Request]:
-        """Wait for the answers to every figure sent; the requests the child did not draw."""
-        with self.changed:
-            self.changed.wait_for(lambda: self.idle or self.ended)
-            answers = self.answers + [_GONE] * (len(self.sent) - len(self.answers))
-            failed = [request for request, error in zip(self.sent, answers, strict=True) if error]
-            self.sent, self.answers = [], []
+        """Wait for the answers to every figure sent; the requests the child did not draw (with
+        all that are left when it ends or does not answer within ``_ANSWER_TIMEOUT_S``: it is
+        stopped then)."""
+        deadline = time.monotonic() + _ANSWER_TIMEOUT_S
+        sent, self.sent = self.sent, []
+        failed: list[_Request] = []
+        for done, request in enumerate(sent):
+            answer = self._answer(deadline)
+            if answer is None:  # ended, broken or too slow: the caller draws the rest
+                self._stop()
+                return failed + sent[done:]
+            if answer:
+                failed.append(request)
         return failed
 
+    def _answer(self, deadline: float) -> str | None:
+        """The next answer ("" drawn, else the error), or None when there is none in time."""
+        head = self._read(4, deadline)
+        if head is None:
+            return None
+        body = self._read(struct.unpack("!I", head)[0], deadline)
+        return None if body is None else body.decode("utf-8", "replace")
+
+    def _read(self, size: int, deadline: float) -> bytes | None:
+        assert self.proc.stdout is not None
+        fd, data = self.proc.stdout.fileno(), b""
+        while len(data) < size:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, size - len(data)) if ready else b""
+            if not chunk:  # timed out, or the child closed its output
+                return None
+            data += chunk
+        return data
+
+    def _stop(self) -> None:
+        self.ended = True
+        self.proc.kill()
+        self.proc.wait()
+
     def close(self) -> None:
+        """End the child (at exit): its input closes, it finishes what it was sent and exits."""
         if os.getpid() != self.owner:
             return
         try:
             if self.proc.stdin is not None:
-                self.proc.stdin.close()  # end of requests: the child exits
+                self.proc.stdin.close()
             self.proc.wait(timeout=5)
         except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
+            self._stop()
 
 
 _plotter: _Plotter | None = None
@@ -144,8 +160,7 @@ def plotter_pid() -> int | None:
 def in_background() -> Iterator[None]:
     """Inside the block, ``draw`` hands figures to the plotter (when one runs) and returns; every
     figure is written when the block ends. A figure the plotter could not draw is drawn here
-    (where any error surfaces). Drawing here instead while the plotter is busy is slower: this
-    process would load matplotlib first (~0.35 s)."""
+    (where any error surfaces)."""
     _background.active = True
     try:
         yield
@@ -173,18 +188,14 @@ def _draw_here(path: Path, name: str, args: tuple[Any, ...]) -> None:
     save(plt, FIGURES[name](plt, *args), path)
 
 
-def _import_pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the headless Agg backend."""
-    return _import_pyplot()
 
 
 def _fixed_margins(fig: Any, left: float, right: float, bottom: float, top: float, **space: float) -> None:
@@ -293,10 +304,10 @@ def _serve(requests: IO[bytes], replies: IO[bytes]) -> None:
         path, name, args = request
         try:
             save(plt, FIGURES[name](plt, *args), Path(path))
-            error = None
+            error = b""
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-        pickle.dump(error, replies)
+            error = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+        replies.write(struct.pack("!I", len(error)) + error)
         replies.flush()
 
 

@@ -243,6 +243,23 @@ def test_a_figure_the_plotter_cannot_draw_is_drawn_here(tmp_path, monkeypatch):
     assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
 
 
+def test_a_plotter_that_does_not_answer_is_stopped_and_its_figures_drawn_here(tmp_path, monkeypatch):
+    """A stuck plotter (SIGSTOP) costs the writer a timeout, not a hung build."""
+    from bsafe_data import plots
+
+    monkeypatch.setattr(plots, "_ANSWER_TIMEOUT_S", 1.0)
+    plots.start_plotter()
+    pid = plots.plotter_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with plots.in_background():
+        plots.draw(tmp_path / "a.png", plots.categories_figure, [("Toxic", 3), ("PII", 1)])
+    assert time.monotonic() - started < 30
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots.plotter_pid() is None and not Path(f"/proc/{pid}").exists()  # stopped and reaped
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     """Kill the build after its first finished chunk; the re-run resumes and gives the same bytes."""
     args = ["--limit", "200", "--set", "output.chunk_rows=10", "--set", "sampling.variants_per_answer=2"]
