@@ -60,17 +60,20 @@ def entry_scores(scores: pa.Array | pa.ChunkedArray) -> Iterator[EntryScores]:
     flat = pc.list_flatten(array)
     if not len(flat):
         return
-    classifier, target = flat.field("classifier"), flat.field("target")
-    key = pc.binary_join_element_wise(classifier, target, "\x1f").dictionary_encode()
-    index = key.indices.to_numpy(zero_copy_only=False)
+    names = pc.dictionary_encode(flat.field("classifier"), null_encoding="encode")
+    targets = pc.dictionary_encode(flat.field("target"), null_encoding="encode")
+    width = len(targets.dictionary)
+    pair = names.indices.to_numpy().astype(np.int64) * width + targets.indices.to_numpy()
+    codes, first = np.unique(pair, return_index=True)
     ok = pc.fill_null(pc.not_equal(flat.field("label"), ERROR_LABEL), True).to_numpy(zero_copy_only=False)
     values = flat.field("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
-    for code, joined in enumerate(key.dictionary.to_pylist()):
-        if joined.startswith("bsafe:"):
+    name_of, target_of = names.dictionary.to_pylist(), targets.dictionary.to_pylist()
+    for code in codes[np.argsort(first, kind="stable")].tolist():
+        name, target = str(name_of[code // width]), str(target_of[code % width])
+        if name.startswith("bsafe:"):
             continue
-        name, target_name = joined.split("\x1f", 1)
-        mine = index == code
-        yield (name, target_name), values[mine & ok], int(np.count_nonzero(mine & ~ok))
+        mine = pair == code
+        yield (name, target), values[mine & ok], int(np.count_nonzero(mine & ~ok))
 
 
 def _shard_scores(folder: Path) -> Iterator[EntryScores]:

@@ -212,7 +212,7 @@ def write_dataset_folder(
     figures (read from the target folder by the caller: ``out_dir`` is a staging folder).
     ``usage``: the generator's counters; ``client_usage``: every client's (``Resources.usage``).
     ``scores``: the rows' score summaries when the caller holds them (refilter), else they are
-    read back from the written shards."""
+    read from the parts' ``scores`` columns."""
     from bsafe_data.card import render_card
     from bsafe_data.methods.base import method_class
     from bsafe_data.stats import summarised, write_score_plots

@@ -27,7 +27,7 @@ from bsafe_data.pipeline import build
 from bsafe_data.recipe import ALL_TARGETS, FilterSpec
 from bsafe_data.refilter import RefilterError, refilter
 from bsafe_data.rows import REJECTED_ARROW_SCHEMA, empty_row
-from bsafe_data.stats import score_summaries, write_score_plots
+from bsafe_data.stats import entry_scores, score_summaries, write_score_plots
 from tests.guard_server import GuardServer, make_recipe, write_corpus
 from tests.test_classifiers import BANK_WORDS
 
@@ -512,6 +512,31 @@ def test_gatherer_takes_rows_in_order_whether_sliced_or_taken(batch_sizes, picks
     gatherer = Gatherer(table)
     assert gatherer(rows).to_pylist() == expected  # slices for a few runs, takes for many
     assert gatherer._scattered(rows).to_pylist() == expected
+
+
+_ENTRY = st.fixed_dictionaries(
+    {
+        "classifier": st.sampled_from(["guard", "builtin", "bsafe:relabel"]),
+        "target": st.sampled_from(["violation", "continuation"]),
+        "label": st.sampled_from(["safe", "unsafe", ERROR_LABEL, None]),
+        "score": st.floats(0, 1, width=32),
+        "categories": st.just([]),
+    }
+)
+
+
+@given(st.lists(st.lists(_ENTRY, max_size=4), max_size=12))
+def test_entry_scores_are_the_entries_grouped_in_order_of_first_appearance(rows):
+    column = pa.array(rows, REJECTED_ARROW_SCHEMA.field("scores").type)
+    expected: dict = {}
+    for entry in (e for row in rows for e in row if not e["classifier"].startswith("bsafe:")):
+        scores, errors = expected.setdefault((entry["classifier"], entry["target"]), ([], [0]))
+        if entry["label"] == ERROR_LABEL:
+            errors[0] += 1
+        else:
+            scores.append(float(np.float32(entry["score"])))
+    got = [(key, scores.tolist(), errors) for key, scores, errors in entry_scores(column)]
+    assert got == [(key, scores, errors[0]) for key, (scores, errors) in expected.items()]
 
 
 def test_read_folder_keeps_repeated_text_encoded_and_the_writer_decodes_it(guard_build):
