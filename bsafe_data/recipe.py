@@ -237,7 +237,7 @@ class ClassifierSpec(_ClassifierBase):
     provider: Literal["builtin"] = "builtin"
 
 
-class _EndpointSpec(_ClassifierBase):
+class EndpointSpec(_ClassifierBase):
     """A classifier behind an OpenAI-compatible HTTP endpoint."""
 
     model: str = Field(..., description="model name sent to the endpoint")
@@ -248,7 +248,7 @@ class _EndpointSpec(_ClassifierBase):
     max_retries: int = Field(4, ge=0)
 
 
-class ModerationSpec(_EndpointSpec):
+class ModerationSpec(EndpointSpec):
     """OpenAI's moderation endpoint (`POST /moderations`); score = the highest category score."""
 
     provider: Literal["openai_moderation"]
@@ -257,7 +257,7 @@ class ModerationSpec(_EndpointSpec):
     category_threshold: float = Field(0.5, ge=0, le=1, description="category score recorded from")
 
 
-class LlamaGuardSpec(_EndpointSpec):
+class LlamaGuardSpec(EndpointSpec):
     """Llama Guard 3/4 served over a chat API: answers `safe` or `unsafe` + `S1,S10`."""
 
     provider: Literal["llama_guard"]
@@ -271,7 +271,7 @@ class LlamaGuardSpec(_EndpointSpec):
     logprobs: bool = Field(True, description="ask for logprobs: P(unsafe) instead of 0/1 when returned")
 
 
-class GuardSpec(_EndpointSpec):
+class GuardSpec(EndpointSpec):
     """A yes/no guard (ShieldGemma, WildGuard style): prompt template + output parser."""
 
     provider: Literal["guard"]
@@ -292,7 +292,7 @@ class GuardSpec(_EndpointSpec):
     max_tokens: int = Field(32, ge=1)
 
 
-class JudgeSpec(_EndpointSpec):
+class JudgeSpec(EndpointSpec):
     """An LLM judge with a custom policy: JSON verdict with span, category and a safe edit."""
 
     provider: Literal["llm_judge"]
@@ -584,10 +584,11 @@ class Recipe(Strict):
     def shared_by(self, workers: int) -> Recipe:
         """This recipe with each worker's share of the endpoint limits, for ``workers`` workers.
 
-        RPM, TPM and max-concurrency are per recipe, not per worker: a pool of N workers gives each
-        one 1/N of them, so together they stay within the limit (a limit below N still gives each
-        worker 1: use fewer workers). The split is static: an idle worker does not lend its share.
-        Nothing that changes a row is touched.
+        RPM, TPM and max-concurrency are per recipe, not per worker: N workers that share no
+        memory (Ray actors, on any node) each get 1/N of them, so together they stay within the
+        limit (a limit below N still gives each worker 1: use fewer workers). The split is static:
+        an idle worker does not lend its share. (The processes executor shares the limits
+        themselves instead: ``llm.shared``.) Nothing that changes a row is touched.
         """
         if workers <= 1:
             return self
@@ -604,7 +605,7 @@ class Recipe(Strict):
         )
         classifiers = [
             spec.model_copy(update={"max_concurrency": share(spec.max_concurrency)})
-            if isinstance(spec, _EndpointSpec)
+            if isinstance(spec, EndpointSpec)
             else spec
             for spec in self.filters.classifiers
         ]

@@ -218,6 +218,39 @@ def test_two_workers_share_one_rate_limit_and_write_local_bytes(server, limited_
     assert clients["classifier:builtin"]["texts"] > 0
 
 
+def most_in_flight(arrivals: list[float], latency_s: float) -> int:
+    """The most requests the server held at once: it answers each ``latency_s`` after it came, and a
+    slot's next request leaves after that answer, so a window a little shorter than the latency
+    holds at most one arrival per slot."""
+    window = latency_s * 0.9
+    return max((sum(1 for b in arrivals if a - window < b <= a) for a in arrivals), default=0)
+
+
+def test_processes_workers_share_one_concurrency_limit(server, tmp_path):
+    """max_concurrency 4 between 2 workers: a lone worker with requests uses all 4 slots (a static
+    split gave it 2), and two busy workers together never hold more than 4 (0.5 s latency)."""
+    server.reset(latency_s=0.5)
+    extra = (
+        "--set", "sampling.clean_fraction=0", "--set", "generator.max_concurrency=4",
+        "--set", "execution.executor=processes", "--set", "execution.workers=2",
+    )  # fmt: skip
+    try:
+        lone = build(server, write_corpus(tmp_path / "one.jsonl", 12), tmp_path / "one", tmp_path / "c1",
+                     "--set", "output.chunk_rows=12", *extra)  # fmt: skip
+        lone_arrivals = server.arrivals()
+        server.reset(latency_s=0.5)
+        both = build(server, write_corpus(tmp_path / "two.jsonl", 24), tmp_path / "two", tmp_path / "c2",
+                     "--set", "output.chunk_rows=12", *extra)  # fmt: skip
+        both_arrivals = server.arrivals()
+    finally:
+        server.reset(latency_s=0.0)
+    assert lone.returncode == 0, lone.stderr
+    assert both.returncode == 0, both.stderr
+    assert len(lone_arrivals) == 12 and len(both_arrivals) == 24  # one request per row
+    assert 3 <= most_in_flight(lone_arrivals, 0.5) <= 4, lone_arrivals
+    assert most_in_flight(both_arrivals, 0.5) <= 4, both_arrivals
+
+
 def test_the_next_chunks_requests_are_in_flight_while_a_chunk_is_finished(server, tmp_path):
     """Overlap: chunk i+1's requests leave before chunk i's answers are back (0.5 s latency)."""
     server.reset(latency_s=0.5)

@@ -397,6 +397,56 @@ def test_a_greedy_sender_never_gets_more_than_the_limit_in_any_minute(per_minute
     assert len(grants) >= 0.95 * 5 * per_minute  # and the budget is used
 
 
+def _greedy_grants(budget, seconds: float, out) -> None:  # a forked worker: take every grant
+    limiter = RateLimiter(shared=budget)
+
+    async def go() -> list[float]:
+        grants, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            await limiter.acquire()
+            grants.append(time.monotonic())
+        return grants
+
+    out.send(asyncio.run(go()))
+
+
+def test_forked_workers_draw_on_one_shared_rpm_budget():
+    """Two processes taking every grant of one 120/min budget get 2/s between them (plus the
+    one-second burst), both get some, and not twice the limit."""
+    import multiprocessing
+
+    from bsafe_data.llm.shared import SharedBudget
+
+    context = multiprocessing.get_context("fork")
+    budget = SharedBudget(context, 120, None)
+    pipes = [context.Pipe(duplex=False) for _ in range(2)]
+    workers = [context.Process(target=_greedy_grants, args=(budget, 3.0, w)) for _, w in pipes]
+    for worker in workers:
+        worker.start()
+    per_worker = [r.recv() for r, _ in pipes]
+    for worker in workers:
+        worker.join(10)
+    assert all(per_worker), per_worker  # each worker was granted requests
+    grants = sorted(t for times in per_worker for t in times)
+    for i, start in enumerate(grants):  # the bucket's envelope: 2/s plus a burst of 2
+        for j in range(i, len(grants)):
+            assert j - i + 1 <= 2 * (grants[j] - start + 1.05) + 1, (i, j)
+    assert 6 <= len(grants) <= 2 * 3.0 + 2 + 1
+
+
+def test_shared_tpm_budget_settles_across_processes():
+    import multiprocessing
+
+    from bsafe_data.llm.shared import SharedBudget
+
+    budget = SharedBudget(multiprocessing.get_context("fork"), None, 600_000)  # a burst of 10000
+    assert budget.tracks_tokens
+    assert budget.try_take(9000) == 0.0
+    assert budget.try_take(9000) > 0  # 1000 left: about 0.8 s of refill
+    budget.settle(9000, 1000)  # the first request used far less than reserved: refund
+    assert budget.try_take(9000) == 0.0
+
+
 def test_tpm_limiter_reserves_and_settles():
     limiter = RateLimiter(tokens_per_minute=600_000)  # a burst of 10000, then ~9800 per s
 

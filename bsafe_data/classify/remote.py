@@ -27,6 +27,7 @@ from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, is_un
 from bsafe_data.llm.cache import ResponseCache, request_key
 from bsafe_data.llm.errors import RequestFailed, failure_detail
 from bsafe_data.llm.loop import off_running_loop
+from bsafe_data.llm.shared import classifier_role
 from bsafe_data.llm.transport import Transport, resolve_endpoint
 
 T = TypeVar("T")
@@ -149,7 +150,7 @@ class RemoteClassifier(Classifier):
         self._transport = Transport(
             endpoint.base_url,
             endpoint.api_key,
-            role=f"classifier {spec.name!r}",
+            role=classifier_role(spec.name),
             max_concurrency=spec.max_concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,

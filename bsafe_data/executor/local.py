@@ -34,8 +34,9 @@ from bsafe_data.stages.stats import ChunkStats
 
 SPLITS = ("train", "test")
 ProgressFn = Callable[[ChunkStats], None]
-#: builds the method (and its resources) on a worker; the argument is how many workers share the
-#: endpoints, so each loads its share of the rate and concurrency limits (``Recipe.shared_by``)
+#: builds the method (and its resources) on a worker; the argument is how many workers split the
+#: endpoints' rate and concurrency limits, each loading its share (``Recipe.shared_by``; 1 when
+#: the limits are shared through memory instead, as by the processes executor)
 LoadFn = Callable[[int], Method]
 #: (index, source items to process or None when resumed, counters of a resumed chunk or None)
 PlannedChunk = tuple[int, "list[SourceItem] | None", "ChunkStats | None"]

@@ -5,6 +5,9 @@ stays bounded); each worker loads its own resources once (the ``load`` hook: spa
 generator, classifiers) and writes finished chunks atomically into the same work folder the local
 executor uses, so resume, the dedupe pass and the written dataset are identical to ``local``.
 Workers are forked: the method registry and the recipe are inherited, nothing is loaded before.
+The endpoints' limits (max-concurrency slots, RPM/TPM budgets) are made in shared memory before
+the fork (``llm.shared``) and every worker's transports draw on them: together the workers stay
+within the recipe's limits, and a worker with requests uses what an idle one leaves.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, chunk_name, run_chunk
+from bsafe_data.llm.shared import SharedEndpoint, for_recipe, install
 from bsafe_data.recipe import Recipe
 from bsafe_data.sources import SourceItem
 from bsafe_data.stages.stats import ChunkStats
@@ -25,15 +29,16 @@ from bsafe_data.stages.stats import ChunkStats
 _worker: dict[str, Any] = {}  # this worker process's method, built once by ``_start``
 
 
-def _start(load: LoadFn, workers: int) -> None:
+def _start(load: LoadFn, limits: dict[str, SharedEndpoint]) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no fork warnings
-    _worker["load"], _worker["workers"] = load, workers
+    install(limits)  # the endpoints' slots and RPM/TPM budgets, shared with the other workers
+    _worker["load"] = load
 
 
 def _process(work: Path, index: int, chunk: list[SourceItem]) -> tuple[ChunkStats, dict[str, Any], dict]:
     method = _worker.get("method")
-    if method is None:
-        method = _worker["method"] = _worker["load"](_worker["workers"])
+    if method is None:  # the whole limits: the shared ones keep the workers within them together
+        method = _worker["method"] = _worker["load"](1)
     stats = run_chunk(method, work, index, chunk)
     return stats, method.resources.usage(), {"pid": os.getpid(), **method.timings}
 
@@ -84,8 +89,9 @@ class ProcessExecutor:
                 self.usage[pid], self.timings[pid] = usage, timings
             run.finished(self.work / chunk_name(index), stats, progress)
 
+        limits = for_recipe(self.plan.recipe, context)  # before the fork: the workers inherit them
         pool = ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_start, initargs=(load, self.workers)
+            self.workers, mp_context=context, initializer=_start, initargs=(load, limits)
         )
         with pool:
             for index, chunk, stats in self.plan.chunks(items):

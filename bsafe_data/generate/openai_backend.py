@@ -46,6 +46,7 @@ from bsafe_data.inject import (
 from bsafe_data.llm.cache import CachedResponse, ResponseCache, request_key
 from bsafe_data.llm.client import ChatEngine, check_endpoint
 from bsafe_data.llm.errors import RequestFailed, failure_detail
+from bsafe_data.llm.shared import generator_role
 from bsafe_data.llm.transport import resolve_endpoint
 from bsafe_data.recipe import GeneratorSpec
 
@@ -92,7 +93,7 @@ class OpenAIGenerator(Generator):
         self._engine = ChatEngine(
             endpoint.base_url,
             endpoint.api_key,
-            role="generator",
+            role=generator_role(),
             max_concurrency=spec.max_concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,

@@ -22,6 +22,7 @@ from typing import Any
 from bsafe_data.llm.cache import ResponseCache, request_key
 from bsafe_data.llm.errors import RequestFailed, failure_detail
 from bsafe_data.llm.loop import off_running_loop
+from bsafe_data.llm.shared import generator_role
 from bsafe_data.llm.transport import Transport, resolve_endpoint
 from bsafe_data.recipe import GeneratorSpec
 
@@ -61,7 +62,7 @@ class TextWriter:
         self._transport = Transport(
             endpoint.base_url,
             endpoint.api_key,
-            role="generator",
+            role=generator_role(),
             max_concurrency=spec.max_concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,

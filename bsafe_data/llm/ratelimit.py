@@ -14,22 +14,32 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from bsafe_data.llm.retry import parse_duration_s
 
+if TYPE_CHECKING:
+    from bsafe_data.llm.shared import SharedBudget
+
 _BURST_S = 1.0
 _MAX_HEADER_PAUSE_S = 120.0
+
+
+def bucket_shape(per_minute: int) -> tuple[float, float]:
+    """(capacity, refill per second) of the bucket that enforces ``per_minute``.
+
+    The k-th grant after any instant s needs capacity + rate * (t_k - s) >= k, so a 60 s window
+    [s, s + 60) holds fewer than capacity + 60 * rate grants; with that sum just under
+    per_minute + 1 the limit holds in every window, the first one included."""
+    capacity = max(1.0, per_minute / 60.0 * _BURST_S)
+    return capacity, (per_minute + 1 - capacity) / 60.0 * (1 - 1e-9)
 
 
 class _Bucket:
     """A continuously refilled budget that may go into debt (large single reservations)."""
 
     def __init__(self, per_minute: int):
-        # the k-th grant after any instant s needs capacity + rate * (t_k - s) >= k, so a 60 s window
-        # [s, s + 60) holds fewer than capacity + 60 * rate grants; with that sum just under
-        # per_minute + 1 the limit holds in every window, the first one included
-        self.capacity = max(1.0, per_minute / 60.0 * _BURST_S)
-        self.rate = (per_minute + 1 - self.capacity) / 60.0 * (1 - 1e-9)
+        self.capacity, self.rate = bucket_shape(per_minute)
         self.level = self.capacity
         self.stamp = time.monotonic()
 
@@ -45,12 +55,20 @@ class _Bucket:
 
 
 class RateLimiter:
-    """RPM/TPM limiter shared by all in-flight requests of one engine."""
+    """RPM/TPM limiter shared by all in-flight requests of one engine; with ``shared`` (the
+    processes executor's ``llm.shared.SharedBudget``) the buckets are every worker's."""
 
-    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None):
-        self._rpm = _Bucket(requests_per_minute) if requests_per_minute else None
-        self._tpm = _Bucket(tokens_per_minute) if tokens_per_minute else None
-        self._limited = self._rpm is not None or self._tpm is not None
+    def __init__(
+        self,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        shared: SharedBudget | None = None,
+    ):
+        self._shared = shared
+        local = shared is None
+        self._rpm = _Bucket(requests_per_minute) if requests_per_minute and local else None
+        self._tpm = _Bucket(tokens_per_minute) if tokens_per_minute and local else None
+        self._limited = self._rpm is not None or self._tpm is not None or shared is not None
         self._not_before = 0.0
         self._header_checks = 20
         self._lock: asyncio.Lock | None = None
@@ -59,7 +77,7 @@ class RateLimiter:
     @property
     def tracks_tokens(self) -> bool:
         """True when reservations need a token estimate."""
-        return self._tpm is not None
+        return self._tpm is not None or (self._shared is not None and self._shared.tracks_tokens)
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait until one request with ``tokens`` estimated tokens may be sent, and reserve it."""
@@ -78,6 +96,13 @@ class RateLimiter:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # FIFO: the first waiter is served first
+            if self._shared is not None:  # taken in one step under the workers' lock
+                while True:
+                    pause = self._not_before - time.monotonic()
+                    wait = pause if pause > 0 else self._shared.try_take(tokens)
+                    if wait <= 0:
+                        return
+                    await self._sleep(wait)
             while True:
                 now = time.monotonic()
                 wait = max(
@@ -95,6 +120,8 @@ class RateLimiter:
 
     def settle(self, reserved: int, used: int) -> None:
         """Correct a reservation with the tokens the server reports having used."""
+        if self._shared is not None:
+            self._shared.settle(reserved, used)
         if self._tpm is not None:
             self._tpm.level = min(self._tpm.capacity, self._tpm.level + reserved - used)
 

@@ -28,6 +28,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from multiprocessing.synchronize import Semaphore
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,6 +38,7 @@ from yarl import URL
 from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact
 from bsafe_data.llm.ratelimit import RateLimiter
 from bsafe_data.llm.retry import Fatal, Retry, RetryPolicy, retry_after_s
+from bsafe_data.llm.shared import installed
 
 try:  # orjson is optional: about 2x faster than json on response bodies
     import orjson
@@ -55,22 +57,38 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: What ``extract`` may raise on a body it cannot read: the attempt is retried like a dropped one.
 _MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 _NO_HEADERS: dict[str, str] = {}
+#: how often a waiter for a slot another worker holds looks again
+_POLL_S = 0.002
 
 
 class _Slots:
-    """A semaphore whose waiters are served by priority (lower first), then in arrival order."""
+    """A semaphore whose waiters are served by priority (lower first), then in arrival order.
 
-    def __init__(self, size: int):
+    With ``shared`` (the endpoint's slots across the processes executor's workers,
+    ``llm.shared``) a slot also takes one of those; while they are all taken, the waiters' turn
+    is polled for (``_POLL_S``): another process frees them."""
+
+    def __init__(self, size: int, shared: Semaphore | None = None):
         self.free = size
+        self._shared = shared
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+        self._poller: asyncio.Task[None] | None = None
+
+    def _take(self) -> bool:
+        """A local slot and, when shared, a shared one (both or neither)."""
+        if self.free <= 0 or (self._shared is not None and not self._shared.acquire(False)):
+            return False
+        self.free -= 1
+        return True
 
     async def acquire(self, priority: int) -> None:
-        if self.free > 0 and not self._waiters:
-            self.free -= 1
+        if not self._waiters and self._take():
             return
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
+        if self._shared is not None and self.free > 0 and self._poller is None:
+            self._poller = asyncio.ensure_future(self._poll())
         try:
             await waiter
         except asyncio.CancelledError:
@@ -78,13 +96,38 @@ class _Slots:
                 self.release()  # the slot was handed over just as we were cancelled: pass it on
             raise
 
+    async def _poll(self) -> None:
+        """Hand shared slots other processes free to the waiters, while local slots are free."""
+        try:
+            while self._waiters and self.free > 0:
+                if self._take():
+                    self._hand_over()
+                else:
+                    await asyncio.sleep(_POLL_S)
+        finally:
+            self._poller = None
+
+    def _hand_over(self) -> None:
+        """Give a taken slot to the first waiter still waiting, else back."""
+        while self._waiters:
+            _, _, waiter = heapq.heappop(self._waiters)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._give_back()
+
+    def _give_back(self) -> None:
+        self.free += 1
+        if self._shared is not None:
+            self._shared.release()
+
     def release(self) -> None:
         while self._waiters:
             _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to the waiter
+                waiter.set_result(None)  # the slot goes straight to the waiter (shared one too)
                 return
-        self.free += 1
+        self._give_back()
 
 
 class MalformedResponse(ValueError):
@@ -164,7 +207,10 @@ class Transport:
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
         self.policy = RetryPolicy(max_retries=max_retries, base_s=backoff_base_s, max_s=backoff_max_s)
-        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        #: the endpoint's limits shared with the other workers of a processes build, if any
+        self.shared = installed(role)
+        budget = self.shared.budget if self.shared is not None else None
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute, shared=budget)
         self.stats = TransportStats()
         self._session: aiohttp.ClientSession | None = None
         self._routes: dict[str, tuple[URL, str]] = {}
@@ -184,7 +230,7 @@ class Transport:
         """Create the HTTP session (inside the running loop)."""
         if self._session is not None and not self._session.closed:
             return
-        self._slots = _Slots(self.max_concurrency)
+        self._slots = _Slots(self.max_concurrency, self.shared.slots if self.shared is not None else None)
         connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
