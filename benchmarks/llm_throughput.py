@@ -16,10 +16,11 @@ against the same server instead of ``generate_batch`` alone, alternating with ba
 generation stage's rate inside a build is the server's arrival rate of the build's requests.
 ``--mode e2e`` times whole builds against a 1 s server (wall time against ``requests / in_flight ×
 latency`` plus set-up) and a 50 ms server (the server's in-flight count between the first and the
-last 5% of requests). The server and this process share the system's monotonic clock.
+last 5% of requests); ``--executor processes`` runs those builds on the worker pool (whose workers
+share the endpoint's slots). The server and this process share the system's monotonic clock.
 
 Usage: ``python benchmarks/llm_throughput.py [--mode engine|build|e2e] [--n 3000] [--in-flight 64 256]
-[--repeats 3]``.
+[--repeats 3] [--rows 3000] [--chunk-rows 2000] [--executor local|processes]``.
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ def engine_run(base_url: str, requests: list[GenerationRequest], in_flight: int)
     return len(requests) / elapsed, cpu / len(requests) * 1e6
 
 
-def build_run(server: ServerProcess, corpus: Path, in_flight: int, chunk_rows: int) -> dict[str, Any]:
+def build_run(
+    server: ServerProcess, corpus: Path, in_flight: int, chunk_rows: int, executor: str = "local"
+) -> dict[str, Any]:
     """A whole flagship build (builtin classifier, both tokenizers) whose generator is the server.
 
     Returns the build's start and end (monotonic), the server's request arrivals and the timings."""
@@ -204,6 +207,7 @@ def build_run(server: ServerProcess, corpus: Path, in_flight: int, chunk_rows: i
         "generator.api_key_env=BSAFE_BENCH_KEY",
         f"generator.max_concurrency={in_flight}",
         f"output.chunk_rows={chunk_rows}",
+        f"execution.executor={executor}",
     ]
     recipe = load_recipe(ROOT / "recipes" / "bsafe_plus.yaml", overrides)
     server.reset()
@@ -288,14 +292,15 @@ def e2e_mode(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_corpus(Path(tmp) / "c.jsonl", args.rows)
         with ServerProcess(latency_s=1.0, model=MODEL) as server:
-            run = build_run(server, corpus, in_flight, args.chunk_rows)
+            run = build_run(server, corpus, in_flight, args.chunk_rows, args.executor)
         arrivals = run["arrivals"]
         total, setup = run["end"] - run["start"], arrivals[0] - run["start"]
         tail = run["end"] - (arrivals[-1] + 1.0)  # the last chunk's label and classify, the write
         write = run["timings"]["write_dataset"]
         ideal = len(arrivals) / in_flight * 1.0
         print(
-            f"1 s server, {in_flight} in flight, {args.rows} rows, chunk_rows {args.chunk_rows}: "
+            f"1 s server, {in_flight} in flight, {args.rows} rows, chunk_rows {args.chunk_rows}, "
+            f"executor {args.executor}: "
             f"{len(arrivals)} requests, build {total:.1f} s = set-up {setup:.1f} s (to the first request) "
             f"+ {total - setup - tail:.1f} s + {tail:.1f} s after the last answer (of which the dataset "
             f"write {write:.1f} s)"
@@ -308,7 +313,7 @@ def e2e_mode(args: argparse.Namespace) -> None:
             f"server in flight (5-95%) {mean_in_flight(arrivals, 1.0):.0f}"
         )
         with ServerProcess(latency_s=0.05, model=MODEL) as server:
-            run = build_run(server, corpus, in_flight, args.chunk_rows)
+            run = build_run(server, corpus, in_flight, args.chunk_rows, args.executor)
             # what this machine allows: the bare aiohttp loop's occupancy, same server, same count
             server.reset()
             asyncio.run(bare_loop(server.url + "/chat/completions", payloads(make_requests(
@@ -337,6 +342,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=["engine", "build", "e2e"], default="engine")
     parser.add_argument("--rows", type=int, default=3000, help="corpus rows per build (build, e2e)")
     parser.add_argument("--chunk-rows", type=int, default=2000, help="output.chunk_rows (recipe default)")
+    parser.add_argument(
+        "--executor", choices=["local", "processes"], default="local", help="execution.executor (e2e mode)"
+    )
     args = parser.parse_args()
     if args.mode == "build":
         return build_mode(args)
