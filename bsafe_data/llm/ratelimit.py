@@ -44,14 +44,25 @@ class _Bucket:
         self.stamp = time.monotonic()
 
     def refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.level = refilled(self.level, now - self.stamp, self.capacity, self.rate)
         self.stamp = now
 
     def wait_for(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` (capped at capacity) is available."""
         self.refill(now)
-        need = min(amount, self.capacity) - self.level
-        return 0.0 if need <= 0 else need / self.rate
+        return wait_s(self.level, amount, self.capacity, self.rate)
+
+
+def refilled(level: float, elapsed_s: float, capacity: float, rate: float) -> float:
+    """A bucket's level ``elapsed_s`` after it was ``level`` (it never holds more than capacity)."""
+    return min(capacity, level + elapsed_s * rate)
+
+
+def wait_s(level: float, amount: float, capacity: float, rate: float) -> float:
+    """Seconds until a bucket at ``level`` holds ``amount`` (capped at capacity: a larger single
+    reservation goes into debt)."""
+    need = min(amount, capacity) - level
+    return 0.0 if need <= 0 else need / rate
 
 
 class RateLimiter:

@@ -19,7 +19,7 @@ from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Semaphore
 from typing import Any
 
-from bsafe_data.llm.ratelimit import bucket_shape
+from bsafe_data.llm.ratelimit import bucket_shape, refilled, wait_s
 from bsafe_data.recipe import EndpointSpec, Recipe
 
 
@@ -58,12 +58,9 @@ class SharedBudget:
             for i, (shape, amount) in enumerate(zip(self.shapes, (1, tokens), strict=True)):
                 if shape is None:
                     continue
-                capacity, rate = shape
-                level = min(capacity, state[2 * i] + (now - state[2 * i + 1]) * rate)
+                level = refilled(state[2 * i], now - state[2 * i + 1], *shape)
                 state[2 * i], state[2 * i + 1] = level, now
-                need = min(amount, capacity) - level
-                if need > 0:
-                    wait = max(wait, need / rate)
+                wait = max(wait, wait_s(level, amount, *shape))
             if wait > 0:
                 return wait
             for i, amount in enumerate((1, tokens)):

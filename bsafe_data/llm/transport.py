@@ -101,20 +101,11 @@ class _Slots:
         try:
             while self._waiters and self.free > 0:
                 if self._take():
-                    self._hand_over()
+                    self.release()  # to the first waiter still waiting, else back
                 else:
                     await asyncio.sleep(_POLL_S)
         finally:
             self._poller = None
-
-    def _hand_over(self) -> None:
-        """Give a taken slot to the first waiter still waiting, else back."""
-        while self._waiters:
-            _, _, waiter = heapq.heappop(self._waiters)
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self._give_back()
 
     def _give_back(self) -> None:
         self.free += 1
