@@ -19,8 +19,18 @@ latency`` plus set-up) and a 50 ms server (the server's in-flight count between 
 last 5% of requests); ``--executor processes`` runs those builds on the worker pool (whose workers
 share the endpoint's slots). The server and this process share the system's monotonic clock.
 
-Usage: ``python benchmarks/llm_throughput.py [--mode engine|build|e2e] [--n 3000] [--in-flight 64 256]
-[--repeats 3] [--rows 3000] [--chunk-rows 2000] [--executor local|processes]``.
+``--mode real`` is the user's workload: each method's build (``benchmarks/workloads.py``) whose
+generator, Llama Guard and (BSAFE+, BSAFE) LLM judge are all remote, every endpoint at ``--latency``
+(default 1 s here) and ``--concurrency`` in flight. Each build runs in a fresh process
+(``build_once.py``); with ``--baseline REV`` the same workloads are also built by the package at
+commit REV (a temporary git worktree), side by side in one run. It prints, per build, every
+endpoint's requests, the busiest endpoint's ideal time (its requests / its concurrency x latency),
+(wall time - set-up) / ideal (set-up: the process start to the first request any endpoint sees) and
+whether the parquet files are byte-identical to the baseline's.
+
+Usage: ``python benchmarks/llm_throughput.py [--mode engine|build|e2e|real] [--n 3000] [--in-flight 64 256]
+[--repeats 3] [--rows 3000] [--chunk-rows 2000] [--executor local|processes] [--methods ...]
+[--baseline REV] [--concurrency 64]``.
 """
 
 from __future__ import annotations
@@ -44,8 +54,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from guard_server import GuardServerProcess  # noqa: E402
 from openai_server import ServerProcess  # noqa: E402
 from synthetic_corpus import write_corpus  # noqa: E402
+from workloads import METHODS, write_workload  # noqa: E402
 
 from bsafe_data.generate.base import GenerationRequest  # noqa: E402
 from bsafe_data.generate.openai_backend import OpenAIGenerator  # noqa: E402
@@ -331,6 +343,106 @@ def e2e_mode(args: argparse.Namespace) -> None:
         print(f"  stage timings of that build (s): {run['timings']}")
 
 
+#: rows per workload, sized so that the busiest endpoint has ~2,000 requests
+WORKLOAD_ROWS = {"bsafe_plus": 500, "bsafe": 800, "derta": 500, "reset": 800, "rlbf_prompts": 500}
+
+
+def _baseline_tree(rev: str, tmp: Path) -> Path:
+    """A temporary worktree of ``rev`` (removed by the caller's ``git worktree prune``)."""
+    import subprocess
+
+    tree = tmp / f"baseline-{rev[:12]}"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), rev], check=True)
+    return tree
+
+
+def _build_in(tree: Path, recipe: Path, out: Path, cache: Path) -> dict[str, Any]:
+    import subprocess
+
+    env = {**os.environ, "BSAFE_BENCH_KEY": "EMPTY", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "build_once.py"), str(tree), str(recipe), str(out),
+         str(cache)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"build with {tree} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def real_mode(args: argparse.Namespace) -> None:
+    """Each method's real workload, old (``--baseline``) and new side by side."""
+    import shutil
+    import subprocess
+
+    latency = args.latency if args.latency != 0.05 else 1.0  # the default of the other modes is 50 ms
+    conc = args.concurrency
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        trees = [("new", ROOT)]
+        if args.baseline:
+            trees.insert(0, ("old", _baseline_tree(args.baseline, tmp)))
+        try:
+            with ServerProcess(latency_s=latency, model="gen-model", plain_answers=True) as gen, \
+                    GuardServerProcess(latency_s=latency) as guard:  # fmt: skip
+                print(
+                    f"real workload: every endpoint {latency:g} s latency, {conc} in flight each; "
+                    f"baseline {args.baseline or '-'}; builds in fresh processes"
+                )
+                header = (
+                    f"{'method':<12} {'code':<4} {'rows':>5} {'generator':>9} {'guard':>6} {'judge':>6} "
+                    f"{'ideal s':>7} {'set-up':>6} {'wall':>6} {'(wall-setup)/ideal':>18}  parquet"
+                )
+                print(header)
+                for method in args.methods:
+                    rows = args.rows if args.rows != 3000 else WORKLOAD_ROWS[method]
+                    folder = tmp / method
+                    recipe = write_workload(method, folder, gen.url, guard.url, rows, conc)
+                    hashes: dict[str, dict[str, str]] = {}
+                    for name, tree in trees:
+                        gen.reset()
+                        guard.reset()
+                        out, cache = folder / f"out-{name}", folder / f"cache-{name}"
+                        gc.collect()
+                        run = _build_in(tree, recipe, out, cache)
+                        arrivals = sorted(gen.arrivals() + guard.arrivals())
+                        by_endpoint = {"generator": len(gen.arrivals())}
+                        guard_stats = guard.stats()
+                        judge = _judge_requests(folder / f"out-{name}")
+                        by_endpoint["judge"] = judge
+                        by_endpoint["guard"] = guard_stats.get("requests", 0) - judge
+                        ideal = max(by_endpoint.values()) / conc * latency
+                        setup = (arrivals[0] - run["started"]) if arrivals else 0.0
+                        wall = run["ended"] - run["started"]
+                        hashes[name] = run["hashes"]
+                        same = ""
+                        if name == "new" and "old" in hashes:
+                            same = "identical" if hashes["old"] == hashes["new"] else "DIFFERENT"
+                        print(
+                            f"{method:<12} {name:<4} {run['funnel']['rows']:>5} "
+                            f"{by_endpoint['generator']:>9} "
+                            f"{by_endpoint['guard']:>6} {by_endpoint['judge']:>6} {ideal:>7.1f} "
+                            f"{setup:>6.1f} "
+                            f"{wall:>6.1f} {(wall - setup) / ideal:>18.2f}  {same}",
+                            flush=True,
+                        )
+                        if args.verbose:
+                            for file, digest in sorted(run["hashes"].items()):
+                                print(f"    {file} {digest}")
+                            print(f"    timings {run['timings']}")
+                        shutil.rmtree(cache, ignore_errors=True)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[0][1])],
+                               check=False)  # fmt: skip
+
+
+def _judge_requests(out: Path) -> int:
+    """The judge's requests of a build, from its manifest (the guard server serves both)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    return int(manifest.get("usage_by_client", {}).get("classifier:judge", {}).get("requests", 0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3000, help="requests per bare/engine measurement")
@@ -339,13 +451,19 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=5, help="alternating runs per client")
     parser.add_argument("--verbose", action="store_true", help="print every run")
-    parser.add_argument("--mode", choices=["engine", "build", "e2e"], default="engine")
+    parser.add_argument("--mode", choices=["engine", "build", "e2e", "real"], default="engine")
     parser.add_argument("--rows", type=int, default=3000, help="corpus rows per build (build, e2e)")
     parser.add_argument("--chunk-rows", type=int, default=2000, help="output.chunk_rows (recipe default)")
     parser.add_argument(
         "--executor", choices=["local", "processes"], default="local", help="execution.executor (e2e mode)"
     )
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["bsafe_plus", "bsafe", "derta",
+                        "reset"], help="real mode: the methods' workloads")  # fmt: skip
+    parser.add_argument("--baseline", help="real mode: also build with the package at this git revision")
+    parser.add_argument("--concurrency", type=int, default=64, help="real mode: in flight per endpoint")
     args = parser.parse_args()
+    if args.mode == "real":
+        return real_mode(args)
     if args.mode == "build":
         return build_mode(args)
     if args.mode == "e2e":

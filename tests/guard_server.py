@@ -15,8 +15,12 @@ deterministic answers, so tests can predict every verdict:
   word); any other model answers ``yes``/``no`` on its whole prompt. Logprobs are
   returned when asked (``logprobs`` config).
 
-``fail_status`` + ``fail_count`` make the next N model requests fail with that status. Counters:
-``stats()`` (``requests`` total and per path). Runs in a thread with its own event loop.
+``fail_status`` + ``fail_count`` make the next N model requests fail with that status;
+``latency_s`` delays every model answer. Counters: ``stats()`` (``requests`` total and per path)
+and ``arrivals()`` (when each model request arrived, ``time.monotonic``). ``GuardServer`` runs in a
+thread of the caller's process; ``GuardServerProcess`` runs it in a process of its own (benchmarks:
+the server never shares the client's interpreter lock), controlled over ``/_stats``, ``/_reset``
+and ``/_config``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ import asyncio
 import json
 import math
 import re
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
 import zlib
 from typing import Any
 
@@ -45,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "judge_category": "Harassment",
     "fail_status": None,
     "fail_count": 0,
+    "latency_s": 0.0,
 }
 
 
@@ -69,6 +78,7 @@ class GuardServer:
     def __init__(self, **config: Any):
         self.config = {**DEFAULTS, **config}
         self.counts: dict[str, int] = {}
+        self.arrival_times: list[float] = []
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -87,9 +97,14 @@ class GuardServer:
     def requests(self) -> int:
         return self.stats()["requests"]
 
+    def arrivals(self) -> list[float]:
+        with self._lock:
+            return list(self.arrival_times)
+
     def reset(self) -> None:
         with self._lock:
             self.counts.clear()
+            self.arrival_times.clear()
 
     def configure(self, **config: Any) -> None:
         with self._lock:
@@ -105,6 +120,9 @@ class GuardServer:
             app.router.add_post("/v1/moderations", self._moderations)
             app.router.add_post("/v1/chat/completions", self._chat)
             app.router.add_post("/v1/completions", self._completions)
+            app.router.add_get("/_stats", self._stats)
+            app.router.add_post("/_reset", self._reset)
+            app.router.add_post("/_config", self._config)
             self._runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -138,17 +156,32 @@ class GuardServer:
         return 0.5 + 0.49 * h if self.unsafe_word(text) else 0.3 * h
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _count(self, path: str) -> web.Response | None:
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"stats": self.stats(), "arrivals": self.arrivals()})
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({})
+
+    async def _config(self, request: web.Request) -> web.Response:
+        self.configure(**(await request.json()))
+        return web.json_response({})
+
+    async def _count(self, path: str) -> web.Response | None:
         with self._lock:
             self.counts[path] = self.counts.get(path, 0) + 1
+            self.arrival_times.append(time.monotonic())
+            latency = float(self.config["latency_s"])
             if self.config["fail_status"] and self.config["fail_count"] > 0:
                 self.config["fail_count"] -= 1
                 status = int(self.config["fail_status"])
                 return web.json_response({"error": {"message": f"injected {status}"}}, status=status)
+        if latency > 0:
+            await asyncio.sleep(latency)
         return None
 
     async def _moderations(self, request: web.Request) -> web.Response:
-        failed = self._count("moderations")
+        failed = await self._count("moderations")
         if failed is not None:
             return failed
         body = await request.json()
@@ -225,7 +258,7 @@ class GuardServer:
         return first, [(first, {"yes": math.log(max(p, 1e-9)), "no": math.log(max(1 - p, 1e-9))})]
 
     async def _chat(self, request: web.Request) -> web.Response:
-        failed = self._count("chat")
+        failed = await self._count("chat")
         if failed is not None:
             return failed
         body = await request.json()
@@ -258,7 +291,7 @@ class GuardServer:
         )
 
     async def _completions(self, request: web.Request) -> web.Response:
-        failed = self._count("completions")
+        failed = await self._count("completions")
         if failed is not None:
             return failed
         body = await request.json()
@@ -272,6 +305,59 @@ class GuardServer:
                 "text_offset": [],
             }
         return web.json_response({"id": "cmpl-test", "object": "text_completion", "choices": [choice]})
+
+
+class GuardServerProcess:
+    """``GuardServer`` in a process of its own: ``with GuardServerProcess(latency_s=1.0) as server:``."""
+
+    def __init__(self, **config: Any):
+        self.config = config
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _call(self, path: str, payload: dict[str, Any] | None = None) -> Any:
+        data = None if payload is None else json.dumps(payload).encode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", data=data, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def stats(self) -> dict[str, int]:
+        return self._call("/_stats")["stats"]
+
+    def arrivals(self) -> list[float]:
+        return self._call("/_stats")["arrivals"]
+
+    def reset(self) -> None:
+        self._call("/_reset", {})
+
+    def configure(self, **config: Any) -> None:
+        self._call("/_config", config)
+
+    def __enter__(self) -> GuardServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, json.dumps(self.config)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"guard server did not start: {line!r}")
+        self.port = int(line)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _serve_forever(config: dict[str, Any]) -> None:
+    with GuardServer(**config) as server:
+        print(server.port, flush=True)
+        threading.Event().wait()
 
 
 # -- helpers shared by the classifier and refilter tests ----------------------------------------
@@ -360,3 +446,7 @@ def make_recipe(corpus: Any, filters: dict[str, Any], *overrides: str) -> Any:
             *overrides,
         ],
     )
+
+
+if __name__ == "__main__":
+    _serve_forever(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {})

@@ -27,7 +27,9 @@ default, N=0 means always; TAG only makes markers distinct). Or for every chat r
 
 Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``strict_model``
 (404 for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429),
-``hang_s``, ``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s).
+``hang_s``, ``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s),
+``plain_answers`` (requests without a ``Target category:`` line — companion writers' — get a bland
+plain-text answer instead of the injection protocol).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "ratelimit": None,
     "fault": None,
     "fault_count": 0,
+    "plain_answers": False,
 }
 
 _MARKER = re.compile(rb"\[\[fault:([a-z0-9]+)(?::(\d+))?(?::[\w-]+)?\]\]")
@@ -180,7 +183,7 @@ class App:
                 self.send(proto, 404, _error(f"The model `{model}` does not exist.", "model_not_found"))
                 return
         fault = self.fault_for(body)
-        content, finish = self.answer(body), "stop"
+        content, finish = self.answer(body, self.config["plain_answers"]), "stop"
         if fault is not None:
             if fault.isdigit():
                 status = int(fault)
@@ -239,7 +242,11 @@ class App:
         self.send(proto, 200, response, extra)
 
     @staticmethod
-    def answer(body: bytes) -> str:
+    def answer(body: bytes, plain: bool = False) -> str:
+        if plain and not _CATEGORY.search(body):  # a plain-text request (a companion writer's)
+            seed = _SEED.search(body)
+            word = _WORDS[int(seed.group(1)) % len(_WORDS) if seed else 0].decode()
+            return f"Here is a calm and helpful answer about {word}, without any insult."
         found = _CATEGORY.search(body)
         category = found.group(1).decode().strip() if found else "Toxic"
         seed = _SEED.search(body)
