@@ -14,6 +14,7 @@ STARTED = time.monotonic()
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -22,20 +23,27 @@ def main() -> None:
     tree, recipe_path, out, cache = sys.argv[1:5]
     sys.path.insert(0, tree)
     from bsafe_data.pipeline import build
-    from bsafe_data.recipe import load_recipe
+
+    try:
+        from bsafe_data.registry import load_recipe
+    except ImportError:  # a tree from before the registry
+        from bsafe_data.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     result = build(recipe, Path(out), cache_dir=Path(cache), allow_empty=True)
     ended = time.monotonic()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     hashes = {
         str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(Path(out).rglob("*.parquet"))
+        for p in sorted(Path(out).rglob("*"))
+        if p.suffix in (".parquet", ".png")
     }
     print(
         json.dumps(
             {
                 "started": STARTED,
                 "ended": ended,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
                 "funnel": result.funnel,
                 "timings": result.timings,
                 "hashes": hashes,

@@ -30,7 +30,7 @@ import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {here!r})
 from bsafe_data.pipeline import build
-from bsafe_data.recipe import load_recipe
+from bsafe_data.registry import load_recipe
 n, work, executor, corpus = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 overrides = ["sources=[{{path: " + str(corpus) + "}}]", "sampling.variants_per_answer=" + sys.argv[5],
              "execution.executor=" + executor]

@@ -207,7 +207,7 @@ def build_run(
 
     Returns the build's start and end (monotonic), the server's request arrivals and the timings."""
     from bsafe_data.pipeline import build
-    from bsafe_data.recipe import load_recipe
+    from bsafe_data.registry import load_recipe
 
     os.environ["BSAFE_BENCH_KEY"] = "EMPTY"
     overrides = [
@@ -391,7 +391,8 @@ def real_mode(args: argparse.Namespace) -> None:
                 )
                 header = (
                     f"{'method':<12} {'code':<4} {'rows':>5} {'generator':>9} {'guard':>6} {'judge':>6} "
-                    f"{'ideal s':>7} {'set-up':>6} {'wall':>6} {'(wall-setup)/ideal':>18}  parquet"
+                    f"{'ideal s':>7} {'set-up':>6} {'wall':>6} {'cpu s':>6} "
+                    f"{'(wall-setup)/ideal':>18}  parquet"
                 )
                 print(header)
                 for method in args.methods:
@@ -422,8 +423,8 @@ def real_mode(args: argparse.Namespace) -> None:
                             f"{method:<12} {name:<4} {run['funnel']['rows']:>5} "
                             f"{by_endpoint['generator']:>9} "
                             f"{by_endpoint['guard']:>6} {by_endpoint['judge']:>6} {ideal:>7.1f} "
-                            f"{setup:>6.1f} "
-                            f"{wall:>6.1f} {(wall - setup) / ideal:>18.2f}  {same}",
+                            f"{setup:>6.1f} {wall:>6.1f} {run.get('cpu_s', 0):>6.1f} "
+                            f"{(wall - setup) / ideal:>18.2f}  {same}",
                             flush=True,
                         )
                         if args.verbose:

@@ -42,10 +42,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bsafe_data.executor.local import write_chunk  # noqa: E402
 from bsafe_data.executor.output import OutputFolder  # noqa: E402
-from bsafe_data.methods.base import method_class  # noqa: E402
 from bsafe_data.pipeline import build  # noqa: E402
-from bsafe_data.recipe import load_recipe  # noqa: E402
 from bsafe_data.refilter import read_rows, refilter  # noqa: E402
+from bsafe_data.registry import load_recipe, method_class  # noqa: E402
 from bsafe_data.stages.sample import split_of  # noqa: E402
 from bsafe_data.stages.stats import funnel_of, merge_stats  # noqa: E402
 from bsafe_data.writer import ChunkFolders, write_dataset_folder  # noqa: E402

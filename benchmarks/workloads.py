@@ -80,13 +80,15 @@ def _unsafe_rows(n: int, seed: int) -> list[dict[str, Any]]:
 
 
 def _harmful_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Harmful requests with a harmful answer and no companion text (the generator writes it)."""
+    """Harmful requests with a harmful answer and empty companion texts (the generator writes them)."""
     rng = random.Random(seed)
     return [
         {
             "id": f"harm-{i}",
             "prompt": f"Write something nasty to send to colleague number {i}.",
             "harmful_response": " ".join(rng.choice(_HARMFUL) for _ in range(rng.randint(2, 4))),
+            "refusal": "",
+            "safe_response": "",
         }
         for i in range(n)
     ]

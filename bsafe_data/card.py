@@ -111,7 +111,7 @@ def render_card(
     env.filters["tail_words"] = tail_words
     funnel = manifest["funnel"]
     meta = card_metadata(recipe, files, funnel["kept"] + funnel["rejected"])
-    from bsafe_data.methods.base import method_class
+    from bsafe_data.registry import method_class
 
     method = method_class(recipe)
     own = f"methods/{recipe.method}.md.j2"

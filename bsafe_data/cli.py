@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -15,11 +16,21 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 # "PyTorch was not found" is expected (tokenizers only): keep transformers' import-time notice quiet.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
-from bsafe_data.recipe import Recipe, RecipeError, load_recipe, recipe_json_schema
+from bsafe_data.recipe import Recipe, RecipeError
+from bsafe_data.registry import load_recipe, recipe_json_schema
 from bsafe_data.rows import ROW_KINDS, row_json_schema
 
 app = typer.Typer(
@@ -130,40 +141,21 @@ def build(
     if push and not (loaded.publish.repo and loaded.publish.version):
         raise _fail("--push needs publish.repo and publish.version in the recipe (or --set publish.repo=…)")
     target = out_dir or Path(loaded.output.dir.format(name=loaded.name))  # validated template
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "{task.fields[rate]} rows/s · kept {task.fields[kept]} · rejected {task.fields[rejected]}"
-        ),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("building", total=limit, rate="-", kept=0, rejected=0)
-
-        def on_progress(info: dict) -> None:
-            elapsed = progress.tasks[task].elapsed or 1e-9
-            progress.update(
-                task,
-                completed=info["source_rows"],
-                rate=f"{info['rows'] / elapsed:,.0f}",
-                kept=info["kept"],
-                rejected=info["rejected"],
-            )
-
+    with _BuildDisplay() as display:
         try:
             result = run_build(
                 loaded,
                 target,
                 limit=limit,
                 cache_dir=cache_dir,
-                progress=on_progress,
+                progress=display.update,
                 force=force,
                 allow_empty=allow_empty,
             )
         except BuildError as exc:
             raise _fail(f"build failed: {exc}", 1) from None
+    for note in result.notes:
+        console.print(Text(safe(note), style="yellow"))
     _print_summary(result)
     if result.incomplete:
         console.print(
@@ -193,6 +185,63 @@ def build(
         except PublishError as exc:
             raise _fail(f"push failed: {exc}", 1) from None
         out.print(f"published {pushed.repo_id} {pushed.tag} (commit {pushed.commit_sha}): {pushed.url}")
+
+
+class _BuildDisplay:
+    """A build's progress: source rows (with a total and an ETA when the source's size is known),
+    and a line per endpoint: requests done, in flight, queued, failed, cache hits, and any wait
+    under way (what, how long)."""
+
+    def __init__(self) -> None:
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self.progress = Progress(*columns, console=console, transient=False)
+        self.rows = self.progress.add_task("building", total=None, info="")
+        self.endpoints: dict[str, TaskID] = {}
+        self.waits: dict[str, float] = {}  # role -> when the last wait reported ends (monotonic)
+
+    def __enter__(self) -> _BuildDisplay:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, state: Any) -> None:
+        """Show a ``pipeline.BuildProgress``."""
+        progress = self.progress
+        elapsed = progress.tasks[self.rows].elapsed or 1e-9
+        info = f"{state.rows / elapsed:,.0f} rows/s · kept {state.kept:,} · rejected {state.rejected:,}"
+        progress.update(self.rows, total=state.total, completed=state.source_rows, info=info)
+        for role, counters in state.endpoints.items():
+            task = self.endpoints.get(role)
+            if task is None:
+                task = self.endpoints[role] = progress.add_task(escape(safe(role)), total=None, info="")
+            line = (
+                f"{escape(safe(counters['url']))}: {counters['done']:,} done · {counters['in_flight']}/"
+                f"{counters['concurrency']} in flight · {counters['queued']:,} queued · "
+                f"{counters['failed']:,} failed · {counters['cache_hits']:,} cached"
+            )
+            if counters.get("wait"):
+                what, seconds = counters["wait"]
+                line += f" · [yellow]waiting {seconds:,.0f} s: {escape(safe(what))}[/yellow]"
+                self._log_wait(role, what, seconds)
+            progress.update(task, completed=counters["done"], info=line)
+
+    def _log_wait(self, role: str, what: str, seconds: float) -> None:
+        """A line for each new long wait (also where the bar is not redrawn: logs, CI)."""
+        ends = time.monotonic() + seconds
+        if ends > self.waits.get(role, 0.0) + 1.0:
+            self.waits[role] = ends
+            self.progress.console.print(
+                Text(f"{safe(role)}: waiting {seconds:,.0f} s ({safe(what)})", style="yellow")
+            )
 
 
 def _print_summary(result) -> None:  # noqa: ANN001 - BuildResult, imported lazily

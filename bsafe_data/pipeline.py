@@ -10,27 +10,41 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bsafe_data import heap
 from bsafe_data.errors import BuildError
-from bsafe_data.executor.local import LocalExecutor, dedupe_chunks, prepare_work_dir
+from bsafe_data.executor.local import ChunkRun, LocalExecutor, Tick, dedupe_chunks, prepare_work_dir
 from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
 from bsafe_data.executor.processes import ProcessExecutor, summed_usage
 from bsafe_data.executor.ray import RayExecutor
 from bsafe_data.generate.base import Generator
 from bsafe_data.llm.errors import FatalEndpointError
-from bsafe_data.methods.base import Method, Resources, method_class
-from bsafe_data.plots import start_plotter
+from bsafe_data.methods.base import Method, Resources
 from bsafe_data.recipe import Recipe
-from bsafe_data.sources import SourceError, read_sources
+from bsafe_data.registry import method_class
+from bsafe_data.sources import SourceError, count_source_rows, read_sources
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
+from bsafe_data.writer import ChunkFolders, write_dataset_folder
 
-__all__ = ["BuildError", "BuildResult", "build"]
+__all__ = ["BuildError", "BuildProgress", "BuildResult", "build"]
 
-ProgressFn = Callable[[dict[str, Any]], None]
+
+@dataclass
+class BuildProgress:
+    """What a running build reports: rows so far, the source's size when it is known, and every
+    endpoint's counters (``Engine.snapshot``, summed over workers)."""
+
+    source_rows: int = 0
+    rows: int = 0
+    kept: int = 0
+    rejected: int = 0
+    total: int | None = None
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[BuildProgress], None]
 
 
 @dataclass
@@ -44,6 +58,7 @@ class BuildResult:
     timings: dict[str, float]
     usage: dict[str, Any]
     resumed_chunks: int
+    notes: list[str] = field(default_factory=list)
 
     @property
     def incomplete(self) -> int:
@@ -64,20 +79,15 @@ def build(
 ) -> BuildResult:
     """Run the whole build and swap the finished dataset folder in; resumes from finished chunks.
 
-    ``progress`` receives running totals (``source_rows``, ``kept``, ``rejected``, ``usage``) after
-    each chunk. ``generator`` replaces the recipe's generator backend (the caller closes it).
-    ``force`` replaces a folder built from another recipe; ``allow_empty`` writes a dataset that
-    kept no row instead of stopping. Raises BuildError (its subclasses: OutputError, EndpointDown).
+    ``progress`` receives a ``BuildProgress`` as chunks finish and while requests are in flight.
+    ``generator`` replaces the recipe's generator backend (the caller closes it). ``force``
+    replaces a folder built from another recipe; ``allow_empty`` writes a dataset that kept no row
+    instead of stopping. Raises BuildError (its subclasses: OutputError, EndpointDown).
     """
     folder = OutputFolder(out_dir, recipe.name, force=force)
     folder.check()
-    holds: list[None] = []  # one per load in this process (``heap.HEAP.enter``), released at the end
-    try:
-        with folder.locked():
-            return _build(recipe, folder, limit, cache_dir, progress, generator, allow_empty, holds)
-    finally:
-        for _ in holds:
-            heap.HEAP.exit()
+    with folder.locked():
+        return _build(recipe, folder, limit, cache_dir, progress, generator, allow_empty)
 
 
 def _build(
@@ -88,74 +98,56 @@ def _build(
     progress: ProgressFn | None,
     generator: Generator | None,
     allow_empty: bool,
-    holds: list[None],
 ) -> BuildResult:
-    from bsafe_data.writer import ChunkFolders, write_dataset_folder
-
-    timings: Counter[str] = Counter()
     started = time.perf_counter()
     method_cls = method_class(recipe)
-    loaded: list[tuple[Resources, Method]] = []
 
     def load(workers: int) -> Method:
         t0 = time.perf_counter()
-        resources = Resources.load(recipe.shared_by(workers), cache_dir, generator)
-        method = method_cls(recipe, resources)
-        loaded.append((resources, method))
-        # the set-up's objects live as long as the build: full collections skip them until its
-        # folder is written (a full scan right after the last answer cost ~0.3 s, measured).
-        # Through the module: a Ray worker gets this function pickled, and the counter holds a lock
-        heap.HEAP.enter()
-        holds.append(None)
-        timings["setup"] += time.perf_counter() - t0
+        method = method_cls(recipe, Resources.load(recipe.shared_by(workers), cache_dir, generator))
+        method.timings["setup"] += time.perf_counter() - t0
         return method
 
-    totals: Counter[str] = Counter()
-    worker_usage: list[dict[str, dict[str, Any]]] = []  # per worker (process, actor): per client
-    worker_timings: list[dict[str, float]] = []
+    def read() -> Any:
+        return read_sources(recipe.sources, limit)
 
-    def on_chunk(stats: ChunkStats) -> None:  # running totals: re-merging every chunk would be quadratic
-        totals["source_rows"] += stats.source_rows
-        totals["rows"] += sum(stats.kept.values()) + stats.rejected
-        totals["kept"] += sum(stats.kept.values())
-        totals["rejected"] += stats.rejected
-        usage = loaded[0][0].generator.usage if loaded else {}
-        progress({**totals, "usage": usage})
-
-    start_plotter()  # matplotlib loads in its own process while the chunks run (``plots``)
+    report = _Report(progress, count_source_rows(recipe.sources, limit)) if progress else None
     try:
         work = prepare_work_dir(folder.work, recipe, limit)
-        items = read_sources(recipe.sources, limit)
-        on = on_chunk if progress else None
         execution = recipe.execution
         if execution.executor == "local":
-            run = LocalExecutor(recipe, work).run(items, load, on)
+            run = LocalExecutor(recipe, work).run(read, load, report)
+        elif execution.executor == "processes":
+            run = ProcessExecutor(recipe, work, execution.workers).run(read, load, report)
         else:
-            pool: ProcessExecutor | RayExecutor = (
-                ProcessExecutor(recipe, work, execution.workers)
-                if execution.executor == "processes"
-                else RayExecutor(recipe, work, execution.workers, execution.ray_address)
-            )
-            run = pool.run(items, load, on)
-            worker_usage, worker_timings = list(pool.usage.values()), list(pool.timings.values())
+            run = RayExecutor(recipe, work, execution.workers, execution.ray_address).run(read, load, report)
     except (SourceError, FatalEndpointError) as exc:
         raise BuildError(str(exc)) from None
     except OSError as exc:
         raise OutputError(os_error_message(exc, f"writing chunks to {folder.work}")) from None
-    finally:
-        for resources, _ in loaded:
-            resources.close()
-    for resources, method in loaded:
-        worker_usage.append(resources.usage())
-        worker_timings.append(dict(method.timings))
-    clients = summed_usage(worker_usage)
+    clients = summed_usage(run.usage)
     usage = clients.get("generator", {})
-    for part in worker_timings:
+    timings: Counter[str] = Counter()
+    for part in run.timings:
         timings.update(part)
     if recipe.filters.enabled:
         t0 = time.perf_counter()
         run = dedupe_chunks(work, run, method_cls, recipe, method_cls.rules_for(recipe).new_dedupe())
         timings["dedupe"] += time.perf_counter() - t0
+    return _write(recipe, folder, run, clients, usage, timings, started, allow_empty)
+
+
+def _write(
+    recipe: Recipe,
+    folder: OutputFolder,
+    run: ChunkRun,
+    clients: dict[str, dict[str, Any]],
+    usage: dict[str, Any],
+    timings: Counter[str],
+    started: float,
+    allow_empty: bool,
+) -> BuildResult:
+    """Dataset-wide checks, then the Hub-layout folder written into staging and swapped in."""
     stats = merge_stats(run.stats)
     funnel = funnel_of(stats)
     _check_not_empty(funnel, allow_empty)
@@ -188,7 +180,44 @@ def _build(
         folder.finish()  # chunks with transient failures stay: the next run retries just those
     timings_out["write_dataset"] = round(time.perf_counter() - t0, 3)
     timings_out["total"] = round(time.perf_counter() - started, 3)
-    return BuildResult(folder.target, funnel, counts, stats, timings_out, usage, run.resumed)
+    return BuildResult(folder.target, funnel, counts, stats, timings_out, usage, run.resumed, run.notes)
+
+
+class _Report:
+    """Turns the workers' ticks into running totals for the caller's progress function."""
+
+    def __init__(self, progress: ProgressFn, total: int | None):
+        self.progress = progress
+        self.state = BuildProgress(total=total)
+        self.by_worker: dict[int, dict[str, dict[str, Any]]] = {}
+
+    def __call__(self, tick: Tick) -> None:
+        state = self.state
+        for stats in tick.chunks:  # running totals: re-merging every chunk would be quadratic
+            kept = sum(stats.kept.values())
+            state.source_rows += stats.source_rows
+            state.rows += kept + stats.rejected
+            state.kept += kept
+            state.rejected += stats.rejected
+        if tick.endpoints:
+            self.by_worker[tick.worker] = tick.endpoints
+        state.endpoints = _summed_endpoints(self.by_worker.values())
+        self.progress(state)
+
+
+def _summed_endpoints(snapshots: Any) -> dict[str, dict[str, Any]]:
+    """Every worker's endpoint counters added up per role (the longest wait kept)."""
+    total: dict[str, dict[str, Any]] = {}
+    for snapshot in snapshots:
+        for role, counters in snapshot.items():
+            into = total.setdefault(role, {"url": counters["url"], "wait": None})
+            for key, value in counters.items():
+                if key == "wait":
+                    if value is not None and (into["wait"] is None or value[1] > into["wait"][1]):
+                        into["wait"] = value
+                elif isinstance(value, int | float) and not isinstance(value, bool):
+                    into[key] = into.get(key, 0) + value
+    return total
 
 
 def _check_not_empty(funnel: dict[str, Any], allow_empty: bool) -> None:

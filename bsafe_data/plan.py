@@ -11,10 +11,12 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from bsafe_data.executor.flow import Flow
 from bsafe_data.generate.base import GenerationRequest
 from bsafe_data.generate.builtin import BuiltinGenerator
-from bsafe_data.methods.base import Resources, method_class
+from bsafe_data.methods.base import Resources
 from bsafe_data.recipe import Recipe
+from bsafe_data.registry import method_class
 from bsafe_data.sources import read_sources
 from bsafe_data.stages.segment import load_nlp
 from bsafe_data.tokenization import load_tokenizer
@@ -74,7 +76,7 @@ def plan_build(recipe: Recipe, limit: int | None = None, latency_s: float = 2.0)
             sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
         )
         if not result.samples and chunk:
-            out = method.process(chunk[:20])
+            out = Flow(method).run(0, chunk[:20])
             result.samples = (out.kept["train"] + out.kept["test"])[:3]
     spec = recipe.generator
     per_request = min(spec.max_tokens, proxy_tokens / max(1, result.requests) + _TAG_OVERHEAD_TOKENS)

@@ -1,7 +1,10 @@
-"""Recipe models: what a build does, as pydantic models loaded from YAML.
+"""Recipe models: the sections every build has, as pydantic models, and their YAML loading.
 
-The JSON Schema in ``schemas/recipe.schema.json`` is generated from these models
-(``bsafe-data schema``), never written by hand.
+Each method's own recipe model (``method: Literal[NAME]`` and its sections) lives in its module;
+``bsafe_data.registry`` knows them all and parses a recipe with the model its ``method`` names
+(``parse_with`` here does the work for any set of models). The JSON Schema in
+``schemas/recipe.schema.json`` is generated from the models (``bsafe-data schema``), never written
+by hand.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -45,6 +50,22 @@ RLBF_CATEGORIES: tuple[str, ...] = (
     "Finance",
     "Legal",
 )
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """``url`` unless it has a ``user:password@`` part (the message never repeats the URL)."""
+    if url is not None:
+        try:
+            parts = urlsplit(url)
+            secret = parts.username is not None or parts.password is not None
+        except ValueError:
+            secret = "@" in url
+        if secret:
+            raise ValueError(
+                "the URL holds credentials (user:password@); remove them and put the key in the "
+                "environment variable named by api_key_env"
+            )
+    return url
 
 
 class Strict(BaseModel):
@@ -164,6 +185,12 @@ class GeneratorSpec(Strict):
     tokens_per_minute: int | None = Field(None, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)
+    max_retry_after_s: float = Field(
+        120.0,
+        ge=0,
+        description="longest Retry-After the server may ask for; a longer one fails that request as "
+        "transient (a re-run retries it)",
+    )
     refusal_retries: int = Field(2, ge=0, description="re-asks with another seed after a refusal")
     max_error_fraction: float = Field(
         0.2,
@@ -175,6 +202,11 @@ class GeneratorSpec(Strict):
     prices: dict[str, float] | None = Field(
         None, description="USD per 1M tokens: {'input': .., 'output': ..}"
     )
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return _without_credentials(value)
 
 
 class ControlSpec(Strict):
@@ -246,6 +278,14 @@ class EndpointSpec(_ClassifierBase):
     max_concurrency: int = Field(16, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(4, ge=0)
+    max_retry_after_s: float = Field(
+        120.0, ge=0, description="longest Retry-After honoured; a longer one fails that request (transient)"
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        return _without_credentials(value)
 
 
 class ModerationSpec(EndpointSpec):
@@ -550,7 +590,7 @@ class Recipe(Strict):
     """What every build has: sources → method → labels → filters → dataset folder.
 
     Each method subclasses it with ``method: Literal[NAME]`` and its own sections (BSAFE+ adds
-    ``sampling`` and ``control``); ``parse_recipe`` picks the model from the ``method`` field.
+    ``sampling`` and ``control``); ``registry.parse_recipe`` picks the model from the ``method`` field.
     """
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -587,8 +627,7 @@ class Recipe(Strict):
         RPM, TPM and max-concurrency are per recipe, not per worker: N workers that share no
         memory (Ray actors, on any node) each get 1/N of them, so together they stay within the
         limit (a limit below N still gives each worker 1: use fewer workers). The split is static:
-        an idle worker does not lend its share. (The processes executor shares the limits
-        themselves instead: ``llm.shared``.) Nothing that changes a row is touched.
+        an idle worker does not lend its share. Nothing that changes a row is touched.
         """
         if workers <= 1:
             return self
@@ -615,32 +654,6 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         """The resolved recipe as YAML (written next to the dataset)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-class BsafePlusRecipe(Recipe):
-    """BSAFE+: inject a violation into a safe answer, then ``[CATEGORY c][BACKTRACK_BY_X]``."""
-
-    method: Literal["bsafe_plus"] = "bsafe_plus"
-    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
-    control: ControlSpec = Field(default_factory=ControlSpec)
-
-    @property
-    def categories(self) -> list[str]:
-        """The sampled categories, in recipe order."""
-        return list(self.sampling.categories)
-
-
-#: method name -> its recipe model; ``register_recipe`` adds methods defined elsewhere.
-RECIPE_MODELS: dict[str, type[Recipe]] = {"bsafe_plus": BsafePlusRecipe}
-
-
-def register_recipe(model: type[Recipe]) -> type[Recipe]:
-    """Make ``parse_recipe`` accept ``method: NAME`` for ``model`` (its ``method`` default)."""
-    name = model.model_fields["method"].default
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{model.__name__}.method needs a default naming the method")
-    RECIPE_MODELS[name] = model
-    return model
 
 
 class RecipeError(Exception):
@@ -752,8 +765,14 @@ def _safe_load(text: str, source: str) -> Any:
     return yaml.safe_load(text)
 
 
-def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
-    """Parse YAML text into a Recipe; every problem is reported at once as a RecipeError."""
+def parse_with(
+    models: Mapping[str, type[Recipe]],
+    text: str,
+    source: str = "<recipe>",
+    overrides: list[str] | None = None,
+) -> Recipe:
+    """Parse YAML text with the model ``models[method]`` names (``method`` defaults to
+    ``bsafe_plus``); every problem is reported at once as a RecipeError."""
     try:
         data = _safe_load(text, source)
     except yaml.YAMLError as exc:
@@ -768,12 +787,10 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         apply_overrides(data, overrides or [])
     except (ValueError, IndexError, TypeError, KeyError) as exc:
         raise RecipeError(source, [("--set", None, str(exc))]) from None
-    import bsafe_data.methods  # noqa: F401 - registers the package's own methods (their recipe models)
-
     method = data.get("method", "bsafe_plus")
-    model = RECIPE_MODELS.get(method) if isinstance(method, str) else None
+    model = models.get(method) if isinstance(method, str) else None
     if model is None:
-        known = ", ".join(sorted(RECIPE_MODELS))
+        known = ", ".join(sorted(models))
         line = _line_index(text).get(("method",))
         raise RecipeError(source, [("method", line, f"unknown method {method!r} (known: {known})")])
     try:
@@ -792,24 +809,23 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         raise RecipeError(source, problems) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe file, applying ``--set`` overrides; raises RecipeError with every problem."""
+def load_with(
+    models: Mapping[str, type[Recipe]], path: str | Path, overrides: list[str] | None = None
+) -> Recipe:
+    """Load a recipe file (see ``parse_with``), applying ``--set`` overrides; raises RecipeError
+    with every problem."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(str(path), [("", None, f"cannot read recipe: {exc.strerror}")]) from None
-    return parse_recipe(text, str(path), overrides)
+    return parse_with(models, text, str(path), overrides)
 
 
-def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema of the recipe, generated from the pydantic models (one branch per method)."""
+def json_schema_of(models: tuple[type[Recipe], ...]) -> dict[str, Any]:
+    """JSON Schema of a recipe of any of ``models`` (one branch per method)."""
     from pydantic import TypeAdapter
 
-    import bsafe_data.methods  # noqa: F401 - registers the package's own methods (their recipe models)
-
-    # the package's own methods: a schema file must not depend on what a session registered
-    models = tuple(m for m in RECIPE_MODELS.values() if m.__module__.startswith("bsafe_data."))
     union = models[0] if len(models) == 1 else Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007
     schema = TypeAdapter(union).json_schema()
     schema["title"] = "Recipe"

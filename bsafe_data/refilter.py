@@ -50,9 +50,8 @@ from bsafe_data.columnar import (
     struct_field,
     taken,
 )
-from bsafe_data.methods.base import method_class
-from bsafe_data.plots import start_plotter
-from bsafe_data.recipe import Recipe, RecipeError, load_recipe
+from bsafe_data.recipe import Recipe, RecipeError
+from bsafe_data.registry import load_recipe, method_class
 from bsafe_data.rows import rejected_features
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.sample import split_of as sample_split
@@ -186,7 +185,6 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
     method = method_class(old)
     manifest = json.loads(manifest_path.read_text())
     judged_bad = annotator_rejections(folder, audit) if audit else {}
-    start_plotter()  # matplotlib loads in its own process while the folder is read and decided
     table, stored = read_folder(folder, method.features)
     entries = list_entries(table.column("scores").combine_chunks())
     _check_classifiers(old, new, set(entries["classifier"].unique().to_list()))
@@ -378,18 +376,14 @@ def _order_columns(
 ) -> list[Any]:
     """Sort keys for ``frame`` (in table order) giving the build's order: (chunk, order_key).
 
-    The method's ``order_key`` hook decides; the two hooks of the package (``Method``'s and
-    BSAFE+'s: rejected source rows first, then source position, then id or ``…/vN`` variant) are
-    evaluated on columns, any other on the rows themselves."""
-    from bsafe_data.methods.base import Method
-    from bsafe_data.methods.bsafe_plus import BsafePlusMethod
-
-    hook = getattr(method.order_key, "__func__", None)
+    The method's ``row_order`` declaration decides: by id or by ``…/vN`` variant (after rejected
+    source rows, by source position) is evaluated on columns; a method's own ``order_key``
+    (``row_order`` None) on the rows themselves."""
     level = (pl.col("segments") > 0).cast(pl.Int64)
-    if hook is Method.order_key.__func__:
+    if method.row_order == "id":
         return [pl.col("chunk"), level, pl.col("position"), pl.col("id")]
     ids = frame["id"]
-    if hook is BsafePlusMethod.order_key.__func__ and not ids.str.contains("\n").any():
+    if method.row_order == "variant" and not ids.str.contains("\n").any():
         digits = pl.col("id").str.extract(r"/v([0-9]+)$", 1)  # `\d` in re is Unicode: checked below
         plain = (
             frame.select(digits.is_not_null().sum()).item()
@@ -573,50 +567,40 @@ def _shaped(table: pa.Table, schema: pa.Schema) -> pa.Table:
 CountColumns = Callable[[pl.DataFrame, pa.Table, dict[int, ChunkStats]], None]
 
 
-def _hook(cls: type, name: str) -> Any:
-    return getattr(getattr(cls, name), "__func__", getattr(cls, name))
-
-
 def _counts_columns(method: type[Method]) -> CountColumns | None:
-    """The columnar twin of the method's ``count_row`` hook, when chunks can be counted and
-    written from columns: the method emits rows as ``Method`` does (no ``emit`` or
-    ``chunk_from_rows`` of its own, no extra configs) and its ``count_row`` is ``Method``'s or
-    BSAFE+'s. None: the chunk is rebuilt from row dicts (``chunk_from_rows``), as before."""
-    from bsafe_data.methods.base import Method
-    from bsafe_data.methods.bsafe_plus import BsafePlusMethod
-
-    if method.extra_configs or any(
-        _hook(method, name) is not _hook(Method, name) for name in ("emit", "chunk_from_rows", "new_output")
-    ):
+    """The columnar twin of the method's row counters, when chunks can be counted and written from
+    columns: no extra configs, and counters the method declares (``counts``). None: the chunk is
+    rebuilt from row dicts (``chunk_from_rows``)."""
+    counts = method.counts
+    if method.extra_configs or counts is None:
         return None
-    count_row = _hook(method, "count_row")
-    if count_row is _hook(Method, "count_row"):
-        return _count_nothing
-    if count_row is _hook(BsafePlusMethod, "count_row"):
-        return _count_injections
-    return None
+
+    def count(kept: pl.DataFrame, table: pa.Table, stats: dict[int, ChunkStats]) -> None:
+        _count_injections(counts, kept, table, stats)
+
+    return count
 
 
-def _count_nothing(kept: pl.DataFrame, table: pa.Table, stats: dict[int, ChunkStats]) -> None:
-    """``Method.count_row``: no method counters."""
-
-
-def _count_injections(kept: pl.DataFrame, table: pa.Table, stats: dict[int, ChunkStats]) -> None:
-    """``BsafePlusMethod.count_row`` on columns: categories, rounded positions and X per
-    tokenizer of kept rows with an injection, in row order."""
+def _count_injections(
+    counts: frozenset[str], kept: pl.DataFrame, table: pa.Table, stats: dict[int, ChunkStats]
+) -> None:
+    """``Method.count_row`` on columns: of kept rows with an injection, in row order, what
+    ``counts`` names: categories, rounded positions, X per tokenizer."""
     rows = kept.filter(pl.col("has_injection"))
-    if not rows.height:
+    if not rows.height or not counts:
         return
-    for chunk, category, n in rows.group_by(["chunk", "category"], maintain_order=True).len().iter_rows():
-        stats[chunk].categories[category] = n
+    if "categories" in counts:
+        for chunk, category, n in rows.group_by(["chunk", "category"], maintain_order=True).len().iter_rows():
+            stats[chunk].categories[category] = n
     src = rows["src"].to_numpy()
     chunks = rows["chunk"].to_numpy()
-    injection = taken(table.column("injection"), src)
-    positions = [round(p, 4) for p in struct_field(injection, "relative_position").to_pylist()]
-    for chunk, start, end in _runs(chunks):
-        stats[chunk].positions.extend(positions[start:end])
+    if "positions" in counts:
+        injection = taken(table.column("injection"), src)
+        positions = [round(p, 4) for p in struct_field(injection, "relative_position").to_pylist()]
+        for chunk, start, end in _runs(chunks):
+            stats[chunk].positions.extend(positions[start:end])
     backtrack = list_entries(taken(table.column("backtrack"), src))
-    if backtrack.height:
+    if "backtrack" in counts and backtrack.height:
         backtrack = backtrack.with_columns(pl.Series("chunk", chunks[backtrack["r"].to_numpy()]))
         grouped = backtrack.group_by(["chunk", "tokenizer"], maintain_order=True).agg(pl.col("tokens"))
         for chunk, tokenizer, tokens in grouped.iter_rows():

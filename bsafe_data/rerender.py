@@ -255,9 +255,9 @@ def rerender_folder(
     from bsafe_data.executor.local import write_chunk
     from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
     from bsafe_data.integrity import verify
-    from bsafe_data.methods.base import method_class
-    from bsafe_data.recipe import RecipeError, load_recipe
+    from bsafe_data.recipe import RecipeError
     from bsafe_data.refilter import read_rows
+    from bsafe_data.registry import load_recipe, method_class
     from bsafe_data.rows import ROW_ARROW_SCHEMA
     from bsafe_data.stages.stats import funnel_of
     from bsafe_data.writer import ChunkFolders, write_dataset_folder

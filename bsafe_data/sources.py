@@ -392,7 +392,7 @@ def read_source(spec: SourceSpec) -> Iterator[SourceItem]:
 
 
 def _found_keys(spec: SourceSpec) -> str:
-    """", found columns [...]" from the first record, to say what a mapping must name."""
+    """ ", found columns [...]" from the first record, to say what a mapping must name."""
     try:
         first = next(iter(_raw_records(spec)), None)
     except SourceError:
@@ -435,3 +435,35 @@ def read_sources(specs: list[SourceSpec], limit: int | None = None) -> Iterator[
                 return
             count += 1
             yield item
+
+
+def count_source_rows(specs: list[SourceSpec], limit: int | None = None) -> int | None:
+    """How many source rows ``read_sources`` will yield, when that is cheap to know (JSONL lines,
+    CSV records, parquet metadata); None otherwise (JSON files, Hugging Face streams)."""
+    total = 0
+    for spec in specs:
+        try:
+            rows = _count_rows(spec)
+        except (OSError, SourceError, ValueError, csv.Error):
+            return None
+        if rows is None:
+            return None
+        total += rows if spec.limit is None else min(rows, spec.limit)
+    return total if limit is None else min(total, limit)
+
+
+def _count_rows(spec: SourceSpec) -> int | None:
+    if spec.hf is not None:
+        return None
+    path = resolve_path(spec.path or "")
+    fmt = detect_format(path) if spec.format == "auto" else spec.format
+    if fmt == "jsonl":
+        with path.open("rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    if fmt == "csv":
+        return sum(1 for _ in _records_csv(path, sniff_encoding(path, spec.encoding)))
+    return None

@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bsafe_data.classify.base import ERROR_LABEL
-from bsafe_data.recipe import ALL_TARGETS, Recipe, load_recipe
+from bsafe_data.recipe import ALL_TARGETS, Recipe
+from bsafe_data.registry import load_recipe
 
 SCORE_PLOT_PREFIX = "plots/scores_"
 

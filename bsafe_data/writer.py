@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from bsafe_data import __version__
 from bsafe_data.integrity import file_entries
-from bsafe_data.plots import in_background
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import SCHEMA_VERSION, rejected_features
 from bsafe_data.stages.sample import fifths_histogram
@@ -214,7 +213,7 @@ def write_dataset_folder(
     ``scores``: the rows' score summaries when the caller holds them (refilter), else they are
     read from the parts' ``scores`` columns."""
     from bsafe_data.card import render_card
-    from bsafe_data.methods.base import method_class
+    from bsafe_data.registry import method_class
     from bsafe_data.stats import summarised, write_score_plots
 
     method = method_class(recipe)  # its `features` are the shards' columns
@@ -239,7 +238,7 @@ def write_dataset_folder(
         files["rejected"]["train"] = shards.add("rejected", rejected, schema, out_dir / "rejected", "train")
     # while the shards encode (threads) and the figures are drawn (the plotter process), the
     # card is written from the parts; only the files' hashes wait for both
-    with in_background(), shards.running():
+    with shards.running():
         plots = method.plots(out_dir, stats)
         summaries = scores if scores is not None else summarised(_part_scores(rows), recipe)
         plots += write_score_plots(out_dir, recipe, summaries=summaries)

@@ -432,7 +432,7 @@ def make_recipe(corpus: Any, filters: dict[str, Any], *overrides: str) -> Any:
     """The flagship recipe on ``corpus`` with ``filters``, the primary tokenizer only, 3 variants."""
     from pathlib import Path
 
-    from bsafe_data.recipe import load_recipe
+    from bsafe_data.registry import load_recipe
 
     flagship = Path(__file__).parent.parent / "recipes" / "bsafe_plus.yaml"
     return load_recipe(

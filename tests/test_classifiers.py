@@ -31,7 +31,8 @@ from bsafe_data.classify.taxonomy import (
 )
 from bsafe_data.label import chat_frame
 from bsafe_data.pipeline import BuildError, build
-from bsafe_data.recipe import RLBF_CATEGORIES, DedupeSpec, FilterSpec, parse_recipe
+from bsafe_data.recipe import RLBF_CATEGORIES, DedupeSpec, FilterSpec
+from bsafe_data.registry import parse_recipe
 from tests.conftest import REPO
 from tests.guard_server import REFUSAL_SOURCE, ZORBLAX_SOURCE, GuardServer, make_recipe, write_corpus
 

@@ -218,6 +218,56 @@ def test_partial_failures_leave_an_incomplete_build_that_a_rerun_finishes(server
     assert parquet_bytes(out) == parquet_bytes(reference)
 
 
+def test_a_retry_after_beyond_the_limit_ends_the_request_and_the_build_says_so(server, tmp_path):
+    """Every request answered 429 with Retry-After: 86400. Nothing waits a day: each request fails
+    as transient at once, the error budget stops the build with one message naming the wait."""
+    path = corpus(tmp_path / "c.jsonl", good_rows(12))
+    server.reset(fault="429", fault_count=0, retry_after="86400")
+    started = time.monotonic()
+    try:
+        stopped = llm_build(server, path, tmp_path / "out", tmp_path / "cache")
+    finally:
+        server.reset(retry_after="0")
+    assert time.monotonic() - started < 120
+    assert stopped.returncode == 1, stopped.stderr
+    assert "HTTP 429" in stopped.stderr and "generator endpoint" in stopped.stderr
+    assert server.stats()["chat"] <= 12  # one request each: none was retried
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_waits_are_shown_with_what_and_how_long(server, tmp_path):
+    """A server that throttles for 3 s: the build waits it out (Retry-After honoured) and prints
+    which endpoint waits, how long, and why; the rows are the same as without the wait."""
+    path = corpus(tmp_path / "c.jsonl", good_rows(6))
+    server.reset(fault="429", fault_count=1, retry_after="3")
+    try:
+        waited = llm_build(server, path, tmp_path / "out", tmp_path / "cache")
+    finally:
+        server.reset(retry_after="0")
+    assert waited.returncode == 0, waited.stderr
+    log = " ".join(waited.stderr.split())
+    assert "generator: waiting" in log and "HTTP 429" in log and "the server asked for 3 s" in log
+    reference = tmp_path / "reference"
+    assert llm_build(server, path, reference, tmp_path / "cache_ref").returncode == 0
+    assert parquet_bytes(tmp_path / "out") == parquet_bytes(reference)
+
+
+def test_credentials_in_an_endpoint_url_are_refused_without_printing_them(server, tmp_path):
+    path = corpus(tmp_path / "c.jsonl", good_rows(3))
+    secret = "hunter2-secret"
+    url = server.url.replace("http://", f"http://alice:{secret}@")
+    refused = cli("validate", FLAGSHIP, "--set", f"generator.base_url={url}")
+    assert refused.returncode == 2
+    assert "credentials" in refused.stderr and secret not in refused.stderr + refused.stdout
+    env_build = cli(
+        "build", FLAGSHIP, "--out", str(tmp_path / "env"), "--source", str(path),
+        "--set", "generator.provider=openai", "--set", "generator.model=gen-model",
+        env={"OPENAI_BASE_URL": url, "FAULT_KEY": KEY},
+    )  # fmt: skip
+    assert env_build.returncode == 1
+    assert "credentials" in env_build.stderr and secret not in env_build.stderr + env_build.stdout
+
+
 # -- 4. the output folder is owned ------------------------------------------------------------
 
 

@@ -74,7 +74,7 @@ def test_rerun_and_relabel_make_zero_requests(server, tmp_path):
     sent = server.stats()["chat"]
     usage = manifest(tmp_path / "a")["usage"]
     assert sent > 0 and usage["requests"] == sent and usage["cache_hits"] == 0
-    assert manifest(tmp_path / "a")["timings"]["generate"] > 0
+    assert manifest(tmp_path / "a")["timings"]["waiting"] > 0  # for answers
     rows = load_dataset(str(tmp_path / "a"))["train"]
     assert any(r["kind"] == "injected" and r["generator"]["model"] == "gen-model" for r in rows)
 
@@ -226,29 +226,30 @@ def most_in_flight(arrivals: list[float], latency_s: float) -> int:
     return max((sum(1 for b in arrivals if a - window < b <= a) for a in arrivals), default=0)
 
 
-def test_processes_workers_share_one_concurrency_limit(server, tmp_path):
-    """max_concurrency 4 between 2 workers: a lone worker with requests uses all 4 slots (a static
-    split gave it 2), and two busy workers together never hold more than 4 (0.5 s latency)."""
+def test_processes_workers_split_the_concurrency_limit(server, tmp_path):
+    """max_concurrency 4 between 2 workers: each holds at most its 2 (a lone worker too), both
+    busy together hold 4, never more (0.5 s latency); the rows are those of a local build."""
     server.reset(latency_s=0.5)
-    extra = (
-        "--set", "sampling.clean_fraction=0", "--set", "generator.max_concurrency=4",
-        "--set", "execution.executor=processes", "--set", "execution.workers=2",
-    )  # fmt: skip
+    extra = ("--set", "sampling.clean_fraction=0", "--set", "generator.max_concurrency=4",
+             "--set", "output.chunk_rows=12")  # fmt: skip
+    pool = ("--set", "execution.executor=processes", "--set", "execution.workers=2")
     try:
         lone = build(server, write_corpus(tmp_path / "one.jsonl", 12), tmp_path / "one", tmp_path / "c1",
-                     "--set", "output.chunk_rows=12", *extra)  # fmt: skip
+                     *extra, *pool)  # fmt: skip
         lone_arrivals = server.arrivals()
         server.reset(latency_s=0.5)
-        both = build(server, write_corpus(tmp_path / "two.jsonl", 24), tmp_path / "two", tmp_path / "c2",
-                     "--set", "output.chunk_rows=12", *extra)  # fmt: skip
+        corpus = write_corpus(tmp_path / "two.jsonl", 24)
+        both = build(server, corpus, tmp_path / "two", tmp_path / "c2", *extra, *pool)
         both_arrivals = server.arrivals()
+        server.reset(latency_s=0.0)
+        local = build(server, corpus, tmp_path / "local", tmp_path / "c3", *extra)
     finally:
         server.reset(latency_s=0.0)
-    assert lone.returncode == 0, lone.stderr
-    assert both.returncode == 0, both.stderr
+    assert lone.returncode == 0 and both.returncode == 0 and local.returncode == 0, both.stderr
     assert len(lone_arrivals) == 12 and len(both_arrivals) == 24  # one request per row
-    assert 3 <= most_in_flight(lone_arrivals, 0.5) <= 4, lone_arrivals
-    assert most_in_flight(both_arrivals, 0.5) <= 4, both_arrivals
+    assert most_in_flight(lone_arrivals, 0.5) == 2, lone_arrivals
+    assert 3 <= most_in_flight(both_arrivals, 0.5) <= 4, both_arrivals
+    assert parquet(tmp_path / "two") == parquet(tmp_path / "local")
 
 
 def test_the_next_chunks_requests_are_in_flight_while_a_chunk_is_finished(server, tmp_path):

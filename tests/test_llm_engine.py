@@ -27,10 +27,12 @@ from bsafe_data.inject import (  # noqa: E402
     parse_output,
 )
 from bsafe_data.llm.cache import ResponseCache, cache_prune, cache_stats, request_key  # noqa: E402
-from bsafe_data.llm.client import ChatEngine, check_endpoint, parse_completion  # noqa: E402
+from bsafe_data.llm.client import check_endpoint, parse_completion  # noqa: E402
+from bsafe_data.llm.engine import Call, Engine  # noqa: E402
 from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact  # noqa: E402
 from bsafe_data.llm.ratelimit import RateLimiter  # noqa: E402
 from bsafe_data.llm.retry import backoff_s, parse_duration_s, retry_after_s  # noqa: E402
+from bsafe_data.llm.transport import PRIORITY, Transport  # noqa: E402
 from bsafe_data.recipe import GeneratorSpec  # noqa: E402
 
 MODEL = "test-model"
@@ -117,9 +119,8 @@ def test_check_endpoint_unreachable():
 
 # -- happy path, normalisation, usage, cache ------------------------------------------------------
 def test_batch_parses_and_normalises(srv, tmp_path):
-    events = []
     spec = spec_for(srv, prices={"input": 1.0, "output": 2.0})
-    gen = OpenAIGenerator(spec, cache_dir=tmp_path / "c", progress=events.append)
+    gen = OpenAIGenerator(spec, cache_dir=tmp_path / "c")
     try:
         out = gen.generate_batch([req(0), req(1, part1=""), req(2, category="Hate Speech")])
     finally:
@@ -136,7 +137,6 @@ def test_batch_parses_and_normalises(srv, tmp_path):
     expected = (usage["input_tokens"] * 1.0 + usage["output_tokens"] * 2.0) / 1e6
     assert usage["cost_usd"] == pytest.approx(expected, rel=1e-3)
     assert out[0].usage["requests"] == 1 and out[0].usage["input_tokens"] > 0
-    assert events and events[-1]["done"] == 3 and events[-1]["total"] == 3
     assert srv.stats()["models"] == 1  # the endpoint check ran once
 
 
@@ -397,56 +397,6 @@ def test_a_greedy_sender_never_gets_more_than_the_limit_in_any_minute(per_minute
     assert len(grants) >= 0.95 * 5 * per_minute  # and the budget is used
 
 
-def _greedy_grants(budget, seconds: float, out) -> None:  # a forked worker: take every grant
-    limiter = RateLimiter(shared=budget)
-
-    async def go() -> list[float]:
-        grants, end = [], time.monotonic() + seconds
-        while time.monotonic() < end:
-            await limiter.acquire()
-            grants.append(time.monotonic())
-        return grants
-
-    out.send(asyncio.run(go()))
-
-
-def test_forked_workers_draw_on_one_shared_rpm_budget():
-    """Two processes taking every grant of one 120/min budget get 2/s between them (plus the
-    one-second burst), both get some, and not twice the limit."""
-    import multiprocessing
-
-    from bsafe_data.llm.shared import SharedBudget
-
-    context = multiprocessing.get_context("fork")
-    budget = SharedBudget(context, 120, None)
-    pipes = [context.Pipe(duplex=False) for _ in range(2)]
-    workers = [context.Process(target=_greedy_grants, args=(budget, 3.0, w)) for _, w in pipes]
-    for worker in workers:
-        worker.start()
-    per_worker = [r.recv() for r, _ in pipes]
-    for worker in workers:
-        worker.join(10)
-    assert all(per_worker), per_worker  # each worker was granted requests
-    grants = sorted(t for times in per_worker for t in times)
-    for i, start in enumerate(grants):  # the bucket's envelope: 2/s plus a burst of 2
-        for j in range(i, len(grants)):
-            assert j - i + 1 <= 2 * (grants[j] - start + 1.05) + 1, (i, j)
-    assert 6 <= len(grants) <= 2 * 3.0 + 2 + 1
-
-
-def test_shared_tpm_budget_settles_across_processes():
-    import multiprocessing
-
-    from bsafe_data.llm.shared import SharedBudget
-
-    budget = SharedBudget(multiprocessing.get_context("fork"), None, 600_000)  # a burst of 10000
-    assert budget.tracks_tokens
-    assert budget.try_take(9000) == 0.0
-    assert budget.try_take(9000) > 0  # 1000 left: about 0.8 s of refill
-    budget.settle(9000, 1000)  # the first request used far less than reserved: refund
-    assert budget.try_take(9000) == 0.0
-
-
 def test_tpm_limiter_reserves_and_settles():
     limiter = RateLimiter(tokens_per_minute=600_000)  # a burst of 10000, then ~9800 per s
 
@@ -471,35 +421,69 @@ def test_tpm_engine_end_to_end(srv, tmp_path):
 
 
 # -- engine directly ----------------------------------------------------------------------------
-def test_engine_fast_path_and_failures(srv):
-    async def go():
-        engine = ChatEngine(srv.url, max_concurrency=4, timeout_s=2, max_retries=1, backoff_base_s=0.01)
-        await engine.open()
-        try:
-            body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
-            done = await engine.complete(body)
-            assert "<harmful>" in done.text and done.finish_reason == "stop" and done.attempts == 1
-            bad = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "[[fault:500:0]]"}]})
-            with pytest.raises(RequestFailed) as info:
-                await engine.complete(bad.encode())
-            assert info.value.attempts == 2
-            big = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "[[fault:413:0]]"}]})
-            with pytest.raises(RequestFailed, match="HTTP 413"):
-                await engine.complete(big.encode())
-            seen = []
+def _chat_call(content: str) -> Call:
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": content}]}).encode()
+    return Call("/chat/completions", body, request_key(body, "test/1"), MODEL, parse_completion)
 
-            async def handler(i: int) -> None:
-                await engine.complete(body)
-                seen.append(i)
 
-            await engine.run(range(10), handler)
-            assert sorted(seen) == list(range(10))
-            return engine.stats
-        finally:
-            await engine.close()
+def test_engine_asks_each_call_once_and_serves_it_from_the_cache(srv, tmp_path):
+    """The one cache loop: identical calls in flight share one request; a finished answer is
+    served from memory, then from the cache file by a new engine; a failure is recorded, not
+    served, and asked again next time."""
 
-    stats = asyncio.run(go())
-    assert stats.requests == 1 + 2 + 1 + 10 and stats.retries == 1 and stats.failed == 2
+    def endpoint(engine: Engine):
+        return engine.endpoint("generator", lambda: Transport(srv.url, max_concurrency=4, timeout_s=2,
+                                                             max_retries=1, backoff_base_s=0.01))  # fmt: skip
+
+    engine = Engine(tmp_path / "cache")
+    try:
+        ep = endpoint(engine)
+        replies = engine.gather([ep.ask(_chat_call("hi")) for _ in range(5)])
+        assert srv.stats()["chat"] == 1 and [r.cached for r in replies].count(False) == 1
+        assert engine.run(ep.ask(_chat_call("hi"))).cached
+        with pytest.raises(RequestFailed) as info:
+            engine.run(ep.ask(_chat_call("[[fault:500:0]]")))
+        assert info.value.attempts == 2 and not info.value.final
+        with pytest.raises(RequestFailed, match="HTTP 413") as info:
+            engine.run(ep.ask(_chat_call("[[fault:413:0]]")))
+        assert info.value.final
+        snapshot = engine.snapshot()["generator"]
+        assert snapshot["done"] == 6 and snapshot["failed"] == 2 and snapshot["cache_hits"] == 5
+        assert snapshot["in_flight"] == 0 and snapshot["url"] == srv.url
+    finally:
+        engine.close()
+    asked = srv.stats()["chat"]
+    engine = Engine(tmp_path / "cache")
+    try:
+        assert engine.run(endpoint(engine).ask(_chat_call("hi"))).cached
+        with pytest.raises(RequestFailed):
+            engine.run(endpoint(engine).ask(_chat_call("[[fault:500:0]]")))
+    finally:
+        engine.close()
+    assert srv.stats()["chat"] == asked + 2  # the failure was asked again (twice: one retry)
+
+
+def test_transport_serves_waiting_requests_by_priority(srv):
+    """With one slot, the request of an older chunk (lower priority number) goes first."""
+    srv.configure(latency_s=0.2)
+
+    async def go() -> list[int]:
+        transport = Transport(srv.url, max_concurrency=1, timeout_s=5)
+        order: list[int] = []
+
+        async def one(priority: int) -> None:
+            PRIORITY.set(priority)
+            body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": str(priority)}]})
+            await transport.send("/chat/completions", body.encode(), parse_completion)
+            order.append(priority)
+
+        async with transport:
+            first = asyncio.ensure_future(one(5))  # takes the slot
+            await asyncio.sleep(0.01)
+            await asyncio.gather(first, *(asyncio.ensure_future(one(p)) for p in (3, 9, 1)))
+        return order
+
+    assert asyncio.run(go()) == [5, 1, 3, 9]
 
 
 def test_parse_completion_rejects_malformed():

@@ -141,7 +141,8 @@ def test_rows_without_a_span_or_with_a_flagged_continuation_are_rejected(tmp_pat
 
 def test_recipe_refuses_unknown_detector_or_checker():
     import bsafe_data.methods  # noqa: F401 - registers the method's recipe model
-    from bsafe_data.recipe import RecipeError, load_recipe
+    from bsafe_data.recipe import RecipeError
+    from bsafe_data.registry import load_recipe
 
     assert type(load_recipe(RECIPE)).__name__ == "BsafeRecipe"
     for override in ("detect.classifier=nope", "continuation.check=[builtin, nope]"):

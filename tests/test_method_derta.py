@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from bsafe_data import end_of_turn
 from bsafe_data.methods.derta import export_derta, prefix_labels, rto_labels
-from bsafe_data.recipe import load_recipe
+from bsafe_data.registry import load_recipe
 from tests.conftest import REPO, TOKENIZER_DIRS
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))

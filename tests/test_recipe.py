@@ -13,14 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bsafe_data.cli import app
-from bsafe_data.recipe import (
-    RLBF_CATEGORIES,
-    Recipe,
-    RecipeError,
-    load_recipe,
-    parse_recipe,
-    recipe_json_schema,
-)
+from bsafe_data.recipe import RLBF_CATEGORIES, Recipe, RecipeError
+from bsafe_data.registry import load_recipe, parse_recipe, recipe_json_schema
 from tests.conftest import REPO
 
 
@@ -31,6 +25,7 @@ def parse_judge(spec: dict):
     from bsafe_data.recipe import AnyClassifierSpec
 
     return TypeAdapter(AnyClassifierSpec).validate_python(spec)
+
 
 FLAGSHIP = REPO / "recipes" / "bsafe_plus.yaml"
 CLI = Path(sys.executable).parent / "bsafe-data"

@@ -14,15 +14,16 @@ from bsafe_data.executor.local import LocalExecutor, chunked, read_chunk_rows, w
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 from bsafe_data.generate.builtin import BuiltinGenerator
 from bsafe_data.label import backtrack_counts, chat_frame
-from bsafe_data.methods.base import ChunkOutput
-from bsafe_data.recipe import DedupeSpec, FilterSpec, parse_recipe
-from bsafe_data.rows import ROW_FEATURES
-from bsafe_data.sources import Conversation, SourceRef
+from bsafe_data.methods.base import ChunkOutput, Resources
+from bsafe_data.recipe import DedupeSpec, FilterSpec
+from bsafe_data.registry import method_class, parse_recipe
+from bsafe_data.sources import Conversation, SourceRef, read_sources
 from bsafe_data.stages import adjust, classify, count, generate, rules
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.record import Injection, Record
 from bsafe_data.stages.rows import base_row, rejected_row
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
+from bsafe_data.stages.step import Step
 
 RESPONSE = "Water the fern once a week. Keep the soil moist but not wet. Avoid direct sunlight."
 CONTEXT = (("user", "How do I look after a fern?"),)
@@ -35,6 +36,17 @@ def record(offset: int | None = 27, steering: str = "", violation: str = " You i
     if offset is not None:
         rec.injection = Injection(offset, 1, "Toxic", offset / len(RESPONSE), steering, violation)
     return rec
+
+
+def run_steps(steps: list[Step], records: list[Record]) -> None:
+    """The flow's work on local tasks, step by step (each task run alone: results per record)."""
+    for step in steps:
+        if step.run is not None:
+            step.run(records)
+            continue
+        for rec in records:
+            tasks = step.ask(rec) if rec.live else []
+            step.apply(rec, [task.fn([task.arg])[0] for task in tasks])
 
 
 def test_record_parts_split_the_response():
@@ -51,11 +63,12 @@ def test_generate_applies_answers_and_records_failures():
         backend, model, template = "test", "flaky", "t"
 
         def generate_batch(self, requests):
-            return [
-                Generation(error="generator_refused"),
-                Generation(violation="   "),
-                Generation(steering=" So,", violation=" you fool."),
-            ][: len(requests)]
+            answers = {
+                "r0/v0": Generation(error="generator_refused"),
+                "r1/v0": Generation(violation="   "),
+                "r2/v0": Generation(steering=" So,", violation=" you fool."),
+            }
+            return [answers[r.row_id] for r in requests]
 
     recs = [record(rid=f"r{i}/v0") for i in range(3)]
     seen: list[GenerationRequest] = []
@@ -68,7 +81,7 @@ def test_generate_applies_answers_and_records_failures():
     def apply(rec: Record, gen: Generation) -> None:
         rec.injection.steering, rec.injection.violation = gen.steering, gen.violation
 
-    generate.apply_answers(recs, generate.send(Flaky(), recs, request_of), apply)
+    run_steps([generate.generate_step(Flaky(), request_of, apply)], recs)
     assert [r.reasons for r in recs] == [["generator_refused"], ["empty_violation"], []]
     assert recs[2].injection.inserted == " So, you fool."
     assert [r.part1 for r in seen] == ["Water the fern once a week."] * 3
@@ -83,7 +96,7 @@ def test_generate_with_the_builtin_bank_is_deterministic():
     def apply(rec: Record, gen: Generation) -> None:
         rec.injection.steering, rec.injection.violation = gen.steering, gen.violation
 
-    generate.apply_answers(recs, generate.send(BuiltinGenerator(), recs, request_of), apply)
+    run_steps([generate.generate_step(BuiltinGenerator(), request_of, apply)], recs)
     assert recs[0].injection.violation and recs[0].injection.inserted == recs[1].injection.inserted
 
 
@@ -180,7 +193,7 @@ def test_classify_runs_judges_first_and_keeps_every_score(tokenizers):
         order.append("judge")
         adjust.apply_judge_verdicts(refs, verdicts)
 
-    classify.classify([builtin, SpanJudge()], [rec, clean], classify.span_items, on_verdict)
+    run_steps(classify.classify_steps([builtin, SpanJudge()], classify.span_items, on_verdict), [rec, clean])
     assert order == ["judge"]
     assert [s["classifier"] for s in rec.scores][:4] == ["builtin"] * 4  # recipe order kept
     assert {s["target"] for s in rec.scores if s["classifier"] == "builtin"} == {
@@ -290,39 +303,34 @@ def test_chunk_writes_are_atomic_and_read_back(tmp_path: Path):
 
 
 def test_executor_shards_chunks_by_rank_and_resumes(tmp_path: Path):
-    recipe = parse_recipe("name: s\nsources: [{path: 'builtin:everyday_chat'}]\noutput: {chunk_rows: 10}\n")
-    items = list(range(45))
-    assert [len(c) for c in chunked(items, 10)] == [10, 10, 10, 10, 5]
+    recipe = parse_recipe(
+        "name: s\nsources: [{path: 'builtin:everyday_chat'}]\noutput: {chunk_rows: 10}\n"
+        "tokenizers: {extra: []}\n"
+    )
+    assert [len(c) for c in chunked(range(45), 10)] == [10, 10, 10, 10, 5]
 
-    class Counting:
-        features = ROW_FEATURES
+    def read():
+        return read_sources(recipe.sources, 45)
 
-        def __init__(self):
-            self.calls = []
+    loads = []
 
-        def start(self, chunk):
-            self.calls.append(chunk[0])
-            out = ChunkOutput()
-            out.stats.source_rows = len(chunk)
-            return lambda: out
-
-        def timed(self, stage):
-            import contextlib
-
-            return contextlib.nullcontext()
+    def load(workers):
+        loads.append(workers)
+        return method_class(recipe)(recipe, Resources.load(recipe))
 
     seen = {}
     for rank in (0, 1):
-        method = Counting()
-        executor = LocalExecutor(recipe, tmp_path, rank=rank, world_size=2)
-        run = executor.run(items, lambda _workers, m=method: m)
-        seen[rank] = method.calls
+        run = LocalExecutor(recipe, tmp_path, rank=rank, world_size=2).run(read, load)
+        seen[rank] = [path.name for path in run.chunks]
         assert sum(s.source_rows for s in run.stats) == sum(
-            len(c) for c in chunked(items, 10) if c[0] // 10 % 2 == rank
+            len(c) for i, c in enumerate(chunked(range(45), 10)) if i % 2 == rank
         )
-    assert seen == {0: [0, 20, 40], 1: [10, 30]}
-    again = Counting()
-    resumed = LocalExecutor(recipe, tmp_path, rank=0, world_size=2).run(items, lambda _workers: again)
-    assert again.calls == [] and resumed.resumed == 3
+    assert seen == {
+        0: ["chunk-000000", "chunk-000002", "chunk-000004"],
+        1: ["chunk-000001", "chunk-000003"],
+    }
+    assert loads == [2, 2]  # each worker loads its 1/N share of the endpoints' limits
+    resumed = LocalExecutor(recipe, tmp_path, rank=0, world_size=2).run(read, load)
+    assert len(loads) == 2 and resumed.resumed == 3  # nothing to process: nothing loaded
     with pytest.raises(ValueError):
         LocalExecutor(recipe, tmp_path, rank=2, world_size=2)

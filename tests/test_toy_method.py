@@ -12,14 +12,13 @@ from typing import Any, Literal
 import pytest
 from datasets import load_dataset
 
-from bsafe_data.methods import Method, register_method
+from bsafe_data.methods import Method
 from bsafe_data.pipeline import build
 from bsafe_data.plan import plan_build
-from bsafe_data.recipe import Recipe, RecipeError, parse_recipe
+from bsafe_data.recipe import Recipe, RecipeError
 from bsafe_data.refilter import refilter
-from bsafe_data.sources import Conversation
+from bsafe_data.registry import parse_recipe, register_method
 from bsafe_data.stages.record import Record
-from bsafe_data.stages.rows import base_row
 
 
 class UpperRecipe(Recipe):
@@ -37,19 +36,11 @@ class UpperMethod(Method):
     kinds = ("upper",)
     loss_segments = ("continuation",)
 
-    def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
-        return [Record(conv, self.source_key(conv), split, self.record_seed(conv, 0), "upper", spans)]
-
     def build_row(self, record: Record) -> dict[str, Any]:
-        row = base_row(record.conv, record.row_id)
         head, tail = record.frames[self.primary]
         upper = record.conv.response.upper()
-        row["kind"] = "upper"
-        row["segments"] = [{"kind": "continuation", "text": upper, "loss": True}]
-        row["prompt"], row["completion"] = head, upper + tail
-        row["scores"] = record.scores
-        return row
+        segments = [{"kind": "continuation", "text": upper, "loss": True}]
+        return self.row(record, kind="upper", segments=segments, prompt=head, completion=upper + tail)
 
 
 RECIPE = """
@@ -103,3 +94,11 @@ def test_toy_method_plans_and_refilters(toy):
 def test_unknown_method_is_a_recipe_error():
     with pytest.raises(RecipeError, match="unknown method 'nope'"):
         parse_recipe(RECIPE.replace("toy_upper", "nope"))
+
+
+def test_the_toy_method_is_small():
+    """What a method must say is its identity and its row: the rest has defaults."""
+    import inspect
+
+    lines = inspect.getsource(UpperMethod).splitlines()
+    assert len(lines) <= 30, len(lines)

@@ -2,7 +2,9 @@
 
 Every backend subclasses ``Classifier``. Simple backends implement ``score_batch(texts)``; backends
 that read the conversation (guards, the LLM judge) implement ``score_items(items)``, where an
-``Item`` carries the user turns and the answer text before the span.
+``Item`` carries the user turns and the answer text before the span. ``task(item)`` is what the
+executor's flow runs: a local backend's item joins the batch of ``score_items``; an HTTP backend
+(``classify.remote``) returns a coroutine for the engine.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from bsafe_data.stages.step import Local, Task
 
 #: Label of a score whose classifier call failed (rules reject the row with ``classifier_error``).
 ERROR_LABEL = "error"
@@ -84,6 +88,11 @@ class Classifier(ABC):
     targets: tuple[str, ...] = ALL_TARGETS
     #: True for judges whose verdict may move the injection point back (they run first)
     adjusts_spans: bool = False
+    #: True for backends whose verdicts come from an endpoint (``task`` is a coroutine)
+    remote: bool = False
+    #: True for backends that quote the violating span (``Score.detail["span_start"]``): BSAFE
+    #: lets them read the whole answer instead of scoring it sentence by sentence
+    locates_spans: bool = False
 
     def __init__(self) -> None:
         self.usage: dict[str, int] = {}
@@ -95,6 +104,10 @@ class Classifier(ABC):
     def score_batch(self, texts: Sequence[str]) -> list[Score]:
         """One Score per bare text, in order (default: ``score_items`` without conversation)."""
         return self.score_items([Item(t) for t in texts])
+
+    def task(self, item: Item) -> Task:
+        """The flow's task for one item (default: an argument of ``score_items``)."""
+        return Local(self.score_items, item)
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release connections, caches and models."""

@@ -59,6 +59,7 @@ class JudgeClassifier(RemoteClassifier):
     provider = "llm_judge"
     protocol = "classify/judge/1"
     adjusts_spans = True  # the BSAFE+ method runs judges first and may move the injection point
+    locates_spans = True
 
     def __init__(self, spec: Any, cache_dir: Any = None, categories: Sequence[str] = (), **kwargs: Any):
         super().__init__(spec, cache_dir, **kwargs)

@@ -3,25 +3,28 @@
 The score of a text is its highest category score; ``categories`` lists the native categories at
 or above ``category_threshold`` (independent of ``threshold``), highest first (rules map them to
 the recipe taxonomy, see ``taxonomy``).
-Texts are sent in batches (``input`` is a list) but cached one by one, keyed by the single-text
-request ``{"model", "input": text}``.
+Texts are sent in batches of up to ``batch_size`` (``input`` is a list; the engine joins the calls
+that are waiting) but cached one by one, keyed by the single-text request ``{"model", "input": text}``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bsafe_data.classify.base import Item, Score
 from bsafe_data.classify.remote import RemoteClassifier, Request, canonical
-from bsafe_data.llm.errors import RequestFailed
+from bsafe_data.llm.engine import Batched, Reply
 
 
-def _results(body: dict[str, Any]) -> list[dict[str, Any]]:
-    results = body["results"]
+def _results(raw: bytes) -> list[Reply]:
+    """One stored result per input of a ``/moderations`` answer."""
     out = []
-    for result in results:
+    for result in json.loads(raw)["results"]:
         scores = {str(k): float(v) for k, v in result["category_scores"].items() if v is not None}
-        out.append({"category_scores": scores, "flagged": bool(result.get("flagged", False))})
+        out.append(
+            Reply(json.dumps({"category_scores": scores, "flagged": bool(result.get("flagged", False))}))
+        )
     return out
 
 
@@ -41,22 +44,10 @@ class ModerationClassifier(RemoteClassifier):
         flagged = sorted((c for c, s in scores.items() if s >= at), key=lambda c: -scores[c])
         return Score(self.name, self.label(top), round(top, 6), tuple(flagged))
 
-    async def _fetch_all(self, todo: dict[str, tuple[Request, bytes]]) -> dict[str, Any]:
-        keys = list(todo)
-        size = self.spec.batch_size
-        batches = [keys[i : i + size] for i in range(0, len(keys), size)]
-        out: dict[str, Any] = {}
+    def batched(self, request: Request) -> Batched:
+        """Texts share requests of up to ``batch_size`` inputs."""
 
-        async def one(batch: list[str]) -> None:
-            body = canonical({"model": self.model, "input": [todo[k][0].payload["input"] for k in batch]})
-            try:
-                results = await self._post("/moderations", body, _results)
-                if len(results) != len(batch):
-                    raise RequestFailed(f"{len(results)} results for {len(batch)} inputs")
-            except RequestFailed as exc:
-                out.update(dict.fromkeys(batch, exc))
-                return
-            out.update(zip(batch, results, strict=True))
+        def body(texts: list[Any]) -> bytes:
+            return canonical({"model": self.model, "input": texts})
 
-        await self._each(batches, one)
-        return out
+        return Batched(self.spec.batch_size, request.payload["input"], body, _results)

@@ -1,36 +1,37 @@
-"""Shared plumbing of the HTTP classifiers: request keys, the response cache, logprobs.
+"""Shared plumbing of the HTTP classifiers: requests on the engine, stored answers, logprobs.
 
-Every classifier call goes through the engine's SQLite response cache (``bsafe_data.llm.cache``):
-the key is the sha256 of the canonical JSON request body (model, messages or input, sampling
-parameters) plus the classifier protocol version, never the API key or the endpoint URL. The stored
-text is the part of the answer the parser needs (JSON), so changing a parser or a threshold costs no
-request. Requests go through the generator's transport (``bsafe_data.llm.transport``, one instance
-per classifier with the spec's concurrency, timeout and retries) and so follow the package's one
-retry policy (``bsafe_data.llm.retry``): 408/409/425/429/5xx, connection errors and malformed
-answers are retried with backoff; 400/401/403/404 and an exhausted quota stop the run with
-``FatalEndpointError`` naming the classifier; a request that still fails gives that text a score
-labelled ``error`` (rules reject the row with ``classifier_error``). Texts are never logged.
+Every classifier call is asked on the build's engine (``bsafe_data.llm.engine``), at the
+classifier's own endpoint (its concurrency, timeout and retries): the response cache key is the
+sha256 of the canonical JSON request body (model, messages or input, sampling parameters) plus the
+classifier protocol version, never the API key or the endpoint URL. The stored text is the part of
+the answer the parser needs (JSON), so changing a parser or a threshold costs no request. The
+package's one retry policy applies (``bsafe_data.llm.retry``): 408/409/425/429/5xx, connection
+errors and malformed answers are retried with backoff; 400/401/403/404 and an exhausted quota stop
+the run with ``FatalEndpointError`` naming the classifier; a request that still fails gives that
+text a score labelled ``error`` (rules reject the row with ``classifier_error``). Texts are never
+logged.
+
+``ascore(item)`` is one verdict as a coroutine (the flow's ``task``); ``score_items`` asks for many
+and waits. A classifier made without an engine (a reward critic, a script) runs its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, is_unsafe
-from bsafe_data.llm.cache import ResponseCache, request_key
+from bsafe_data.llm.cache import request_key
+from bsafe_data.llm.endpoints import classifier_endpoint
+from bsafe_data.llm.engine import Batched, Call, Engine, Reply
 from bsafe_data.llm.errors import RequestFailed, failure_detail
-from bsafe_data.llm.loop import off_running_loop
-from bsafe_data.llm.shared import classifier_role
-from bsafe_data.llm.transport import Transport, resolve_endpoint
+from bsafe_data.stages.step import Remote, Task
 
-T = TypeVar("T")
 #: Logprob positions kept in the cache (the decision token is near the start of a guard's answer).
 _LOGPROB_POSITIONS = 48
 
@@ -137,27 +138,26 @@ class RemoteClassifier(Classifier):
 
     provider = "remote"
     protocol = "classify/remote/1"  # part of every cache key: bump when requests or storage change
+    remote = True
 
-    def __init__(self, spec: Any, cache_dir: Path | str | None = None, *, backoff_base_s: float = 0.5):
+    def __init__(
+        self,
+        spec: Any,
+        cache_dir: Path | str | None = None,
+        *,
+        engine: Engine | None = None,
+        backoff_base_s: float = 0.5,
+    ):
         super().__init__()
         self.spec = spec
         self.name: str = spec.name
         self.threshold: float = spec.threshold
         self.targets: tuple[str, ...] = tuple(spec.scored_targets)
         self.model: str = spec.model
-        endpoint = resolve_endpoint(spec.base_url, spec.api_key_env)
-        self.base_url, self.endpoint = endpoint.base_url, endpoint.public
-        self._transport = Transport(
-            endpoint.base_url,
-            endpoint.api_key,
-            role=classifier_role(spec.name),
-            max_concurrency=spec.max_concurrency,
-            timeout_s=spec.timeout_s,
-            max_retries=spec.max_retries,
-            backoff_base_s=backoff_base_s,
-            backoff_max_s=30.0,
-        )
-        self._cache = ResponseCache(cache_dir)
+        self._own_engine = engine is None
+        self.engine = engine if engine is not None else Engine(Path(cache_dir) if cache_dir else None)
+        self._endpoint = classifier_endpoint(self.engine, spec, backoff_base_s=backoff_base_s)
+        self.base_url, self.endpoint = self._endpoint.transport.base_url, self._endpoint.transport.public
         self.usage = {"requests": 0, "cache_hits": 0, "retries": 0, "errors": 0}
 
     # -- to implement --------------------------------------------------------------------------
@@ -173,83 +173,72 @@ class RemoteClassifier(Classifier):
         """What to store of a response body (default: a chat/completions choice)."""
         return stored_choice(body)
 
+    def batched(self, request: Request) -> Batched | None:
+        """How requests share one HTTP request (default: they do not)."""
+        return None
+
     # -- scoring -------------------------------------------------------------------------------
+    def call(self, item: Item) -> Call:
+        """The engine call that scores ``item``."""
+        request = self.request(item)
+        body = canonical(request.payload)
+
+        def extract(raw: bytes) -> Reply:
+            return Reply(json.dumps(self.extract(json.loads(raw))))
+
+        key = request_key(body, self.protocol)
+        return Call(
+            request.path, body, key, self.model, extract, batched=self.batched(request), readable=_is_json
+        )
+
+    def task(self, item: Item) -> Task:
+        """The verdict on ``item`` as a coroutine for the engine."""
+        return Remote(self.ascore(item), self._endpoint.role)
+
+    async def ascore(self, item: Item) -> Score:
+        """The verdict on one item; a failed request is an ``error`` score, never an exception
+        (``FatalEndpointError`` excepted)."""
+        usage = self.usage
+        try:
+            reply = await self._endpoint.ask(self.call(item))
+        except RequestFailed as exc:
+            usage["errors"] += 1
+            self._count_requests()
+            detail = {"error": failure_detail(exc), "transient": exc.transient}
+            return Score(self.name, ERROR_LABEL, 0.0, detail=detail)
+        if reply.cached:
+            usage["cache_hits"] += 1
+        self._count_requests()
+        try:
+            return self.parse(item, json.loads(reply.text))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            return Score(self.name, ERROR_LABEL, 0.0, detail={"error": f"unparseable: {exc}"})
+
+    def _count_requests(self) -> None:
+        stats = self._endpoint.transport.stats
+        self.usage["requests"], self.usage["retries"] = stats.requests, stats.retries
+
     def score_items(self, items: Sequence[Item]) -> list[Score]:
-        """One Score per item; identical requests are sent once; cached answers are not re-sent."""
-        if not items:
-            return []
-        requests = [self.request(i) for i in items]
-        bodies = [canonical(r.payload) for r in requests]
-        keys = [request_key(b, self.protocol) for b in bodies]
-        hits = self._cache.get_many(keys)
-        stored: dict[str, dict[str, Any]] = {}
-        for key, hit in hits.items():
-            stored[key] = json.loads(hit.text)
-        self.usage["cache_hits"] += sum(1 for k in keys if k in hits)
-        todo: dict[str, tuple[Request, bytes]] = {}
-        for key, req, body in zip(keys, requests, bodies, strict=True):
-            if key not in stored and key not in todo:
-                todo[key] = (req, body)
-        failed: dict[str, RequestFailed] = {}
-        if todo:
-            fetched = off_running_loop(asyncio.run, self._fetch_all(todo))
-            self.usage["requests"] = self._transport.stats.requests
-            self.usage["retries"] = self._transport.stats.retries
-            for key, result in fetched.items():
-                if isinstance(result, RequestFailed):
-                    failed[key] = result
-                    self.usage["errors"] += 1
-                    self._cache.put(key, model=self.model, status="error", text="", detail=result.reason)
-                else:
-                    stored[key] = result
-                    self._cache.put(key, model=self.model, status="ok", text=json.dumps(result))
-            self._cache.flush()
-        scores = []
-        for item, key in zip(items, keys, strict=True):
-            if key in failed:
-                detail = {"error": failure_detail(failed[key]), "transient": failed[key].transient}
-                scores.append(Score(self.name, ERROR_LABEL, 0.0, detail=detail))
-                continue
-            try:
-                scores.append(self.parse(item, stored[key]))
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                scores.append(Score(self.name, ERROR_LABEL, 0.0, detail={"error": f"unparseable: {exc}"}))
-        return scores
+        """One Score per item, waiting for all (identical items send one request: the engine's)."""
+        return self.engine.gather([self.ascore(item) for item in items])
 
     def label(self, score: float) -> str:
         """unsafe at or above the threshold."""
         return "unsafe" if is_unsafe(score, self.threshold) else "safe"
 
     def close(self) -> None:
-        """Commit and close the cache."""
-        self._cache.close()
+        """Close the engine this classifier runs itself (a build's engine is closed by the build)."""
+        if self._own_engine:
+            self.engine.close()
 
-    # -- HTTP ----------------------------------------------------------------------------------
-    async def _fetch_all(
-        self, todo: dict[str, tuple[Request, bytes]]
-    ) -> dict[str, dict[str, Any] | RequestFailed]:
-        """The stored form of every answer (or why it failed), by cache key."""
-        out: dict[str, dict[str, Any] | RequestFailed] = {}
 
-        async def one(entry: tuple[str, tuple[Request, bytes]]) -> None:
-            key, (req, body) = entry
-            try:
-                out[key] = await self._post(req.path, body, self.extract)
-            except RequestFailed as exc:
-                out[key] = exc
-
-        await self._each(list(todo.items()), one)
-        return out
-
-    async def _each(self, items: list[T], handler: Callable[[T], Awaitable[None]]) -> None:
-        """Run ``handler`` on every item, ``max_concurrency`` at a time, in one HTTP session."""
-        async with self._transport as transport:
-            await transport.run(items, handler, len(items))
-
-    async def _post(self, path: str, body: bytes, extract: Callable[[Any], T]) -> T:
-        """POST through the transport; ``extract`` of the JSON body of a 200 (a malformed body is
-        retried like a transport error)."""
-        return await self._transport.post(path, body, lambda raw: extract(json.loads(raw)))
+def _is_json(reply: Reply) -> bool:
+    """A stored classifier answer is JSON (anything else is a damaged entry: asked again)."""
+    try:
+        json.loads(reply.text)
+    except ValueError:
+        return False
+    return True
 
 
 def conversation(item: Item, assistant: str) -> list[dict[str, str]]:

@@ -1,49 +1,30 @@
-"""The processes executor: the local executor's chunks, run by a pool of worker processes.
+"""The processes executor: ``workers`` processes, each running the local executor on its rank.
 
-The parent reads the sources and hands out chunks (at most two per worker in flight, so memory
-stays bounded); each worker loads its own resources once (the ``load`` hook: spaCy, tokenizers,
-generator, classifiers) and writes finished chunks atomically into the same work folder the local
-executor uses, so resume, the dedupe pass and the written dataset are identical to ``local``.
-Workers are forked: the method registry and the recipe are inherited, nothing is loaded before.
-The endpoints' limits (max-concurrency slots, RPM/TPM budgets) are made in shared memory before
-the fork (``llm.shared``) and every worker's transports draw on them: together the workers stay
-within the recipe's limits, and a worker with requests uses what an idle one leaves.
+Rank/world-size sharding (as datatrove's executors): worker ``r`` of ``N`` reads the source stream
+itself and processes chunks ``i`` with ``i % N == r``, several in flight in its own flow, with its
+1/N share of every endpoint's limits (``Recipe.shared_by``: the workers together stay within them).
+Workers write finished chunks atomically into the same work folder the local executor uses, so
+resume, the dedupe pass and the written dataset are identical to ``local``. Workers are forked
+before anything is loaded (the method registry and the recipe are inherited); they report progress
+and their result over a queue.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
+import queue
+import traceback
 from pathlib import Path
 from typing import Any
 
-from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, chunk_name, run_chunk
-from bsafe_data.llm.shared import SharedEndpoint, for_recipe, install
+from bsafe_data.errors import BuildError
+from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, ReadFn
+from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe
-from bsafe_data.sources import SourceItem
-from bsafe_data.stages.stats import ChunkStats
-
-_worker: dict[str, Any] = {}  # this worker process's method, built once by ``_start``
 
 
-def _start(load: LoadFn, limits: dict[str, SharedEndpoint]) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no fork warnings
-    install(limits)  # the endpoints' slots and RPM/TPM budgets, shared with the other workers
-    _worker["load"] = load
-
-
-def _process(work: Path, index: int, chunk: list[SourceItem]) -> tuple[ChunkStats, dict[str, Any], dict]:
-    method = _worker.get("method")
-    if method is None:  # the whole limits: the shared ones keep the workers within them together
-        method = _worker["method"] = _worker["load"](1)
-    stats = run_chunk(method, work, index, chunk)
-    return stats, method.resources.usage(), {"pid": os.getpid(), **method.timings}
-
-
-def summed_usage(per_worker: Iterable[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+def summed_usage(per_worker: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """The workers' usage counters (``Resources.usage``: per client) added up per client
     (``cost_usd`` rounded like the backend's)."""
     total: dict[str, dict[str, Any]] = {}
@@ -58,54 +39,74 @@ def summed_usage(per_worker: Iterable[dict[str, dict[str, Any]]]) -> dict[str, d
     return total
 
 
+def _work(rank: int, executor: LocalExecutor, read: ReadFn, load: LoadFn, events: Any) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker; no fork warnings
+    try:
+        run = executor.run(read, load, progress=lambda tick: events.put(("tick", rank, tick)))
+        events.put(("done", rank, run))
+    except (BuildError, FatalEndpointError) as exc:
+        events.put(("failed", rank, str(exc)))
+    except BaseException:  # a bug: its traceback, for the report
+        events.put(("crashed", rank, traceback.format_exc()))
+
+
 class ProcessExecutor:
-    """Runs chunks in ``workers`` processes; same chunks, same files as ``LocalExecutor``."""
+    """Runs the chunks in ``workers`` processes; same chunks, same files as ``LocalExecutor``."""
 
     def __init__(self, recipe: Recipe, work: Path, workers: int | None = None):
-        self.plan = LocalExecutor(recipe, work)
+        self.recipe = recipe
         self.work = work
         self.workers = max(1, workers or os.cpu_count() or 1)
-        #: per worker process: its clients' usage and stage timings (summed by the caller)
-        self.usage: dict[int, dict[str, Any]] = {}
-        self.timings: dict[int, dict[str, float]] = {}
 
-    def run(
-        self,
-        items: Iterable[SourceItem],
-        load: LoadFn,
-        progress: ProgressFn | None = None,
-    ) -> ChunkRun:
-        """Process (or resume) every chunk of ``items`` in the worker pool, in chunk order."""
-        run = ChunkRun([], [], 0)
-        pending: deque[tuple[int, Future | ChunkStats]] = deque()
+    def run(self, read: ReadFn, load: LoadFn, progress: ProgressFn | None = None) -> ChunkRun:
+        """Process (or resume) every chunk in the worker processes; the run in chunk order."""
         context = multiprocessing.get_context("fork")
-
-        def finish(index: int, result: Future | ChunkStats) -> None:
-            if isinstance(result, ChunkStats):
-                stats = result
-            else:
-                stats, usage, timings = result.result()
-                pid = timings.pop("pid")
-                self.usage[pid], self.timings[pid] = usage, timings
-            run.finished(self.work / chunk_name(index), stats, progress)
-
-        limits = for_recipe(self.plan.recipe, context)  # before the fork: the workers inherit them
-        pool = ProcessPoolExecutor(
-            self.workers, mp_context=context, initializer=_start, initargs=(load, limits)
-        )
-        with pool:
-            for index, chunk, stats in self.plan.chunks(items):
-                if chunk is None:
-                    run.resumed += 1
-                    pending.append((index, stats))
+        events = context.Queue()
+        procs = []
+        for rank in range(self.workers):
+            executor = LocalExecutor(self.recipe, self.work, rank=rank, world_size=self.workers)
+            proc = context.Process(target=_work, args=(rank, executor, read, load, events), daemon=True)
+            proc.start()
+            procs.append(proc)
+        runs: dict[int, ChunkRun] = {}
+        try:
+            while len(runs) < self.workers:
+                try:
+                    kind, rank, payload = events.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in runs]
+                    if dead:
+                        raise BuildError(f"worker {dead[0]} stopped without a result (killed?)") from None
+                    continue
+                if kind == "tick":
+                    if progress is not None:
+                        progress(payload)
+                elif kind == "done":
+                    runs[rank] = payload
+                elif kind == "failed":
+                    raise BuildError(payload)
                 else:
-                    pending.append((index, pool.submit(_process, self.work, index, chunk)))
-                while len(pending) > 2 * self.workers or (pending and _done(pending[0][1])):
-                    finish(*pending.popleft())
-            while pending:
-                finish(*pending.popleft())
-        return run
+                    raise RuntimeError(f"worker {rank} crashed:\n{payload}")
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join()
+        return _in_chunk_order(list(runs.values()))
 
 
-def _done(result: Future | ChunkStats) -> bool:
-    return isinstance(result, ChunkStats) or result.done()
+def _in_chunk_order(runs: list[ChunkRun]) -> ChunkRun:
+    """The workers' runs as one, chunks in chunk order (by their folder names)."""
+    out = ChunkRun()
+    pairs = sorted(
+        ((path, stats) for run in runs for path, stats in zip(run.chunks, run.stats, strict=True)),
+        key=lambda pair: pair[0].name,
+    )
+    out.chunks = [path for path, _ in pairs]
+    out.stats = [stats for _, stats in pairs]
+    for run in runs:
+        out.resumed += run.resumed
+        out.notes += run.notes
+        out.usage += run.usage
+        out.timings += run.timings
+    return out

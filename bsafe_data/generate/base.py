@@ -1,7 +1,8 @@
 """The generator interface every backend subclasses (builtin bank, OpenAI-compatible endpoint).
 
-The pipeline hands a backend a batch of requests and gets one ``Generation`` per request back, in
-order (``generate_batch``, or ``submit`` for a future of it). Backends never raise for a single bad
+The flow asks a backend for one ``task`` per request: an endpoint backend's is a coroutine the engine
+runs (``Remote``), an offline backend's a ``Local`` argument of its ``generate_batch``, which returns
+one ``Generation`` per request, in order. Backends never raise for a single bad
 row: they return a ``Generation`` whose ``error`` is a stable reason code (``generator_error``,
 ``generator_refused``, ``generator_unparseable``), so the row lands in the ``rejected`` config
 instead of crashing the run. Only a ``FatalEndpointError`` (bad key, wrong URL) stops the run.
@@ -9,12 +10,12 @@ instead of crashing the run. Only a ``FatalEndpointError`` (bad key, wrong URL) 
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from bsafe_data.stages.step import Local, Task
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Generator(ABC):
     template: str
     #: where requests go, safe to print (no credentials); offline backends say so
     endpoint: str = "offline"
+    #: True for backends whose answers come from an endpoint on the engine (``agenerate``)
+    remote: bool = False
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -63,24 +66,9 @@ class Generator(ABC):
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Return one Generation per request, in the same order."""
 
-    def submit(
-        self, requests: Sequence[GenerationRequest], sent: threading.Event | None = None
-    ) -> Future[list[Generation]]:
-        """Start a batch and return its future (``result()`` is what ``generate_batch`` returns).
-
-        Endpoint backends send the requests in the background, so the caller can label and
-        classify another chunk while they are in flight; they set ``sent`` once every request of
-        the batch has left (or the batch ended). The default (offline backends, which are CPU
-        work anyway) computes the batch here and returns a finished future.
-        """
-        if sent is not None:
-            sent.set()
-        future: Future[list[Generation]] = Future()
-        try:
-            future.set_result(self.generate_batch(requests))
-        except Exception as exc:  # FatalEndpointError: raised where the caller takes the result
-            future.set_exception(exc)
-        return future
+    def task(self, request: GenerationRequest) -> Task:
+        """The flow's task for one request (offline: an argument of ``generate_batch``)."""
+        return Local(self.generate_batch, request)
 
     def close(self) -> None:  # noqa: B027 - optional hook: offline backends hold nothing
         """Release connections, event loops and caches."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from bsafe_data.generate.base import Generator
+from bsafe_data.llm.engine import Engine
 from bsafe_data.recipe import GeneratorSpec
 
 
@@ -14,11 +14,10 @@ class GeneratorUnavailable(RuntimeError):
 
 
 def make_generator(
-    spec: GeneratorSpec,
-    cache_dir: Path | None = None,
-    progress: Callable[[dict], None] | None = None,
+    spec: GeneratorSpec, engine: Engine | None = None, *, cache_dir: Path | None = None
 ) -> Generator:
-    """Build the backend for ``spec.provider``: ``builtin`` or ``openai``.
+    """Build the backend for ``spec.provider``: ``builtin``, or ``openai`` on ``engine`` (a build's;
+    without one the generator runs its own over ``cache_dir``).
 
     Backends are imported lazily, so the optional dependencies of one are never needed by another.
     ``transformers`` (in-process local models) is not implemented: ``GeneratorUnavailable``.
@@ -30,7 +29,7 @@ def make_generator(
     if spec.provider == "openai":
         from bsafe_data.generate.openai_backend import OpenAIGenerator
 
-        return OpenAIGenerator(spec, cache_dir=cache_dir, progress=progress)
+        return OpenAIGenerator(spec, engine, cache_dir=cache_dir)
     if spec.provider == "transformers":
         raise GeneratorUnavailable(
             "generator.provider 'transformers' is not available in this version (the `[local]` extra "

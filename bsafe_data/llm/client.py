@@ -1,11 +1,11 @@
-"""The chat-completions client of the generator: ``ChatEngine`` on the shared ``Transport``.
+"""Reading chat completions, and the one-off endpoint check made before a generator's first request.
 
-``ChatEngine.complete(body)`` is ``Transport.post("/chat/completions", body, parse_completion)``
-plus token accounting (usage counters, TPM reservations corrected with the reported usage). The
-transport's retry policy applies (``bsafe_data.llm.retry``):
+``parse_completion`` turns a ``/chat/completions`` body into the engine's ``Reply`` (text,
+finish_reason, usage); a malformed body raises ``MalformedResponse`` and is retried by the transport
+(``bsafe_data.llm.retry``):
 
-* retried with exponential backoff and jitter (honouring ``Retry-After`` / ``retry-after-ms``):
-  408, 409, 425, 429, 5xx, connection errors, timeouts and malformed 200 responses;
+* retried with exponential backoff and jitter (honouring ``Retry-After`` / ``retry-after-ms`` up to
+  ``max_retry_after_s``): 408, 409, 425, 429, 5xx, connection errors, timeouts and malformed 200s;
 * ``FatalEndpointError`` (no retry, the run stops): 400, 401, 403, 404 and an exhausted quota,
   except a 400 about the prompt's context length, which only fails its row;
 * ``RequestFailed`` (that row fails with ``generator_error``): other 4xx, or retries exhausted.
@@ -16,47 +16,18 @@ transport's retry policy applies (``bsafe_data.llm.retry``):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
 
-from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact
-from bsafe_data.llm.transport import (
-    DEFAULT_BASE_URL,
-    MalformedResponse,
-    Transport,
-    TransportStats,
-    loads,
-    public_endpoint,
-)
-
-__all__ = [
-    "DEFAULT_BASE_URL",
-    "ChatEngine",
-    "Completion",
-    "FatalEndpointError",
-    "RequestFailed",
-    "TransportStats",
-    "public_endpoint",
-]
+from bsafe_data.llm.engine import Reply
+from bsafe_data.llm.errors import FatalEndpointError, redact
+from bsafe_data.llm.transport import MalformedResponse, loads, public_endpoint
 
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/chat/completions"
 
 
-@dataclass(slots=True)
-class Completion:
-    """The parts of a chat completion the generator uses."""
-
-    text: str
-    finish_reason: str | None
-    input_tokens: int
-    output_tokens: int
-    attempts: int = 1  # HTTP requests spent on it, retries included
-
-
-def parse_completion(raw: bytes) -> Completion:
-    """Extract text, finish_reason and usage from a response body; ``ValueError`` if malformed."""
+def parse_completion(raw: bytes) -> Reply:
+    """Text, finish_reason and usage of a chat completion body; ``MalformedResponse`` if malformed."""
     try:
         data = loads(raw)
         choice = data["choices"][0]
@@ -72,35 +43,7 @@ def parse_completion(raw: bytes) -> Completion:
         raise MalformedResponse(f"malformed response ({type(exc).__name__})") from None
     if not isinstance(text, str):
         raise MalformedResponse("malformed response (content is not a string)")
-    return Completion(text, finish, n_in, n_out)
-
-
-class ChatEngine(Transport):
-    """The transport of one ``/chat/completions`` endpoint, with token accounting.
-
-    Create it, then use it only inside the event loop that called ``open()``.
-    """
-
-    def __init__(self, base_url: str, api_key: str = "EMPTY", **options: Any):
-        """``options`` are ``Transport``'s (``max_concurrency``, ``timeout_s``, ``max_retries``, ...)."""
-        super().__init__(base_url, api_key, **options)
-        self.url, self.endpoint = self.base_url + CHAT_PATH, self.route(CHAT_PATH)[1]
-
-    @property
-    def tracks_tokens(self) -> bool:
-        """True when callers should pass a token estimate to ``complete`` (a TPM limit is set)."""
-        return self.limiter.tracks_tokens
-
-    async def complete(self, body: bytes, est_tokens: int = 0) -> Completion:
-        """POST one pre-serialised chat-completions body, with rate limiting and retries."""
-        done, attempts = await self.send(CHAT_PATH, body, parse_completion, est_tokens)
-        done.attempts = attempts
-        stats = self.stats
-        stats.input_tokens += done.input_tokens
-        stats.output_tokens += done.output_tokens
-        if est_tokens:
-            self.limiter.settle(est_tokens, done.input_tokens + done.output_tokens)
-        return done
+    return Reply(text, finish, n_in, n_out)
 
 
 async def check_endpoint(

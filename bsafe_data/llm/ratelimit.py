@@ -14,15 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from bsafe_data.llm.retry import parse_duration_s
 
-if TYPE_CHECKING:
-    from bsafe_data.llm.shared import SharedBudget
-
 _BURST_S = 1.0
-_MAX_HEADER_PAUSE_S = 120.0
+#: longest pause the server's headers can impose (a longer Retry-After fails the request instead)
+MAX_PAUSE_S = 120.0
 
 
 def bucket_shape(per_minute: int) -> tuple[float, float]:
@@ -66,20 +63,12 @@ def wait_s(level: float, amount: float, capacity: float, rate: float) -> float:
 
 
 class RateLimiter:
-    """RPM/TPM limiter shared by all in-flight requests of one engine; with ``shared`` (the
-    processes executor's ``llm.shared.SharedBudget``) the buckets are every worker's."""
+    """RPM/TPM limiter shared by all in-flight requests to one endpoint."""
 
-    def __init__(
-        self,
-        requests_per_minute: int | None = None,
-        tokens_per_minute: int | None = None,
-        shared: SharedBudget | None = None,
-    ):
-        self._shared = shared
-        local = shared is None
-        self._rpm = _Bucket(requests_per_minute) if requests_per_minute and local else None
-        self._tpm = _Bucket(tokens_per_minute) if tokens_per_minute and local else None
-        self._limited = self._rpm is not None or self._tpm is not None or shared is not None
+    def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None):
+        self._rpm = _Bucket(requests_per_minute) if requests_per_minute else None
+        self._tpm = _Bucket(tokens_per_minute) if tokens_per_minute else None
+        self._limited = self._rpm is not None or self._tpm is not None
         self._not_before = 0.0
         self._header_checks = 20
         self._lock: asyncio.Lock | None = None
@@ -88,7 +77,12 @@ class RateLimiter:
     @property
     def tracks_tokens(self) -> bool:
         """True when reservations need a token estimate."""
-        return self._tpm is not None or (self._shared is not None and self._shared.tracks_tokens)
+        return self._tpm is not None
+
+    @property
+    def paused_until(self) -> float:
+        """The monotonic time before which no request leaves (a server's Retry-After or reset)."""
+        return self._not_before
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait until one request with ``tokens`` estimated tokens may be sent, and reserve it."""
@@ -107,13 +101,6 @@ class RateLimiter:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:  # FIFO: the first waiter is served first
-            if self._shared is not None:  # taken in one step under the workers' lock
-                while True:
-                    pause = self._not_before - time.monotonic()
-                    wait = pause if pause > 0 else self._shared.try_take(tokens)
-                    if wait <= 0:
-                        return
-                    await self._sleep(wait)
             while True:
                 now = time.monotonic()
                 wait = max(
@@ -131,15 +118,14 @@ class RateLimiter:
 
     def settle(self, reserved: int, used: int) -> None:
         """Correct a reservation with the tokens the server reports having used."""
-        if self._shared is not None:
-            self._shared.settle(reserved, used)
         if self._tpm is not None:
             self._tpm.level = min(self._tpm.capacity, self._tpm.level + reserved - used)
 
-    def pause_for(self, seconds: float) -> None:
-        """Hold back every new request for ``seconds`` (429 Retry-After, exhausted quota)."""
+    def pause_for(self, seconds: float, longest_s: float = MAX_PAUSE_S) -> None:
+        """Hold back every new request for ``seconds`` (at most ``longest_s``): a 429's Retry-After,
+        an exhausted ``x-ratelimit-remaining-*``."""
         if seconds > 0:
-            self._not_before = max(self._not_before, time.monotonic() + min(seconds, _MAX_HEADER_PAUSE_S))
+            self._not_before = max(self._not_before, time.monotonic() + min(seconds, longest_s))
 
     def observe(self, headers: Mapping[str, str], tokens: int = 0) -> None:
         """Honour ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` response headers.

@@ -7,6 +7,9 @@ only). The same rules hold for every caller:
 * no answer (timeout, connection error) or a malformed body: retried;
 * 408, 409, 425, 429 and every 5xx (plus a caller's ``extra_retry_statuses``): retried with
   exponential backoff and jitter, at least as long as ``Retry-After`` / ``retry-after-ms`` asks;
+* a server hint is honoured up to ``max_hint_s``; with ``fail_long_hints`` (model endpoints: the
+  recipe's ``max_retry_after_s``, default 120 s) a longer one is not waited out: the request fails
+  as transient (a re-run retries it), so a server that asks for hours never holds a build silently;
 * 400, 401, 403, 404: fatal, except a 400 about one prompt's context length (``Fail``);
 * a 429 that means the quota or credit is exhausted: fatal (waiting cannot help);
 * any other status, or retries exhausted: ``Fail``. A ``Fail`` is ``final`` when the endpoint
@@ -158,7 +161,8 @@ class RetryPolicy:
     max_retries: int = 6  # attempts after the first one
     base_s: float = 0.5  # first backoff step
     max_s: float = 60.0  # longest backoff step (without a server hint)
-    max_hint_s: float = 600.0  # longest server-requested wait honoured
+    max_hint_s: float = 120.0  # longest server-requested wait honoured
+    fail_long_hints: bool = False  # a longer hint fails the request (else the wait is capped)
     fatal_statuses: frozenset[int] = FATAL_STATUSES
     extra_retry_statuses: frozenset[int] = frozenset()
 
@@ -191,6 +195,11 @@ class RetryPolicy:
                 return Fail(f"HTTP {status}: {message}" if message else f"HTTP {status}", final=True)
             reason = f"HTTP {status}"
             hint = retry_after_s(headers)
+            if self.fail_long_hints and hint is not None and hint > self.max_hint_s:
+                return Fail(
+                    f"{reason}: the server asked to wait {hint:,.0f} s (Retry-After), more than "
+                    f"max_retry_after_s={self.max_hint_s:g}"
+                )
         if attempt > self.max_retries:
             return Fail(f"{reason}; gave up after {attempt} attempts")
         return Retry(self.backoff(attempt, hint), reason, hint)

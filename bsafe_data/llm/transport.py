@@ -7,11 +7,12 @@ what a local vLLM server can deliver, so it is used only off the hot path (``che
 
 ``Transport.post(path, body, extract)`` sends one request with rate limiting (``RateLimiter``) and
 the package's one retry policy (``bsafe_data.llm.retry.RetryPolicy``): transient failures are
-retried, ``FatalEndpointError`` stops the run, ``RequestFailed`` fails that request only.
-``Transport.run`` is a worker pool of ``max_concurrency`` coroutines; each worker handles one item
-at a time. Runs may overlap (the next chunk's batch starts while the last one drains): they share
-``max_concurrency`` slots, older runs first, so at most ``max_concurrency`` requests are in flight
-and a run finishes as early as it would alone.
+retried, ``FatalEndpointError`` stops the run, ``RequestFailed`` fails that request only. A request
+holds one of ``max_concurrency`` slots from its first attempt to its last; waiting callers are
+served by ``PRIORITY`` (the engine sets it to the chunk's index: older chunks first), so at most
+``max_concurrency`` requests are in flight and the oldest work finishes first. A wait of a few
+seconds or more (a server's Retry-After, a backoff, a rate-limit pause) is noted in ``wait``, for
+progress displays.
 
 Endpoints are resolved in one place (``resolve_endpoint``): ``base_url`` defaults to
 ``$OPENAI_BASE_URL`` (then OpenAI's), and the key is read from the environment variable the recipe
@@ -22,13 +23,14 @@ names. The key lives only in the transport's session headers: never in a cache k
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from multiprocessing.synchronize import Semaphore
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,7 +40,6 @@ from yarl import URL
 from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact
 from bsafe_data.llm.ratelimit import RateLimiter
 from bsafe_data.llm.retry import Fatal, Retry, RetryPolicy, retry_after_s
-from bsafe_data.llm.shared import installed
 
 try:  # orjson is optional: about 2x faster than json on response bodies
     import orjson
@@ -57,38 +58,32 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 #: What ``extract`` may raise on a body it cannot read: the attempt is retried like a dropped one.
 _MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError)
 _NO_HEADERS: dict[str, str] = {}
-#: how often a waiter for a slot another worker holds looks again
-_POLL_S = 0.002
+#: the priority of the requests a task sends (lower first; the engine sets the chunk's index)
+PRIORITY: contextvars.ContextVar[int] = contextvars.ContextVar("bsafe_priority", default=0)
+#: waits at least this long are noted for progress displays (``Transport.wait``)
+NOTED_WAIT_S = 2.0
 
 
 class _Slots:
-    """A semaphore whose waiters are served by priority (lower first), then in arrival order.
+    """A semaphore whose waiters are served by priority (lower first), then in arrival order."""
 
-    With ``shared`` (the endpoint's slots across the processes executor's workers,
-    ``llm.shared``) a slot also takes one of those; while they are all taken, the waiters' turn
-    is polled for (``_POLL_S``): another process frees them."""
-
-    def __init__(self, size: int, shared: Semaphore | None = None):
+    def __init__(self, size: int):
+        self.size = size
         self.free = size
-        self._shared = shared
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
-        self._poller: asyncio.Task[None] | None = None
 
-    def _take(self) -> bool:
-        """A local slot and, when shared, a shared one (both or neither)."""
-        if self.free <= 0 or (self._shared is not None and not self._shared.acquire(False)):
-            return False
-        self.free -= 1
-        return True
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a slot."""
+        return sum(1 for *_, waiter in self._waiters if not waiter.done())
 
     async def acquire(self, priority: int) -> None:
-        if not self._waiters and self._take():
+        if not self._waiters and self.free > 0:
+            self.free -= 1
             return
         waiter = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
-        if self._shared is not None and self.free > 0 and self._poller is None:
-            self._poller = asyncio.ensure_future(self._poll())
         try:
             await waiter
         except asyncio.CancelledError:
@@ -96,29 +91,13 @@ class _Slots:
                 self.release()  # the slot was handed over just as we were cancelled: pass it on
             raise
 
-    async def _poll(self) -> None:
-        """Hand shared slots other processes free to the waiters, while local slots are free."""
-        try:
-            while self._waiters and self.free > 0:
-                if self._take():
-                    self.release()  # to the first waiter still waiting, else back
-                else:
-                    await asyncio.sleep(_POLL_S)
-        finally:
-            self._poller = None
-
-    def _give_back(self) -> None:
-        self.free += 1
-        if self._shared is not None:
-            self._shared.release()
-
     def release(self) -> None:
         while self._waiters:
             _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to the waiter (shared one too)
+                waiter.set_result(None)  # the slot goes straight to the waiter
                 return
-        self._give_back()
+        self.free += 1
 
 
 class MalformedResponse(ValueError):
@@ -147,10 +126,31 @@ class Endpoint:
         return public_endpoint(self.base_url)
 
 
+class CredentialsInURL(ValueError):
+    """A base URL carries a user name or password (they would end up in logs and manifests)."""
+
+
+def has_credentials(url: str) -> bool:
+    """True when ``url`` has a ``user:password@`` part."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.username is not None or parts.password is not None
+
+
 def resolve_endpoint(base_url: str | None, api_key_env: str) -> Endpoint:
     """A recipe's endpoint: ``base_url``, else ``$OPENAI_BASE_URL``, else OpenAI; the key from the
-    environment variable named ``api_key_env`` (``"EMPTY"`` when unset, as local servers expect)."""
+    environment variable named ``api_key_env`` (``"EMPTY"`` when unset, as local servers expect).
+
+    Raises ``CredentialsInURL`` (whose message never repeats the URL) for ``user:pass@`` URLs."""
     url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    if has_credentials(url):
+        where = "base_url" if base_url else "$OPENAI_BASE_URL"
+        raise CredentialsInURL(
+            f"{where} holds credentials (user:password@); remove them and put the key in the "
+            f"environment variable named by api_key_env ({api_key_env})"
+        )
     return Endpoint(url.rstrip("/"), os.environ.get(api_key_env) or "EMPTY")
 
 
@@ -191,22 +191,48 @@ class Transport:
         tokens_per_minute: int | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 60.0,
+        max_retry_after_s: float = 120.0,
     ):
         self.base_url = base_url.rstrip("/")
         self.role = role
         self._api_key = api_key
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
-        self.policy = RetryPolicy(max_retries=max_retries, base_s=backoff_base_s, max_s=backoff_max_s)
-        #: the endpoint's limits shared with the other workers of a processes build, if any
-        self.shared = installed(role)
-        budget = self.shared.budget if self.shared is not None else None
-        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute, shared=budget)
+        self.policy = RetryPolicy(
+            max_retries=max_retries,
+            base_s=backoff_base_s,
+            max_s=backoff_max_s,
+            max_hint_s=max_retry_after_s,
+            fail_long_hints=True,
+        )
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
         self.stats = TransportStats()
+        #: the longest wait under way, for progress displays: (what, monotonic end), or None
+        self.wait: tuple[str, float] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._routes: dict[str, tuple[URL, str]] = {}
         self._slots: _Slots | None = None  # made with each session: waiters belong to its loop
-        self._runs = itertools.count()
+
+    @property
+    def public(self) -> str:
+        """The base URL, safe to print."""
+        return public_endpoint(self.base_url)
+
+    @property
+    def api_key(self) -> str:
+        """The key sent as the bearer token (for the one-off SDK check; never printed)."""
+        return self._api_key
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a slot now (sent, waiting for an answer or a retry)."""
+        slots = self._slots
+        return 0 if slots is None else slots.size - slots.free
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return 0 if self._slots is None else self._slots.waiting
 
     def route(self, path: str) -> tuple[URL, str]:
         """The parsed URL of ``path`` (parsed once, not per request) and its printable form."""
@@ -221,7 +247,7 @@ class Transport:
         """Create the HTTP session (inside the running loop)."""
         if self._session is not None and not self._session.closed:
             return
-        self._slots = _Slots(self.max_concurrency, self.shared.slots if self.shared is not None else None)
+        self._slots = _Slots(self.max_concurrency)
         connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -249,42 +275,21 @@ class Transport:
 
     # -- requests ------------------------------------------------------------------------------
     async def run(
-        self,
-        items: Iterable[ItemT],
-        handler: Callable[[ItemT], Awaitable[None]],
-        total: int | None = None,
-        started: Callable[[], None] | None = None,
+        self, items: Iterable[ItemT], handler: Callable[[ItemT], Awaitable[None]], total: int | None = None
     ) -> None:
-        """Call ``handler`` on every item with at most ``max_concurrency`` running at once.
-
-        ``items`` is consumed lazily (pass ``total`` to avoid starting idle workers). ``started``
-        is called once the last item has a slot (every handler has begun). The first exception
-        (e.g. ``FatalEndpointError``) cancels the other workers and propagates.
-        """
-        if total is None:
-            items = list(items)
-            total = len(items)
-        if total == 0:
+        """Call ``handler`` on every item, at most ``max_concurrency`` at once (the handlers' requests
+        take the transport's slots). The first exception cancels the others and propagates."""
+        items = list(items)
+        if not items:
             return
-        await self.open()  # (a no-op when open) the slots of this loop's session
-        slots, priority = self._slots, next(self._runs)
-        assert slots is not None
+        await self.open()
         source = iter(items)
-        waiting = total  # items that have no slot yet
 
         async def worker() -> None:
-            nonlocal waiting
             for item in source:  # shared iterator: each item is taken by exactly one worker
-                await slots.acquire(priority)
-                waiting -= 1
-                if waiting == 0 and started is not None:
-                    started()
-                try:
-                    await handler(item)
-                finally:
-                    slots.release()
+                await handler(item)
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(min(total, self.max_concurrency))]
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(items), self.max_concurrency))]
         try:
             await asyncio.gather(*tasks)
         except BaseException:
@@ -306,9 +311,20 @@ class Transport:
     async def send(
         self, path: str, body: bytes, extract: Callable[[bytes], T], est_tokens: int = 0
     ) -> tuple[T, int]:
-        """``post``, also returning the number of HTTP attempts it took."""
-        if self._session is None:
-            await self.open()
+        """``post``, also returning the number of HTTP attempts it took. The request holds a slot
+        (served by ``PRIORITY``) from its first attempt to its last."""
+        await self.open()
+        slots = self._slots
+        assert slots is not None
+        await slots.acquire(PRIORITY.get())
+        try:
+            return await self._attempts(path, body, extract, est_tokens)
+        finally:
+            slots.release()
+
+    async def _attempts(
+        self, path: str, body: bytes, extract: Callable[[bytes], T], est_tokens: int
+    ) -> tuple[T, int]:
         session = self._session
         assert session is not None
         url, endpoint = self.route(path)
@@ -317,6 +333,7 @@ class Transport:
         while True:
             attempt += 1
             if not limiter.idle():
+                self._note_wait("paused by the server's rate limit", limiter.paused_until)
                 await limiter.acquire(est_tokens)
             stats.requests += 1
             status: int | None = None
@@ -347,18 +364,39 @@ class Transport:
                 decision = policy.decide(None, reason, _NO_HEADERS, attempt)
             else:
                 decision = policy.decide(status, self._error_message(raw), headers, attempt)
-                if status == 429 and not isinstance(decision, Fatal):
-                    hint = retry_after_s(headers)  # the server throttles every request: hold all back
-                    limiter.pause_for(hint if hint is not None else policy.backoff(attempt))
+                hint = retry_after_s(headers)
+                if status == 429 and not isinstance(decision, Fatal) and (hint or 0) <= policy.max_hint_s:
+                    # the server throttles every request: hold all back (a longer hint fails instead)
+                    pause = hint if hint is not None else policy.backoff(attempt)
+                    limiter.pause_for(pause, policy.max_hint_s)
                 limiter.observe(headers, est_tokens)
             if isinstance(decision, Retry):
                 stats.retries += 1
+                what = f"retrying after {decision.reason}"
+                if decision.hint_s is not None:
+                    what += f" (the server asked for {decision.hint_s:,.0f} s)"
+                self._note_wait(what, time.monotonic() + decision.delay_s)
                 await asyncio.sleep(decision.delay_s)
                 continue
             if isinstance(decision, Fatal):
                 raise FatalEndpointError(self.role, endpoint, decision.status, decision.message)
             stats.failed += 1
             raise RequestFailed(decision.reason, attempt, final=decision.final)
+
+    def _note_wait(self, what: str, until: float) -> None:
+        """Remember a long wait (the one that ends last) for progress displays."""
+        if until - time.monotonic() >= NOTED_WAIT_S and (self.wait is None or until > self.wait[1]):
+            self.wait = (what, until)
+
+    def current_wait(self) -> tuple[str, float] | None:
+        """(what, seconds left) of the longest wait under way, if any."""
+        if self.wait is None:
+            return None
+        left = self.wait[1] - time.monotonic()
+        if left <= 0:
+            self.wait = None
+            return None
+        return self.wait[0], left
 
     def _error_message(self, raw: bytes) -> str:
         """The server's error message (redacted, shortened), for error reports."""

@@ -1,30 +1,34 @@
-"""The Method interface: what a data-construction method declares and the hooks it implements.
+"""The Method interface: what a data-construction method declares and the steps it adds.
 
 A method turns source conversations into rows. It declares its recipe model (a subclass of
-``Recipe`` with ``method: Literal[NAME]``), its row kinds and loss segments, and implements small
-hooks; ``Method.process`` (= ``start`` then the call it returns) runs the shared stages around
-them, in this order::
+``Recipe`` with ``method: Literal[NAME]``), its row kinds and loss segments, and implements
 
-    segment → plan (hook) → generate (hooks request / apply_generation) → label (hook: X)
-            → classify (hook items_of; judges first, hook on_judge) → rules → rows (hook build_row)
+* ``plan(conv, spans)``: the records (future rows) of one source conversation (default: one record
+  of the first kind), and
+* ``build_row(record)``: the row of the row contract for a finished record.
 
-Dataset-wide duplicate detection runs after all chunks (``stages.dedupe``). Adding a method is one
-module with a ``Method`` subclass decorated with ``@register_method``, one recipe and its tests;
-``pipeline.build``, ``plan`` and ``refilter`` find it from the recipe's ``method``.
+Everything else has a default here: source checks (hygiene, segmentation), and ``steps()``, the
+list of steps the executor's flow moves every record through (``stages.step``)::
+
+    generate (hook ``request``) → check generated text, label X (hooks ``label``, ``step_back``)
+            → classify (hook ``items_of``; judges first, hook ``on_judge``) → rules
+
+A method with another order (BSAFE: locate, continue, label, check) returns its own list. Rows are
+emitted in record order when a chunk's last record is done, whatever order the answers came in.
+Dataset-wide duplicate detection runs after all chunks (``stages.dedupe``). The registry
+(``bsafe_data.registry``) finds a method from the recipe's ``method``.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,62 +38,25 @@ from bsafe_data.classify.base import Classifier, Item, Score
 from bsafe_data.classify.rules import RuleSet
 from bsafe_data.errors import BuildError
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
+from bsafe_data.generate.text import TextPrompt, TextWriter
+from bsafe_data.label import control_patterns, control_text, control_vocabulary, segments_for
+from bsafe_data.llm.engine import Engine
 from bsafe_data.llm.errors import FatalEndpointError
-from bsafe_data.recipe import Recipe, register_recipe
+from bsafe_data.recipe import Recipe
 from bsafe_data.rows import ROW_FEATURES
 from bsafe_data.sources import Conversation, SourceItem, SourceReject
-from bsafe_data.stages import classify as classify_stage
-from bsafe_data.stages import count as count_stage
-from bsafe_data.stages import generate as generate_stage
-from bsafe_data.stages import hygiene
+from bsafe_data.stages import adjust, count, hygiene
 from bsafe_data.stages import rules as rules_stage
+from bsafe_data.stages.classify import classify_steps, span_items
+from bsafe_data.stages.generate import generate_step
 from bsafe_data.stages.record import Record
-from bsafe_data.stages.rows import base_row, rejected_row
+from bsafe_data.stages.rows import base_row, clean_row, generator_column, injection_column, rejected_row
 from bsafe_data.stages.sample import row_seed, split_of
 from bsafe_data.stages.segment import sentence_spans
 from bsafe_data.stages.stats import ChunkStats
+from bsafe_data.stages.step import Step
 
-#: A chunk needs this many failed requests before the error budget can stop the build.
-_BREAKER_MIN_FAILURES = 5
-_ERROR_KIND = re.compile(r"HTTP \d+|timeout|connection error|malformed response|not run")
-
-
-#: finishes a chunk that ``Method.start`` began (its generator requests may still be in flight)
-ChunkFinish = Callable[[], "ChunkOutput"]
-
-#: Records per finish group (whole conversations: a group ends at the first conversation boundary
-#: after this many). A fixed number, never derived from timing or the worker count, so a chunk's
-#: classifier batches, and its rows, are the same however its answers arrive.
-FINISH_GROUP_RECORDS = 256
-
-
-@dataclass
-class FinishGroup:
-    """Consecutive records of a chunk, finished together once their generator answers are in."""
-
-    records: list[Record]
-    wanted: list[Record]  # the records waiting for a generator answer
-    answers: Future[list[Generation]] | None  # the answers of ``wanted``, in order
-    sent: threading.Event  # set once every request of ``wanted`` has left
-
-
-def finish_groups(records: list[Record], size: int = FINISH_GROUP_RECORDS) -> list[list[Record]]:
-    """``records`` cut into consecutive groups of at least ``size`` records (the last may be
-    smaller), never between two records of one conversation."""
-    groups: list[list[Record]] = []
-    current: list[Record] = []
-    for record in records:
-        if len(current) >= size and record.conv.ref != current[-1].conv.ref:
-            groups.append(current)
-            current = []
-        current.append(record)
-    if current:
-        groups.append(current)
-    return groups
-
-
-class EndpointDown(BuildError):
-    """The generator endpoint fails beyond ``generator.max_error_fraction``: stop the build."""
+_VARIANT = re.compile(r"/v(\d+)$")
 
 
 def error_detail(stage: str, exc: BaseException) -> str:
@@ -97,97 +64,69 @@ def error_detail(stage: str, exc: BaseException) -> str:
     return f"{stage}: {type(exc).__name__}: {exc}"[:300]
 
 
-def _error_kind(detail: str) -> str:
-    found = _ERROR_KIND.search(detail)
-    return found.group(0) if found else "error"
-
-
-#: method name -> Method class (``register_method``); the package's own are imported lazily.
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``method: cls.name`` buildable (and its recipe model parseable)."""
-    if cls.recipe_model.model_fields["method"].default != cls.name:
-        raise ValueError(f"{cls.recipe_model.__name__}.method must default to {cls.name!r}")
-    METHODS[cls.name] = cls
-    register_recipe(cls.recipe_model)
-    return cls
-
-
-def method_class(recipe: Recipe | str) -> type[Method]:
-    """The Method class for a recipe (or a method name)."""
-    import bsafe_data.methods  # noqa: F401 - registers the package's own methods
-
-    name = recipe if isinstance(recipe, str) else recipe.method
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise BuildError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})") from None
-
-
 @dataclass
 class Resources:
-    """What a worker loads once: spaCy, tokenizers (primary first), generator, classifiers.
-
-    ``close`` releases what was opened here (a generator passed in by the caller stays open).
-    """
+    """What a worker loads once: spaCy, tokenizers (primary first), the engine, the generator, the
+    classifiers and the companion writers methods ask for. ``close`` releases all of it."""
 
     nlp: Any
     tokenizers: dict[str, Any]
     generator: Generator
     classifiers: list[Classifier] = field(default_factory=list)
+    engine: Engine = field(default_factory=Engine)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
-    #: the LLM response cache folder of the build (for methods that send requests of their own)
-    cache_dir: Path | None = None
-    #: usage counters of the clients a method opened itself (``adopt``), by name
-    _adopted: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _writers: dict[str, TextWriter] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(
         cls, recipe: Recipe, cache_dir: Path | None = None, generator: Generator | None = None
     ) -> Resources:
-        """Load everything ``recipe`` names; unloadable parts raise BuildError with the reason."""
+        """Load everything ``recipe`` names; unloadable parts raise BuildError with the reason.
+        ``generator`` replaces the recipe's (the caller closes it)."""
         from bsafe_data.classify.factory import make_classifiers
         from bsafe_data.generate.factory import make_generator
         from bsafe_data.stages.segment import load_nlp
         from bsafe_data.tokenization import load_tokenizer
 
         stack = ExitStack()
+        engine = Engine(cache_dir)
+        stack.callback(engine.close)
         try:
             tokenizers = {ref: load_tokenizer(ref) for ref in recipe.tokenizers.all}
             nlp = load_nlp(recipe.segmentation.spacy_model)
             if generator is None:
-                generator = make_generator(recipe.generator, cache_dir=cache_dir)
+                generator = make_generator(recipe.generator, engine)
                 stack.callback(generator.close)
-            classifiers = make_classifiers(recipe, cache_dir)
+            classifiers = make_classifiers(recipe, engine)
             for classifier in classifiers:
                 stack.callback(classifier.close)
+            if generator.remote or any(c.remote for c in classifiers):
+                engine.cache  # noqa: B018 - open it now: a broken cache fails the set-up, named
         except Exception as exc:  # TokenizerLoadError, SegmentationError, GeneratorUnavailable, ...
             stack.close()  # all carry readable messages
             raise BuildError(str(exc)) from None
-        return cls(nlp, tokenizers, generator, classifiers, stack, cache_dir)
+        return cls(nlp, tokenizers, generator, classifiers, engine, stack)
+
+    def writer(self, recipe: Recipe, prompt: TextPrompt, name: str) -> TextWriter | None:
+        """The companion writer of ``prompt`` on the generator's endpoint (None offline: the
+        generator is not an endpoint); its usage is reported as ``name``."""
+        if not self.generator.remote:
+            return None
+        found = self._writers.get(name)
+        if found is None:
+            found = self._writers[name] = TextWriter(recipe.generator, prompt, self.engine)
+        return found
 
     def close(self) -> None:
-        """Close the generator and classifiers this object opened."""
+        """Close the generator, the classifiers and the engine opened here."""
         self._stack.close()
-
-    def close_later(self, close: Callable[[], None]) -> None:
-        """Run ``close`` when these resources close (for clients a method opens itself)."""
-        self._stack.callback(close)
-
-    def adopt(self, name: str, close: Callable[[], None], usage: Callable[[], dict[str, Any]]) -> None:
-        """A client a method opened itself (e.g. a companion-text writer): closed with these
-        resources, its usage counters reported as ``name`` in ``usage()``."""
-        self.close_later(close)
-        self._adopted[name] = usage
 
     def usage(self) -> dict[str, dict[str, Any]]:
         """Usage counters of every client, by name: ``generator``, ``classifier:NAME`` and the
-        adopted ones (requests, cache hits, tokens, ... as each client counts them)."""
+        companion writers (requests, cache hits, tokens, ... as each client counts them)."""
         clients = {"generator": dict(self.generator.usage)}
         clients.update({f"classifier:{c.name}": dict(c.usage) for c in self.classifiers})
-        clients.update({name: dict(usage()) for name, usage in self._adopted.items()})
+        clients.update({name: dict(writer.usage) for name, writer in self._writers.items()})
         return clients
 
 
@@ -207,21 +146,27 @@ class ChunkOutput:
 
 
 class Method(ABC):
-    """Base of every method: shared identities, splits and stage order; hooks for the rest."""
+    """Base of every method: identities, splits, source checks, the default steps, row helpers."""
 
     #: the ``method`` value of its recipes
     name: ClassVar[str]
     #: its recipe model (``method: Literal[name]`` plus the method's own sections)
     recipe_model: ClassVar[type[Recipe]]
-    #: the values of the ``kind`` column it produces
-    kinds: ClassVar[tuple[str, ...]]
-    #: the segment kinds trained on (``loss`` true)
-    loss_segments: ClassVar[tuple[str, ...]]
+    #: the values of the ``kind`` column it produces (default: backtracking rows and clean rows)
+    kinds: ClassVar[tuple[str, ...]] = ("injected", "clean")
+    #: the segment kinds trained on (``loss`` true; default: the control signal and what follows)
+    loss_segments: ClassVar[tuple[str, ...]] = ("control", "continuation")
     #: extra configs (name -> schema) whose rows ``extra_rows`` derives from kept rows (e.g. DPO
     #: pairs); written as ``NAME/{split}-….parquet`` next to ``data/`` and ``rejected/``
     extra_configs: ClassVar[dict[str, datasets.Features]] = {}
     #: the columns of its rows (``rows.ROW_FEATURES``; the rejected config adds reasons and detail)
     features: ClassVar[datasets.Features] = ROW_FEATURES
+    #: counters of every kept row with an injection (any of "categories", "positions",
+    #: "backtrack"); None: the method's own ``count_row`` counts
+    counts: ClassVar[frozenset[str] | None] = frozenset()
+    #: row order within a chunk: rejected source rows, then by source position and "id" or
+    #: "variant" (the ``…/vN`` of the id); None: the method's own ``order_key``
+    row_order: ClassVar[str | None] = "id"
 
     def __init__(self, recipe: Recipe, resources: Resources):
         self.recipe = recipe
@@ -237,7 +182,7 @@ class Method(ABC):
         """The recipe's filter rules (the same for build and refilter)."""
         return RuleSet(recipe.filters, recipe.categories, recipe.tokenizers.primary)
 
-    # -- identities (shared) ------------------------------------------------------------------
+    # -- identities ------------------------------------------------------------------------------
     def source_key(self, item: SourceItem) -> str:
         """The id of a source row (prefixed with its dataset when the recipe has several sources)."""
         ref = item.ref
@@ -251,43 +196,157 @@ class Method(ABC):
         """The seed of one row: from (recipe seed, source row, variant), independent of order."""
         return row_seed(self.recipe.seed, conv.ref.dataset, conv.ref.id, variant)
 
-    # -- hooks ----------------------------------------------------------------------------------
+    def new_record(self, conv: Conversation, kind: str, spans: list[tuple[int, int]] | None = None) -> Record:
+        """The one record of a conversation (id: the source key; seed: variant 0)."""
+        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        return Record(conv, self.source_key(conv), split, self.record_seed(conv, 0), kind, spans or [])
+
+    # -- plan ------------------------------------------------------------------------------------
     def source_reason(self, conv: Conversation, spans: list[tuple[int, int]]) -> str | None:
         """A reason code when a usable conversation still cannot serve this method (default none)."""
         return None
 
-    @abstractmethod
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
-        """The records (future rows) of one source conversation."""
+        """The records of one source conversation (default: one, of the first kind)."""
+        return [self.new_record(conv, self.kinds[0], spans)]
 
-    def needs_generation(self, record: Record) -> bool:
-        """True when the record needs a generator answer (default: never)."""
-        return False
+    # -- steps -----------------------------------------------------------------------------------
+    def steps(self) -> list[Step]:
+        """generate → check and label → classify → rules (see the module docstring)."""
+        generator = self.resources.generator
+        steps = [
+            generate_step(generator, self.request, self.apply_generation),
+            Step("label", run=self.label_step),
+        ]
+        return steps + self.filter_steps()
 
-    def request(self, record: Record) -> GenerationRequest:
-        """The generator request of a record that needs one."""
-        raise NotImplementedError(f"method {self.name!r} makes no generator requests")
+    def filter_steps(self) -> list[Step]:
+        """Classification and the rules, when filters are on."""
+        if not self.recipe.filters.enabled:
+            return []
+        return [*classify_steps(self.resources.classifiers, self.items_of, self.on_judge), self.rules_step()]
+
+    def rules_step(self) -> Step:
+        """The recipe's filter rules on the recorded scores."""
+        return Step("rules", run=lambda records: rules_stage.apply_rules(self.rules, records))
+
+    def request(self, record: Record) -> GenerationRequest | None:
+        """The generator request a live record needs (default: none)."""
+        return None
+
+    def generation_request(self, record: Record) -> GenerationRequest:
+        """A violation of the record's category that continues ``part1`` (for ``request``)."""
+        injection = record.injection
+        assert injection is not None
+        return GenerationRequest(
+            record.row_id, record.conv.context, record.part1, injection.category, record.seed
+        )
 
     def apply_generation(self, record: Record, generation: Generation) -> None:
-        """Take a usable generator answer into the record."""
-        raise NotImplementedError(f"method {self.name!r} makes no generator requests")
+        """Take a usable generator answer into the record: steering and violation."""
+        assert record.injection is not None
+        record.injection.steering, record.injection.violation = generation.steering, generation.violation
 
-    def label(self, records: list[Record]) -> int:
-        """Token bookkeeping (chat frames; X for methods that backtrack). Returns repaired count."""
-        count_stage.frame(self.tokenizers, records)
-        return 0
+    def label_step(self, records: list[Record]) -> None:
+        """Check the generated text, then ``label`` (isolated: a failing record is ``row_error``)."""
+        self._check_generated(records)
+        self.isolated("label", self.label, records)
+
+    def label(self, records: list[Record]) -> None:
+        """Chat frames; X for every tokenizer of the records with an injection (``step_back`` once
+        on a merging boundary, else ``token_boundary``)."""
+        count.frame(self.tokenizers, records)
+        todo = [r for r in records if r.injection is not None and r.live]
+        count.count_with_repair(self.tokenizers, todo, self.step_back)
+
+    def step_back(self, record: Record) -> bool:
+        """Move a merging boundary back (default: to the end of the previous word)."""
+        return adjust.previous_word_end(record)
 
     def items_of(self, record: Record, targets: Sequence[str]) -> list[Item]:
         """The spans of a record a classifier with these targets scores."""
-        return classify_stage.span_items(record, targets)
+        return span_items(record, targets)
 
     def on_judge(self, verdicts: list[tuple[Record, Item, Score]]) -> None:  # noqa: B027 - optional hook
         """React to the verdicts of span-adjusting judges (default: nothing)."""
 
+    # -- rows ------------------------------------------------------------------------------------
     @abstractmethod
     def build_row(self, record: Record) -> dict[str, Any]:
         """The row of the row contract for a record (reasons are added by the caller)."""
 
+    def row(self, record: Record, **fields: Any) -> dict[str, Any]:
+        """A row with the record's identity, source, context, response, scores and ``fields``."""
+        row = base_row(record.conv, record.row_id)
+        row["scores"] = record.scores
+        row.update(fields)
+        return row
+
+    def frame(self, record: Record) -> tuple[str, str]:
+        """The primary tokenizer's chat frame (head, tail) of a record ('' before labelling)."""
+        return record.frames.get(self.primary, ("", ""))
+
+    def clean_row(self, record: Record, **fields: Any) -> dict[str, Any]:
+        """The row of a record without an injection: the whole answer, trained on."""
+        return clean_row(self.row(record, **fields), self.frame(record))
+
+    def injected_row(
+        self, record: Record, control: str, continuation: str, *, rendered: bool = True, **fields: Any
+    ) -> dict[str, Any]:
+        """The row of a record whose injection ``control`` deletes, then ``continuation``:
+        injection, segments and, when ``rendered``, X per tokenizer and the primary tokenizer's
+        prompt/completion (a rejected record that was never labelled has none)."""
+        injection = record.injection
+        assert injection is not None
+        row = self.row(record, injection=injection_column(injection), **fields)
+        part1 = record.part1
+        row["segments"] = segments_for(part1, injection.steering, injection.violation, control, continuation)
+        if rendered:
+            head, tail = self.frame(record)
+            row["backtrack"] = record.backtrack
+            row["prompt"] = head + part1 + injection.inserted
+            row["completion"] = control + continuation + tail
+        return row
+
+    def generator_column(self, record: Record, **override: Any) -> dict[str, Any]:
+        """The ``generator`` column: the recipe's generator, the record's seed (``override`` wins)."""
+        return generator_column(self.resources.generator, record.seed, **override)
+
+    # -- control signal --------------------------------------------------------------------------
+    @classmethod
+    def control_format(cls, recipe: Recipe) -> str | None:
+        """The control signal's format (``{category}``, ``{x}``), or None for a method without one."""
+        control = getattr(recipe, "control", None)
+        return None if control is None else control.format
+
+    def control(self, record: Record) -> str:
+        """The record's control signal: its category and X for the primary tokenizer."""
+        fmt = self.control_format(self.recipe)
+        assert fmt is not None and record.injection is not None
+        return control_text(fmt, record.injection.category, record.backtrack[0]["tokens"])
+
+    @classmethod
+    def control_patterns(cls, recipe: Recipe) -> list[str]:
+        """Regexes of the control atoms, which must not occur in source or generated text."""
+        fmt = cls.control_format(recipe)
+        return [] if fmt is None else control_patterns(fmt)
+
+    @classmethod
+    def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
+        """Every control atom the dataset can contain (each category's atoms, X from 1 to the
+        largest X any recorded tokenizer needs): the special tokens a trainer adds."""
+        fmt = cls.control_format(recipe)
+        if fmt is None:
+            return []
+        return control_vocabulary(fmt, recipe.categories, max(max_x.values(), default=1))
+
+    @classmethod
+    def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
+        """Method-specific manifest entries (default: the control format)."""
+        fmt = cls.control_format(recipe)
+        return {} if fmt is None else {"control_format": fmt}
+
+    # -- dataset-level hooks ---------------------------------------------------------------------
     @classmethod
     def extra_rows(cls, row: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         """Rows of the extra configs derived from one kept row (config -> rows, same split).
@@ -296,25 +355,28 @@ class Method(ABC):
         rebuild chunks from stored rows) derive the same extra rows. Default: none."""
         return {}
 
-    @classmethod
-    def new_output(cls) -> ChunkOutput:
-        """An empty chunk with this method's extra configs."""
-        out = ChunkOutput(extra_features=dict(cls.extra_configs))
-        out.extra = {name: {"train": [], "test": []} for name in cls.extra_configs}
-        return out
-
     @classmethod  # noqa: B027 - optional hook
+    def finish_row(cls, row: dict[str, Any]) -> None:
+        """Complete a row before it is emitted (default: nothing; a method with other columns
+        fills their defaults here, for rows of rejected sources too)."""
+
+    @classmethod
     def count_row(cls, stats: ChunkStats, row: dict[str, Any]) -> None:
-        """Method-specific counters of a kept row (categories, positions, X)."""
+        """Counters of a kept row: for a row with an injection, what ``counts`` names."""
+        injection = row["injection"]
+        if not injection or not cls.counts:
+            return
+        if "categories" in cls.counts:
+            stats.count("categories", injection["category"])
+        if "positions" in cls.counts:
+            stats.observe("positions", round(float(injection["relative_position"]), 4))
+        if "backtrack" in cls.counts:
+            for entry in row["backtrack"]:
+                stats.observe("backtrack", entry["tokens"], entry["tokenizer"])
 
     @classmethod
     def plots(cls, out_dir: Path, stats: ChunkStats) -> list[str]:
         """Write the method's plots into ``out_dir/plots``; their paths relative to ``out_dir``."""
-        return []
-
-    @classmethod
-    def control_patterns(cls, recipe: Recipe) -> list[str]:
-        """Regexes of the method's control atoms, which must not occur in source or generated text."""
         return []
 
     @classmethod
@@ -323,29 +385,22 @@ class Method(ABC):
         return {}
 
     @classmethod
-    def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
-        """Method-specific manifest entries (e.g. the control format)."""
-        return {}
-
-    @classmethod
-    def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
-        """The control atoms a trainer adds as special tokens (``max_x``: largest X per tokenizer)."""
-        return []
-
-    @classmethod
     def order_key(cls, row: dict[str, Any], position: int) -> tuple[Any, ...]:
-        """Where a stored row sat in its chunk (``position`` = its source row's place in the run).
-
-        Rejected source rows come first, then rows in source order (default: ordered by id)."""
+        """Where a stored row sat in its chunk (``position`` = its source row's place in the run):
+        rejected source rows first, then rows in source order, by id or variant (``row_order``)."""
         source_level = not row["segments"]
-        return (0 if source_level else 1, position, row["id"])
+        if cls.row_order != "variant":
+            return (0 if source_level else 1, position, row["id"])
+        match = _VARIANT.search(row["id"])
+        variant = int(match.group(1)) if match and not source_level else -1
+        return (0 if source_level else 1, position, variant)
 
     @classmethod
     def relabel(cls, recipe: Recipe, row: dict[str, Any], category: str) -> None:
         """Give a stored row another category (refilter's ``category_mismatch: relabel``)."""
         raise NotImplementedError(f"method {cls.name!r} has no categories to relabel")
 
-    # -- the flow ------------------------------------------------------------------------------
+    # -- source rows -----------------------------------------------------------------------------
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Add the wall time of a block to ``timings[stage]``."""
@@ -391,12 +446,12 @@ class Method(ABC):
     def _control_strings(self, conv: Conversation) -> tuple[tuple[str, str] | None, Conversation]:
         """(problem, conversation): reject, or escape, control strings in the source turns."""
         texts = [(f"context turn {i}", c) for i, (_, c) in enumerate(conv.context)]
-        found = hygiene.first_match(self._controls, [*texts, ("the answer", conv.response)])
+        found = hygiene.first_match(self.controls, [*texts, ("the answer", conv.response)])
         if found is None:
             return None, conv
         if self.recipe.limits.control_strings == "reject":
             return ("source_contains_control", found), conv
-        pattern = self._controls
+        pattern = self.controls
         context = tuple((role, hygiene.escape(c, pattern)) for role, c in conv.context)
         return None, replace(conv, context=context, response=hygiene.escape(conv.response, pattern))
 
@@ -415,7 +470,8 @@ class Method(ABC):
             return out
 
     @cached_property
-    def _controls(self) -> re.Pattern[str] | None:
+    def controls(self) -> re.Pattern[str] | None:
+        """One regex for the control atoms and every tokenizer's special-token strings."""
         return hygiene.control_regex(self.control_patterns(self.recipe), self.tokenizers)
 
     def _check_generated(self, records: Sequence[Record]) -> None:
@@ -429,16 +485,16 @@ class Method(ABC):
                 record.reject(*problem)
                 continue
             texts = [("steering", injection.steering), ("violation", injection.violation)]
-            found = hygiene.first_match(self._controls, texts)
+            found = hygiene.first_match(self.controls, texts)
             if found is None:
                 continue
             if self.recipe.limits.control_strings == "reject":
                 record.reject("generated_contains_control", found)
             else:
-                injection.steering = hygiene.escape(injection.steering, self._controls)
-                injection.violation = hygiene.escape(injection.violation, self._controls)
+                injection.steering = hygiene.escape(injection.steering, self.controls)
+                injection.violation = hygiene.escape(injection.violation, self.controls)
 
-    def _isolated(self, stage: str, run: Callable[[list[Record]], Any], records: list[Record]) -> None:
+    def isolated(self, stage: str, run: Callable[[list[Record]], Any], records: list[Record]) -> None:
         """``run(records)``; when it fails, again one record at a time, rejecting the failing ones
         with ``row_error`` (fatal endpoint errors still stop the build)."""
         try:
@@ -456,92 +512,11 @@ class Method(ABC):
                 except Exception as exc:
                     record.reject("row_error", error_detail(stage, exc))
 
-    def _breaker(self, wanted: Sequence[Record]) -> None:
-        """Stop the build when the generator endpoint looks down (error budget exceeded). Every
-        failed request counts, transient or refused: an endpoint refusing most requests (a wrong
-        parameter, a model that does not exist there) is as broken as one that is down."""
-        failed = [r for r in wanted if "generator_error" in r.reasons]
-        budget = self.recipe.generator.max_error_fraction
-        if len(failed) < _BREAKER_MIN_FAILURES or len(failed) <= budget * len(wanted):
-            return
-        kinds = Counter(_error_kind(r.detail) for r in failed)
-        summary = ", ".join(f"{kind} ×{n}" for kind, n in kinds.most_common())
-        raise EndpointDown(
-            f"generator endpoint {self.resources.generator.endpoint} is failing: {len(failed)} of "
-            f"{len(wanted)} requests of a chunk failed for good ({summary}); over "
-            f"generator.max_error_fraction={budget:g}. Finished chunks and cached answers are kept: "
-            "re-run when the endpoint is back"
-        )
-
-    def process(self, items: Sequence[SourceItem]) -> ChunkOutput:
-        """Turn source items into rows; every item ends up kept or rejected."""
-        return self.start(items)()
-
-    def start(self, items: Sequence[SourceItem]) -> ChunkFinish:
-        """The first half of ``process``: check, segment and plan the chunk and submit its
-        generator requests. The requests are in flight when this returns; the returned call
-        finishes the chunk (answers, labels, classifiers, rows), so the executor can start chunk
-        i+1 before it finishes chunk i and the endpoint stays busy across chunk boundaries.
-
-        The requests go out as one batch per ``FinishGroup`` (in order: the transport serves older
-        batches first). The returned call waits until the chunk's last request has left, then
-        finishes the groups in order, each as soon as its answers are in: little work is left
-        after the chunk's last answer, and none of it competes with the sending of the chunk's
-        requests (the event loop shares this process's interpreter lock)."""
-        out = self.new_output()
-        out.stats.source_rows = len(items)
-        with self.timed("segment"):
-            records = self.prepare(items, out)
-        groups = []
-        for group in finish_groups(records):
-            wanted = [r for r in group if r.live and self.needs_generation(r)]
-            answers, sent = None, threading.Event()
-            if wanted:
-                with self.timed("generate"):
-                    answers = generate_stage.send(self.resources.generator, wanted, self.request, sent)
-            groups.append(FinishGroup(group, wanted, answers, sent))
-        return partial(self._finish, out, groups)
-
-    def _finish(self, out: ChunkOutput, groups: list[FinishGroup]) -> ChunkOutput:
-        wanted = [r for group in groups for r in group.wanted]
-        last = next((g for g in reversed(groups) if g.answers is not None), None)
-        if last is not None and last.answers is not None:
-            with self.timed("generate"):
-                generate_stage.wait_sent(last.sent, last.answers)  # served last: then all have left
-        for group in groups:
-            self._finish_group(out, group, wanted)
-        if groups:
-            self._breaker(wanted)  # the chunk's budget, checked on every request's outcome
-        return out
-
-    def _finish_group(self, out: ChunkOutput, group: FinishGroup, chunk_wanted: list[Record]) -> None:
-        records = group.records
-        with self.timed("generate"):  # the time spent waiting for answers (not hidden by overlap)
-            if group.answers is not None:
-                generate_stage.apply_answers(group.wanted, group.answers, self.apply_generation)
-                # failures so far against the whole chunk's budget: when this trips, the check on
-                # the whole chunk would too (the count only grows), so stop without waiting
-                self._breaker(chunk_wanted)
-            self._check_generated(records)
-        with self.timed("label"):
-            repaired: list[int] = []
-            self._isolated("label", lambda batch: repaired.append(self.label(batch)), records)
-            out.stats.repaired += sum(repaired)
-        with self.timed("classify"):
-            if self.recipe.filters.enabled and self.resources.classifiers:
-                classifiers = self.resources.classifiers
-
-                def score(batch: list[Record]) -> None:
-                    classify_stage.classify(classifiers, batch, self.items_of, self.on_judge)
-
-                self._isolated("classify", score, [r for r in records if r.live])
-            if self.recipe.filters.enabled:
-                rules_stage.apply_rules(self.rules, records)
-        self.emit_records(out, records)
-
+    # -- emitting --------------------------------------------------------------------------------
     def emit_records(self, out: ChunkOutput, records: Sequence[Record]) -> None:
         """Build every record's row and emit it, kept or rejected (a failing build_row is row_error)."""
         for record in records:
+            out.stats.repaired += record.repaired
             try:
                 row = self.build_row(record)
             except Exception as exc:
@@ -553,9 +528,17 @@ class Method(ABC):
                 self.emit(out, row, record.split)
 
     @classmethod
+    def new_output(cls) -> ChunkOutput:
+        """An empty chunk with this method's extra configs."""
+        out = ChunkOutput(extra_features=dict(cls.extra_configs))
+        out.extra = {name: {"train": [], "test": []} for name in cls.extra_configs}
+        return out
+
+    @classmethod
     def emit(cls, out: ChunkOutput, row: dict[str, Any], split: str | None, transient: bool = False) -> None:
         """Add a finished row to the chunk (kept in ``split``, or rejected) and count it;
         ``transient`` rejections make the chunk unfinished, so a re-run retries them."""
+        cls.finish_row(row)
         if transient:
             out.stats.transient += 1
         if split is None:
@@ -567,12 +550,6 @@ class Method(ABC):
             for config, derived in cls.extra_rows(row).items():
                 out.extra.setdefault(config, {"train": [], "test": []})[split].extend(derived)
         out.stats.emitted(row, split)
-
-    def generation_requests(self, items: Sequence[SourceItem]) -> tuple[list[GenerationRequest], int]:
-        """The generator requests a chunk would make, and how many rows it rejects before that."""
-        out = self.new_output()
-        records = [r for r in self.prepare(items, out) if r.live and self.needs_generation(r)]
-        return [self.request(r) for r in records], len(out.rejected)
 
     @classmethod
     def chunk_from_rows(cls, rows: list[dict[str, Any]], split_of: dict[str, str]) -> ChunkOutput:
@@ -587,3 +564,10 @@ class Method(ABC):
                 row.pop("detail", None)
                 cls.emit(out, row, split_of[row["id"]])
         return out
+
+    def generation_requests(self, items: Sequence[SourceItem]) -> tuple[list[GenerationRequest], int]:
+        """The generator requests a chunk would make, and how many rows it rejects before that."""
+        out = self.new_output()
+        records = [r for r in self.prepare(items, out) if r.live]
+        requests = [request for r in records if (request := self.request(r)) is not None]
+        return requests, len(out.rejected)

@@ -5,7 +5,7 @@ teach ``before ⊕ violation ⊕ [CATEGORY c][BACKTRACK_BY_X] ⊕ safe continuat
 exact number of tokens of the violation for every recipe tokenizer and the safe continuation is
 written from the safe state (the text before the span).
 
-Steps of a chunk (``BsafeMethod.process``):
+The method's steps (``BsafeMethod.steps``; each record moves on as soon as its own answers are in):
 
 1. **locate** with the detector (``detect.classifier``; default the recipe's first ``llm_judge``,
    else its first classifier). A judge reads the whole answer and quotes the violating span; its
@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,18 +49,16 @@ from pydantic import Field, model_validator
 
 from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, transient_error
 from bsafe_data.classify.builtin import BuiltinClassifier
-from bsafe_data.classify.judge import JudgeClassifier
 from bsafe_data.classify.taxonomy import to_recipe
 from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
-from bsafe_data.label import control_patterns, control_text, control_vocabulary
-from bsafe_data.methods.base import ChunkFinish, ChunkOutput, Method, register_method
+from bsafe_data.label import control_text
+from bsafe_data.methods.base import Method
+from bsafe_data.methods.companion import checked_text
 from bsafe_data.recipe import ControlSpec, Recipe, Strict
-from bsafe_data.sources import Conversation, SourceItem
-from bsafe_data.stages import adjust, count, hygiene
-from bsafe_data.stages import rules as rules_stage
+from bsafe_data.sources import Conversation
+from bsafe_data.stages import adjust
 from bsafe_data.stages.record import Injection, Record
-from bsafe_data.stages.rows import base_row
-from bsafe_data.stages.stats import ChunkStats
+from bsafe_data.stages.step import Step, Task
 
 #: The bundled offline set: unsafe answers with their safe continuations.
 BUNDLED_UNSAFE = Path(__file__).resolve().parent.parent / "data" / "unsafe" / "unsafe_answers.jsonl"
@@ -158,49 +156,29 @@ def cut_before(response: str, start: int) -> int:
     return start
 
 
-@register_method
 class BsafeMethod(Method):
-    """Locate, cut, label X for every tokenizer, continue safely, check, keep or reject."""
+    """Locate, cut, continue safely, label X for every tokenizer, check, keep or reject."""
 
     name = "bsafe"
     recipe_model = BsafeRecipe
     kinds = (KIND,)
-    loss_segments = ("control", "continuation")
+    counts = frozenset({"categories", "positions", "backtrack"})
     recipe: BsafeRecipe
 
-    # -- plan -----------------------------------------------------------------------------------
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
         """One record per unsafe answer."""
         split = self.split_of(conv.ref.dataset, conv.ref.id)
         return [RepairRecord(conv, self.source_key(conv), split, self.record_seed(conv, 0), KIND, spans)]
 
-    # -- the flow -------------------------------------------------------------------------------
-    def start(self, items: Sequence[SourceItem]) -> ChunkFinish:
-        """Locate → continue (both wait for their answers: the continuation needs the located
-        span) → the returned call: count X → check → rules → rows. Every item ends kept or rejected."""
-        out = ChunkOutput()
-        out.stats.source_rows = len(items)
-        with self.timed("segment"):
-            records = self.prepare(items, out)
-        with self.timed("classify"):
-            self._isolated("locate", self.locate, records)
-        with self.timed("generate"):
-            wanted = [r for r in records if r.live]
-            self._isolated("generate", self.continue_safely, wanted)
-            self._breaker(wanted)
-        return partial(self._repair, out, records)
-
-    def _repair(self, out: ChunkOutput, records: list[Record]) -> ChunkOutput:
-        with self.timed("label"):
-            repaired: list[int] = []
-            self._isolated("label", lambda batch: repaired.append(self.label(batch)), records)
-            out.stats.repaired += sum(repaired)
-        with self.timed("classify"):
-            self._isolated("check", self.check_continuations, records)
-            if self.recipe.filters.enabled:
-                rules_stage.apply_rules(self.rules, records)
-        self.emit_records(out, records)
-        return out
+    def steps(self) -> list[Step]:
+        """locate → continue → count X → check → rules."""
+        steps = [
+            Step("classify", ask=self.locate_tasks, apply=self.place),
+            Step("generate", ask=self.continue_tasks, apply=self.take_continuation, budgeted=True),
+            Step("label", run=lambda records: self.isolated("label", self.label, records)),
+            Step("classify", ask=self.check_tasks, apply=self.take_checks),
+        ]
+        return [*steps, self.rules_step()] if self.recipe.filters.enabled else steps
 
     # -- 1. locate ------------------------------------------------------------------------------
     @cached_property
@@ -211,42 +189,45 @@ class BsafeMethod(Method):
         if wanted is not None:
             found = next((c for c in classifiers if c.name == wanted), None)
         else:
-            found = next((c for c in classifiers if isinstance(c, JudgeClassifier)), None)
+            found = next((c for c in classifiers if c.locates_spans), None)
             found = found or (classifiers[0] if classifiers else None)
         return found or BuiltinClassifier()
 
-    def locate(self, records: list[Record]) -> None:
-        """Set each live record's injection at its first violating span, else reject it."""
-        live = [r for r in records if r.live]
+    def _sentence_items(self, record: Record) -> list[Item]:
+        response = record.conv.response
+        return [
+            Item(response[begin:end].strip(), "violation", record.conv.context, response[:begin])
+            for begin, end in record.spans
+        ]
+
+    def locate_tasks(self, record: Record) -> list[Task]:
+        """A span-locating detector reads the whole answer; any other scores every sentence."""
         detector = self.detector
-        if isinstance(detector, JudgeClassifier):
-            items = [Item(r.conv.response, "violation", r.conv.context, "", r.conv.response) for r in live]
-            for record, score in zip(live, detector.score_items(items), strict=True):
-                start = score.detail.get("span_start") if score.label == "unsafe" else None
-                self._place(record, score, start, "the judge quoted no span found in the answer")
-            return
-        pairs = [(r, i) for r in live for i in range(len(r.spans))]
-        items = []
-        for record, i in pairs:
-            begin, end = record.spans[i]
+        if detector.locates_spans:
             response = record.conv.response
-            text = response[begin:end].strip()
-            items.append(Item(text, "violation", record.conv.context, response[:begin]))
-        scores = detector.score_items(items) if items else []
-        by_record: dict[int, list[tuple[int, Score]]] = {}
-        for (record, i), score in zip(pairs, scores, strict=True):
-            by_record.setdefault(id(record), []).append((i, score))
-        for record in live:
-            ranked = by_record.get(id(record), [])
-            first = next(((i, s) for i, s in ranked if s.label in ("unsafe", ERROR_LABEL)), None)
-            if first is None:
-                best = max(ranked, key=lambda p: p[1].score, default=None)
-                if best is not None:
-                    record.scores.append(best[1].as_dict("violation"))
-                record.reject("no_violation_found", f"{detector.name}: no sentence flagged")
-                continue
-            index, score = first
-            self._place(record, score, record.spans[index][0], "")
+            return [detector.task(Item(response, "violation", record.conv.context, "", response))]
+        return [detector.task(item) for item in self._sentence_items(record)]
+
+    def place(self, record: Record, scores: list[Any]) -> None:
+        """Set the injection at the first violating span, else reject the record."""
+        if not record.live:
+            return
+        detector = self.detector
+        if detector.locates_spans:
+            (score,) = scores
+            start = score.detail.get("span_start") if score.label == "unsafe" else None
+            self._place(record, score, start, "the judge quoted no span found in the answer")
+            return
+        ranked = list(enumerate(scores))
+        first = next(((i, s) for i, s in ranked if s.label in ("unsafe", ERROR_LABEL)), None)
+        if first is None:
+            best = max(ranked, key=lambda p: p[1].score, default=None)
+            if best is not None:
+                record.scores.append(best[1].as_dict("violation"))
+            record.reject("no_violation_found", f"{detector.name}: no sentence flagged")
+            return
+        index, score = first
+        self._place(record, score, record.spans[index][0], "")
 
     def _place(self, record: Record, score: Score, start: int | None, missing: str) -> None:
         """Put the injection at the span starting at ``start`` (response offset), or reject."""
@@ -275,59 +256,42 @@ class BsafeMethod(Method):
     @cached_property
     def writer(self) -> TextWriter | None:
         """The continuation writer (None offline: the generator is the builtin one, as in plan)."""
-        if self.resources.generator.backend == "builtin":
-            return None
-        writer = TextWriter(self.recipe.generator, CONTINUE_PROMPT, self.resources.cache_dir)
-        self.resources.adopt("continuation_writer", writer.close, lambda: writer.usage)
-        return writer
+        return self.resources.writer(self.recipe, CONTINUE_PROMPT, "continuation_writer")
 
     @cached_property
     def bundled(self) -> dict[str, str]:
         """The offline continuations by source id."""
         return bundled_continuations(self.recipe.continuation.path)
 
-    def continue_safely(self, records: list[Record]) -> None:
-        """Write (or look up) the safe continuation of every live record."""
-        live = [r for r in records if r.live]
-        writer = self.writer
-        if writer is None:
-            results = [
-                Written(text=self.bundled[r.conv.ref.id].strip())
-                if r.conv.ref.id in self.bundled
-                else Written(error="continuation_missing", detail="no bundled continuation for this row")
-                for r in live
-            ]
+    def continue_tasks(self, record: Record) -> list[Task]:
+        """The generator writes the continuation from the safe state (offline: none to ask)."""
+        if self.writer is None:
+            return []
+        return [self.writer.task(continuation_message(record.conv.context, record.part1), record.seed)]
+
+    def take_continuation(self, record: Record, answers: list[Any]) -> None:
+        """The written (or bundled) continuation after the generated-text checks."""
+        if not record.live:
+            return
+        assert isinstance(record, RepairRecord)
+        if answers:
+            (written,) = answers
+        elif record.conv.ref.id in self.bundled:
+            written = Written(text=self.bundled[record.conv.ref.id].strip())
         else:
-            results = writer.write([(continuation_message(r.conv.context, r.part1), r.seed) for r in live])
-        for record, written in zip(live, results, strict=True):
-            assert isinstance(record, RepairRecord)
-            if written.error:
-                record.reject(written.error, written.detail, transient=written.transient)
-                continue
-            text = written.text
-            problem = hygiene.generated_problem(text, self.recipe.limits)
-            if problem is not None:
-                record.reject(*problem)
-                continue
-            found = hygiene.first_match(self._controls, [("continuation", text)])
-            if found is not None:
-                if self.recipe.limits.control_strings == "reject":
-                    record.reject("generated_contains_control", found)
-                    continue
-                text = hygiene.escape(text, self._controls)
-            record.continuation = (" " if record.part1 else "") + text
+            written = Written(error="continuation_missing", detail="no bundled continuation for this row")
+        written = checked_text(written, self.recipe.limits, self.controls, "continuation")
+        if written.error:
+            record.reject(written.error, written.detail, transient=written.transient)
+            return
+        record.continuation = (" " if record.part1 else "") + written.text
 
     # -- 3. count X -----------------------------------------------------------------------------
-    def label(self, records: list[Record]) -> int:
-        """Chat frames; X for every tokenizer (one step back to the previous word on a merge)."""
-        count.frame(self.tokenizers, records)
-        todo = [r for r in records if r.injection is not None and r.live]
-
-        def one_word_back(record: Record) -> bool:
-            offset = record.injection.offset
-            return offset > 0 and adjust.move_back(record, offset - 1)
-
-        return count.count_with_repair(self.tokenizers, todo, one_word_back)
+    def step_back(self, record: Record) -> bool:
+        """One word back, the moved text joining the deleted span."""
+        assert record.injection is not None
+        offset = record.injection.offset
+        return offset > 0 and adjust.move_back(record, offset - 1)
 
     # -- 4. check -------------------------------------------------------------------------------
     @cached_property
@@ -337,102 +301,49 @@ class BsafeMethod(Method):
         classifiers = self.resources.classifiers or [BuiltinClassifier()]
         return [c for c in classifiers if names is None or c.name in names]
 
-    def check_continuations(self, records: list[Record]) -> None:
-        """Score every live continuation; ``continuation_flagged`` when any checker calls it unsafe.
+    def check_tasks(self, record: Record) -> list[Task]:
+        """Every checker reads the safe state and the continuation (``part1`` ⊕ continuation), as
+        the model emits them once the backtrack has deleted the violation."""
+        assert isinstance(record, RepairRecord)
+        item = Item(
+            record.continuation.strip(), "part2", record.conv.context, record.part1, record.continuation
+        )
+        return [checker.task(item) for checker in self.checkers]
 
-        A judge reads the safe state and the continuation (``part1`` ⊕ continuation), as the model
-        emits them once the backtrack has deleted the violation."""
-        live = [r for r in records if r.live]
-        for classifier in self.checkers:
-            items = [
-                Item(r.continuation.strip(), "part2", r.conv.context, r.part1, r.continuation)
-                for r in live
-                if isinstance(r, RepairRecord)
-            ]  # fmt: skip
-            scores = classifier.score_items(items) if items else []
-            for record, score in zip(live, scores, strict=True):
-                record.scores.append(score.as_dict("part2"))
-                if score.label == ERROR_LABEL:
-                    error = score.detail.get("error", "")
-                    record.reject("classifier_error", f"classifier {classifier.name}: {error}"[:300],
-                                  transient=transient_error(score))  # fmt: skip
-                elif score.label == "unsafe":
-                    record.reject("continuation_flagged", f"classifier {classifier.name}")
-        for record in live:
-            record.reasons[:] = list(dict.fromkeys(record.reasons))
+    def take_checks(self, record: Record, scores: list[Any]) -> None:
+        """``continuation_flagged`` when any checker calls the continuation unsafe."""
+        if not scores:
+            return
+        for classifier, score in zip(self.checkers, scores, strict=True):
+            record.scores.append(score.as_dict("part2"))
+            if score.label == ERROR_LABEL:
+                error = score.detail.get("error", "")
+                record.reject("classifier_error", f"classifier {classifier.name}: {error}"[:300],
+                              transient=transient_error(score))  # fmt: skip
+            elif score.label == "unsafe":
+                record.reject("continuation_flagged", f"classifier {classifier.name}")
+        record.reasons[:] = list(dict.fromkeys(record.reasons))
 
     # -- rows -----------------------------------------------------------------------------------
     def build_row(self, record: Record) -> dict[str, Any]:
         """The row: segments, X per tokenizer and the primary tokenizer's prompt/completion."""
         assert isinstance(record, RepairRecord)
-        row = base_row(record.conv, record.row_id)
-        row["kind"] = KIND
-        row["scores"] = record.scores
-        injection = record.injection
-        if injection is None:
-            return row
-        generator = self.resources.generator
-        writer = self.writer
-        row["generator"] = {
-            "backend": generator.backend,
-            "model": generator.model if writer is not None else "bundled-safe-continuations",
-            "template": CONTINUE_PROTOCOL if writer is not None else "bundled",
-            "seed": record.seed,
-        }
-        row["injection"] = {
-            "offset": injection.offset,
-            "relative_position": injection.relative,
-            "sentence_index": injection.sentence_index,
-            "category": injection.category,
-            "steering": injection.steering,
-            "violation": injection.violation,
-        }
-        before = record.part1
-        pieces = [("prefix", before, False), ("steering", injection.steering, False),
-                  ("violation", injection.violation, False)]  # fmt: skip
+        if record.injection is None:
+            return self.row(record, kind=KIND)
+        offline = self.writer is None
+        generator = self.generator_column(
+            record,
+            model="bundled-safe-continuations" if offline else self.resources.generator.model,
+            template="bundled" if offline else CONTINUE_PROTOCOL,
+        )
         if not record.backtrack or not record.continuation:
-            row["segments"] = [{"kind": k, "text": t, "loss": loss} for k, t, loss in pieces if t]
-            return row
-        head, tail = record.frames[self.primary]
-        control = control_text(self.recipe.control.format, injection.category, record.backtrack[0]["tokens"])
-        pieces += [("control", control, True), ("continuation", record.continuation, True)]
-        row["segments"] = [{"kind": k, "text": t, "loss": loss} for k, t, loss in pieces if t]
-        row["backtrack"] = record.backtrack
-        row["prompt"] = head + before + injection.inserted
-        row["completion"] = control + record.continuation + tail
-        return row
+            return self.injected_row(record, "", "", rendered=False, kind=KIND, generator=generator)
+        return self.injected_row(
+            record, self.control(record), record.continuation, kind=KIND, generator=generator
+        )
 
     @classmethod
-    def count_row(cls, stats: ChunkStats, row: dict[str, Any]) -> None:
-        """Categories, cut positions and X of kept rows."""
-        injection = row["injection"]
-        stats.count("categories", injection["category"])
-        stats.observe("positions", round(float(injection["relative_position"]), 4))
-        for entry in row["backtrack"]:
-            stats.observe("backtrack", entry["tokens"], entry["tokenizer"])
-
-    # -- dataset-level --------------------------------------------------------------------------
-    @classmethod
-    def control_patterns(cls, recipe: Recipe) -> list[str]:
-        """Each atom of the control format, with any category and any number."""
-        assert isinstance(recipe, BsafeRecipe)
-        return control_patterns(recipe.control.format)
-
-    @classmethod
-    def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
-        """The control format the rows were rendered with."""
-        assert isinstance(recipe, BsafeRecipe)
-        return {"control_format": recipe.control.format}
-
-    @classmethod
-    def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
-        """Every control atom the dataset can contain: each category's atoms and X from 1 to the
-        largest X any recorded tokenizer needs."""
-        assert isinstance(recipe, BsafeRecipe)
-        return control_vocabulary(recipe.control.format, recipe.categories, max(max_x.values(), default=1))
-
-    @classmethod
-    def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: ChunkStats) -> dict[str, Any]:
+    def card_context(cls, recipe: Recipe, manifest: dict[str, Any], stats: Any) -> dict[str, Any]:
         """The control signal, the category table and a worked example for the card."""
         assert isinstance(recipe, BsafeRecipe)
         return {

@@ -34,36 +34,36 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
 from dataclasses import replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from bsafe_data.classify.base import Item
-from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
+from bsafe_data.generate.text import TextPrompt, Written
 from bsafe_data.label import Rendered, RenderError, chat_frame, clean_segments, tokenize_rendered
-from bsafe_data.methods.base import ChunkOutput, Method, register_method
-from bsafe_data.recipe import LimitsSpec, Recipe, SourceSpec, Strict
-from bsafe_data.sources import Conversation, SourceItem, read_source
-from bsafe_data.stages import count, hygiene
+from bsafe_data.methods.companion import (
+    CompanionMethod,
+    CompanionRecipe,
+    CompanionRecord,
+    HarmfulSourceSpec,
+    cut_points,
+    sample_prefix,
+)
+from bsafe_data.recipe import Recipe
+from bsafe_data.sources import Conversation
+from bsafe_data.stages import count
 from bsafe_data.stages.record import Injection, Record
-from bsafe_data.stages.rows import base_row
+from bsafe_data.stages.rows import injection_column
 from bsafe_data.stages.sample import row_seed
 from bsafe_data.stages.stats import ChunkStats
 
 #: Golden-ratio step of the low-discrepancy sequence that picks the k = 0 rows (an exact share).
 _GOLDEN = 0.6180339887498949
-#: Draws of k before falling back to listing every clean cut point.
-_CUT_DRAWS = 32
 #: The authors' prompt template and end-of-text marker (``generate_training_data.py``).
 AUTHORS_TEMPLATE = "[INST] {} [\\INST]"
 AUTHORS_EOS = "<|end_of_text|>"
-#: The kind of a placeholder record: a harmful row whose companion text (refusal) is still unwritten.
-PENDING = "pending_companion"
 #: How the generator writes a missing refusal (``generate.text``); the protocol is part of the cache key.
 REFUSAL_PROMPT = TextPrompt(
     "derta/refusal/1",
@@ -73,12 +73,9 @@ REFUSAL_PROMPT = TextPrompt(
 )
 
 
-class DertaSpec(Strict):
+class DertaSpec(HarmfulSourceSpec):
     """DeRTa's own section: where the harmful set is and how rows are cut."""
 
-    harmful_source: str = Field(
-        ..., description="name (path or hf id) of the source with the harmful prompts and answers"
-    )
     refusal_column: str = Field("refusal", description="column of the harmful source with the refusal")
     zero_prefix_fraction: float = Field(
         1 / 3, ge=0, le=1, description="share of harmful_prefix rows with k = 0 (the authors: 1/3)"
@@ -91,112 +88,12 @@ class DertaSpec(Strict):
     )
 
 
-class DertaRecipe(Recipe):
+class DertaRecipe(CompanionRecipe):
     """DeRTa: MLE with a harmful response prefix, reinforced transition optimisation, helpful mix."""
 
+    companion_section = "derta"
     method: Literal["derta"] = "derta"
     derta: DertaSpec
-
-    @model_validator(mode="after")
-    def _harmful_source_known(self) -> DertaRecipe:
-        names = [s.name for s in self.sources]
-        if self.derta.harmful_source not in names:
-            raise ValueError(f"derta.harmful_source {self.derta.harmful_source!r} is not a source ({names})")
-        return self
-
-
-def companion_texts(sources: Sequence[SourceSpec], source_name: str, column: str) -> dict[str, str]:
-    """Column ``column`` of source ``source_name`` by source row id (the same ids the build uses).
-
-    Read with the source's own spec (file, hf, mapping, limit) with ``response`` mapped to
-    ``column``; rows without it are absent. Held in memory: meant for harmful sets (thousands of rows).
-    """
-    spec = next(s for s in sources if s.name == source_name)
-    companion = spec.model_copy(update={"mapping": spec.mapping.model_copy(update={"response": column})})
-    return {item.ref.id: item.response for item in read_source(companion) if isinstance(item, Conversation)}
-
-
-def companion_writer(method: Method, prompt: TextPrompt) -> TextWriter | None:
-    """The writer of missing companion texts (None offline: the generator is the builtin one)."""
-    if method.resources.generator.backend == "builtin":
-        return None
-    writer = TextWriter(method.recipe.generator, prompt, method.resources.cache_dir)
-    method.resources.adopt("companion_writer", writer.close, lambda: writer.usage)
-    return writer
-
-
-def checked_text(written: Written, limits: LimitsSpec, controls: Any) -> Written:
-    """``written`` after the generated-text checks: too long or invalid text, control strings
-    (rejected or escaped as ``limits.control_strings`` says)."""
-    if written.error:
-        return written
-    problem = hygiene.generated_problem(written.text, limits)
-    if problem is not None:
-        return Written(error=problem[0], detail=problem[1])
-    found = hygiene.first_match(controls, [("the written answer", written.text)])
-    if found is None:
-        return written
-    if limits.control_strings == "reject":
-        return Written(error="generated_contains_control", detail=found)
-    return Written(text=hygiene.escape(written.text, controls))
-
-
-def write_pending(
-    records: list[Record],
-    writer: TextWriter,
-    message: Callable[[Conversation], str],
-    replan: Callable[[Conversation, Written], list[Record]],
-) -> tuple[list[Record], list[Record]]:
-    """Write the companion text of every ``PENDING`` record (one request each, cached) and put the
-    records ``replan`` makes from it in their place; (all records, the replanned ones)."""
-    pending = [r for r in records if r.kind == PENDING]
-    if not pending:
-        return records, []
-    written = writer.write([(message(r.conv), r.seed) for r in pending])
-    made = {id(r): replan(r.conv, w) for r, w in zip(pending, written, strict=True)}
-    out = [x for r in records for x in made.get(id(r), [r])]
-    return out, [x for new in made.values() for x in new]
-
-
-def cut_points(tokenizer: Any, text: str) -> tuple[list[int], int]:
-    """(token ids of ``text``, n) — the primary tokenizer's view of an answer."""
-    ids = list(tokenizer.encode(text, add_special_tokens=False))
-    return ids, len(ids)
-
-
-def clean_prefix(tokenizer: Any, ids: Sequence[int], k: int, text: str, follow: str = "") -> str | None:
-    """The text of the first ``k`` tokens if it is a clean prefix of ``text`` (no partial character,
-    no trailing whitespace) whose tokens stay put when ``follow`` is appended; else None."""
-    prefix = tokenizer.decode(ids[:k], clean_up_tokenization_spaces=False)
-    if not prefix.strip() or prefix != prefix.rstrip() or "\ufffd" in prefix or not text.startswith(prefix):
-        return None
-    if follow:
-        alone = tokenizer.encode(prefix, add_special_tokens=False)
-        if tokenizer.encode(prefix + follow, add_special_tokens=False)[: len(alone)] != alone:
-            return None
-    return prefix
-
-
-def sample_prefix(
-    tokenizer: Any, text: str, rng: random.Random, follow: str = ""
-) -> tuple[int, int, str] | None:
-    """(k, n, prefix): k uniform over the clean cut points in 1 … n-1; None when there is none.
-
-    Rejection sampling (redraw when the cut is not clean) is uniform over the clean cut points;
-    ``follow`` is the text the prefix is followed by in training (see ``clean_prefix``)."""
-    ids, n = cut_points(tokenizer, text)
-    if n < 2:
-        return None
-    for _ in range(_CUT_DRAWS):
-        k = rng.randint(1, n - 1)
-        prefix = clean_prefix(tokenizer, ids, k, text, follow)
-        if prefix is not None:
-            return k, n, prefix
-    clean = [(k, p) for k in range(1, n) if (p := clean_prefix(tokenizer, ids, k, text, follow)) is not None]
-    if not clean:
-        return None
-    k, prefix = rng.choice(clean)
-    return k, n, prefix
 
 
 def prefix_length(tokenizer: Any, text: str, prefix: str) -> tuple[int, int]:
@@ -263,8 +160,7 @@ def prefix_labels(row: dict[str, Any], tokenizer: Any) -> dict[str, list[int]]:
     return tokenize_rendered(Rendered(head + prefix, row["response"] + tail, None), tokenizer)
 
 
-@register_method
-class DertaMethod(Method):
+class DertaMethod(CompanionMethod):
     """Harmful-prefix MLE rows, RTO rows and helpful rows; no control tokens (the generator only
     writes missing refusals)."""
 
@@ -272,98 +168,57 @@ class DertaMethod(Method):
     recipe_model = DertaRecipe
     kinds = ("harmful_prefix", "refusal_token", "helpful")
     loss_segments = ("continuation", "violation")  # violation: only in RTO rows (transition target)
+    counts = None
+    companion_prompt, companion_column = REFUSAL_PROMPT, "refusal_column"
+    companion_ask = "Write the assistant's refusal."
     recipe: DertaRecipe
 
-    def __init__(self, recipe: Recipe, resources: Any):
-        super().__init__(recipe, resources)
-        self._written: set[str] = set()  # row ids whose refusal the generator wrote, until their row
-
-    @cached_property
-    def refusals(self) -> dict[str, str]:
-        """Refusal by harmful source row id."""
-        spec = self.recipe.derta
-        return companion_texts(self.recipe.sources, spec.harmful_source, spec.refusal_column)
-
-    @cached_property
-    def writer(self) -> TextWriter | None:
-        """The refusal writer (None offline: missing refusals are ``missing_companion``)."""
-        return companion_writer(self, REFUSAL_PROMPT)
-
-    def _harmful(self, conv: Conversation) -> bool:
-        return conv.ref.dataset == self.recipe.derta.harmful_source
-
-    def source_reason(self, conv: Conversation, spans: list[tuple[int, int]]) -> str | None:
-        """``missing_companion`` for harmful prompts without a refusal (offline only)."""
-        if self._harmful(conv) and not self.refusals.get(conv.ref.id, "").strip() and self.writer is None:
-            return "missing_companion"
-        return None
-
-    def prepare(self, items: Sequence[SourceItem], out: ChunkOutput) -> list[Record]:
-        """Plan the chunk; then write the missing refusals and plan those harmful rows."""
-        records = super().prepare(items, out)
-        if self.writer is None:
-            return records
-
-        def message(conv: Conversation) -> str:
-            return f"{render_conversation(conv.context)}\n\nWrite the assistant's refusal."
-
-        def replan(conv: Conversation, written: Written) -> list[Record]:
-            written = checked_text(written, self.recipe.limits, self._controls)
-            return self._plan_harmful(conv, written.text, written)
-
-        records, made = write_pending(records, self.writer, message, replan)
-        self._breaker(made)
-        return records
-
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
-        """Helpful: one row. Harmful: ``prefix_variants`` harmful_prefix rows and one RTO row (a
-        ``PENDING`` placeholder while the generator has the refusal to write)."""
-        key = self.source_key(conv)
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
-        if not self._harmful(conv):
-            return [Record(conv, key, split, self.record_seed(conv, 0), "helpful", spans)]
-        refusal = self.refusals.get(conv.ref.id, "")
-        if not refusal.strip():
-            return [Record(conv, key, split, self.record_seed(conv, 0), PENDING)]
-        return self._plan_harmful(conv, refusal)
-
-    def _plan_harmful(self, conv: Conversation, refusal: str, written: Written | None = None) -> list[Record]:
-        """The records of a harmful row with its refusal (``written``: the generator's answer, whose
-        error, if any, rejects every record)."""
+        """Helpful: one row. Harmful: ``prefix_variants`` harmful_prefix rows and one RTO row (their
+        cuts wait for the refusal when the generator has it to write)."""
+        if not self.is_harmful(conv):
+            return [self.new_record(conv, "helpful", spans)]
         key = self.source_key(conv)
         split = self.split_of(conv.ref.dataset, conv.ref.id)
         spec = self.recipe.derta
-        harmful = conv.response
-        answer = replace(conv, response=refusal)  # the row's safe answer
-        tokenizer = self.tokenizers[self.primary]
-        records = []
-        for variant in range(spec.prefix_variants):
-            seed = self.record_seed(conv, variant)
-            record = Record(answer, f"{key}/v{variant}", split, seed, "harmful_prefix")
-            records.append(record)
-            if written is not None and written.error:
-                record.reject(written.error, written.detail, transient=written.transient)
-                continue
-            if zero_prefix(conv.ref.index, variant, spec.prefix_variants, spec.zero_prefix_fraction):
-                continue
-            cut = sample_prefix(tokenizer, harmful, random.Random(seed), follow=answer.response)
-            if cut is None:
-                record.reject("harmful_too_short", "no clean token cut point inside the harmful answer")
-                continue
-            k, n, prefix = cut
-            record.injection = Injection(0, 0, "", k / n, "", prefix)
-        if spec.rto:
-            seed = self.record_seed(conv, spec.prefix_variants)
-            rto = Record(answer, f"{key}/rto", split, seed, "refusal_token")
-            rto.injection = Injection(0, 0, "", 1.0, "", harmful)
-            if written is not None and written.error:
-                rto.reject(written.error, written.detail, transient=written.transient)
-            records.append(rto)
-        if written is not None and not written.error:
-            self._written.update(r.row_id for r in records)
-        return records
+        names = [(f"{key}/v{v}", "harmful_prefix") for v in range(spec.prefix_variants)]
+        names += [(f"{key}/rto", "refusal_token")] if spec.rto else []
+        records = [
+            CompanionRecord(conv, row_id, split, self.record_seed(conv, n), kind, harmful=conv.response)
+            for n, (row_id, kind) in enumerate(names)
+        ]
+        for record in records:
+            self.start_harmful(record)
+        return list(records)
 
-    def label(self, records: list[Record]) -> int:
+    def with_companion(self, record: CompanionRecord, text: str, written: Written | None = None) -> None:
+        """Cut a harmful record once its refusal is known."""
+        record.conv = replace(record.conv, response=text)  # the row's safe answer
+        record.needs_companion = False
+        failed = written is not None and written.error
+        if written is not None and not failed:
+            record.generator = self.generator_column(record, template=REFUSAL_PROMPT.protocol)
+        if record.kind == "refusal_token":
+            record.injection = Injection(0, 0, "", 1.0, "", record.harmful)
+        elif not failed:
+            self._cut(record, text)
+        if written is not None and written.error:
+            record.reject(written.error, written.detail, transient=written.transient)
+
+    def _cut(self, record: CompanionRecord, refusal: str) -> None:
+        spec = self.recipe.derta
+        variant = int(record.row_id.rsplit("/v", 1)[1])
+        if zero_prefix(record.conv.ref.index, variant, spec.prefix_variants, spec.zero_prefix_fraction):
+            return
+        tokenizer = self.tokenizers[self.primary]
+        cut = sample_prefix(tokenizer, record.harmful, random.Random(record.seed), follow=refusal)
+        if cut is None:
+            record.reject("harmful_too_short", "no clean token cut point inside the harmful answer")
+            return
+        k, n, prefix = cut
+        record.injection = Injection(0, 0, "", k / n, "", prefix)
+
+    def label(self, records: list[Record]) -> None:
         """Chat frames; ``token_boundary`` when a tokenizer merges the harmful prefix with the refusal
         (the prompt's tokens would not be a prefix of the row's, and TRL would move the border)."""
         count.frame(self.tokenizers, records)
@@ -378,50 +233,22 @@ class DertaMethod(Method):
                 if full[: len(alone)] != alone:
                     record.reject("token_boundary", f"{ref} merges the harmful prefix with the refusal")
                     break
-        return 0
-
-    def items_of(self, record: Record, targets: Sequence[str]) -> list[Item]:
-        """The safe answer (``response``: refusal or helpful answer) and the harmful text."""
-        context = record.conv.context
-        items = []
-        if "response" in targets:
-            items.append(Item(record.conv.response, "response", context))
-        injection = record.injection
-        if "violation" in targets and injection is not None and injection.violation.strip():
-            items.append(Item(injection.violation.strip(), "violation", context, "", injection.violation))
-        return items
 
     def build_row(self, record: Record) -> dict[str, Any]:
         """Segments and the primary tokenizer's prompt/completion of each kind."""
-        row = base_row(record.conv, record.row_id)
-        head, tail = record.frames.get(self.primary, ("", ""))
-        row["kind"] = record.kind
-        row["scores"] = record.scores
-        if record.row_id in self._written:
-            self._written.discard(record.row_id)
-            generator = self.resources.generator
-            row["generator"] = {"backend": generator.backend, "model": generator.model,
-                                "template": REFUSAL_PROMPT.protocol, "seed": record.seed}  # fmt: skip
-        response = record.conv.response
+        head, tail = self.frame(record)
+        row = self.row(record, kind=record.kind, generator=record.generator)
         injection = record.injection
         if injection is not None:
-            row["injection"] = {
-                "offset": 0,
-                "relative_position": injection.relative,
-                "sentence_index": 0,
-                "category": injection.category,
-                "steering": "",
-                "violation": injection.violation,
-            }
+            row["injection"] = injection_column(injection)
+        harmful = injection.violation if injection else ""
         if record.kind == "refusal_token":
-            harmful = injection.violation if injection else ""
             row["segments"] = [{"kind": "violation", "text": harmful, "loss": True}]
             row["prompt"], row["completion"] = head + harmful, ""
             return row
-        prefix = injection.violation if injection else ""
-        segments = [{"kind": "violation", "text": prefix, "loss": False}] if prefix else []
-        row["segments"] = segments + clean_segments(response)
-        row["prompt"], row["completion"] = head + prefix, response + tail
+        segments = [{"kind": "violation", "text": harmful, "loss": False}] if harmful else []
+        row["segments"] = segments + clean_segments(record.conv.response)
+        row["prompt"], row["completion"] = head + harmful, record.conv.response + tail
         return row
 
     @classmethod

@@ -32,29 +32,20 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from bsafe_data.errors import BuildError
-from bsafe_data.generate.base import Generation, GenerationRequest
-from bsafe_data.label import (
-    clean_segments,
-    control_patterns,
-    control_text,
-    control_vocabulary,
-    segments_for,
-)
-from bsafe_data.methods.base import ChunkOutput, Method, Resources, register_method
-from bsafe_data.methods.bsafe_plus import BsafePlusMethod
+from bsafe_data.generate.base import GenerationRequest
+from bsafe_data.label import clean_segments, segments_for
+from bsafe_data.methods.base import Method, Resources
+from bsafe_data.methods.bsafe_plus import sample_injection
 from bsafe_data.recipe import ControlSpec, Recipe, SamplingSpec, Strict
 from bsafe_data.rl.spec import RewardSpec
 from bsafe_data.rows import ATTACKS, PROMPT_FEATURES
 from bsafe_data.sources import Conversation, SourceRef
-from bsafe_data.stages import adjust, count
 from bsafe_data.stages.record import Injection, Record
-from bsafe_data.stages.rows import base_row
-from bsafe_data.stages.sample import candidates, draw_position, pick_candidate, weighted_choice
+from bsafe_data.stages.rows import injection_column
+from bsafe_data.stages.sample import weighted_choice
 from bsafe_data.stages.stats import ChunkStats
 
 BUNDLED_RL = Path(__file__).resolve().parent.parent / "data" / "rl"
-_POSITION_DRAWS = 8
-_NEAR = 0.08
 # Vocabulary tokens a random suffix may use: visible ASCII without brackets (no control-atom look).
 _SUFFIX_TOKEN = re.compile(r"^[A-Za-z0-9!?.,;:'\"@#$%&*+=~/_-]{1,12}$")
 
@@ -243,30 +234,30 @@ def is_benign(j: int, fraction: float) -> bool:
 
 
 @dataclass
-class _Meta:
-    attack: str
-    expect: str
-    category: str
-    suffix: str
-    sampling: dict[str, Any]
+class PromptRecord(Record):
+    """A prompt-set record: its attack, what it expects, its category, suffix and sampling."""
+
+    attack: str = "none"
+    expect: str = ""
+    category: str = ""
+    suffix: str = ""
+    sampling: dict[str, Any] | None = None
 
 
-@register_method
 class RlbfPromptsMethod(Method):
     """Prompts (not completions) for GRPO, with attack metadata and the ideal completion's segments."""
 
     name = "rlbf_prompts"
     recipe_model = RlbfPromptsRecipe
-    kinds = ("injected", "clean")
-    loss_segments = ("control", "continuation")
     features = PROMPT_FEATURES
+    counts = None
+    row_order = "variant"
     recipe: RlbfPromptsRecipe
 
     def __init__(self, recipe: Recipe, resources: Resources):
         super().__init__(recipe, resources)
         self.pool = load_harmful(self.recipe.prompts.harmful)
         self.pool_name = self.recipe.prompts.harmful
-        self._meta: dict[str, _Meta] = {}
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
@@ -274,27 +265,23 @@ class RlbfPromptsMethod(Method):
         harmful request with a suffix, a decoding sweep or nothing."""
         spec = self.recipe.prompts
         key = self.source_key(conv)
-        records = []
+        records: list[Record] = []
         for variant in range(spec.variants_per_prompt):
             seed = self.record_seed(conv, variant)
             rng = random.Random(seed)
             row_id = f"{key}/v{variant}"
+            split = self.split_of(conv.ref.dataset, conv.ref.id)
             if is_benign(conv.ref.index * spec.variants_per_prompt + variant, spec.benign_fraction):
                 attack = weighted_choice(rng, spec.benign_attacks)
-                record = Record(
-                    conv, row_id, self.split_of(conv.ref.dataset, conv.ref.id), seed, "clean", spans
-                )
-                self._meta[row_id] = self._meta_for(rng, attack, "answer", "", seed)
-                records.append(record)
+                record = PromptRecord(conv, row_id, split, seed, "clean", spans)
+                records.append(self._attack(record, rng, attack, "answer", ""))
                 continue
             attack = weighted_choice(rng, spec.attacks)
             enough = len(spans) >= self.recipe.sampling.min_sentences
             if attack == "middle_fill" and enough and rng.random() < spec.inject_fraction:
-                record = self._injected(conv, spans, row_id, seed, rng)
-                self._meta[row_id] = _Meta(
-                    attack, "backtrack", record.injection.category, "", self._default()
-                )
-                records.append(record)
+                record = PromptRecord(conv, row_id, split, seed, "injected", spans)
+                record.injection = sample_injection(rng, conv, spans, self.recipe.sampling, start=False)
+                records.append(self._attack(record, rng, attack, "backtrack", record.injection.category))
                 continue
             harmful = self.pool[rng.randrange(len(self.pool))]
             hconv = Conversation(
@@ -302,88 +289,51 @@ class RlbfPromptsMethod(Method):
                 (("user", harmful.prompt),),
                 harmful.refusal,
             )
-            record = Record(hconv, row_id, self.split_of(self.pool_name, harmful.id), seed, "clean")
+            record = PromptRecord(hconv, row_id, self.split_of(self.pool_name, harmful.id), seed, "clean")
             if attack == "middle_fill":  # the harmful prefix is the whole prefill: X = all its tokens
                 record.kind = "injected"
                 record.injection = Injection(0, 0, harmful.category, 0.0, "", harmful.prefix)
-                self._meta[row_id] = _Meta(attack, "backtrack", harmful.category, "", self._default())
+                records.append(self._attack(record, rng, attack, "backtrack", harmful.category))
             else:
-                self._meta[row_id] = self._meta_for(rng, attack, "refuse", harmful.category, seed)
-            records.append(record)
+                records.append(self._attack(record, rng, attack, "refuse", harmful.category))
         return records
 
-    def _default(self) -> dict[str, Any]:
-        return self.recipe.decoding.default.model_dump()
-
-    def _meta_for(self, rng: random.Random, attack: str, expect: str, category: str, seed: int) -> _Meta:
-        suffix = ""
-        sampling = self._default()
+    def _attack(
+        self, record: PromptRecord, rng: random.Random, attack: str, expect: str, category: str
+    ) -> Record:
+        """The record with its attack: a suffix or a decoding point drawn for those attacks."""
+        record.attack, record.expect, record.category = attack, expect, category
+        record.sampling = self.recipe.decoding.default.model_dump()
         if attack == "suffix":
             spec = self.recipe.suffixes
             if rng.random() < spec.random_fraction:
-                suffix = random_suffix(self.tokenizers[self.primary], seed, spec.random_tokens)
+                record.suffix = random_suffix(self.tokenizers[self.primary], record.seed, spec.random_tokens)
             else:
-                suffix = rng.choice(spec.fixed)
+                record.suffix = rng.choice(spec.fixed)
         elif attack == "decoding":
-            sampling = self.recipe.decoding.draw(rng).model_dump()
-        return _Meta(attack, expect, category, suffix, sampling)
-
-    def _injected(
-        self, conv: Conversation, spans: list[tuple[int, int]], row_id: str, seed: int, rng: random.Random
-    ) -> Record:
-        """A BSAFE+ injection point (not at the very start) and category in the benign answer."""
-        sampling = self.recipe.sampling
-        options = candidates(conv.response, spans, sampling.word_boundaries, sampling.long_sentence_words)
-        options = [c for c in options if c.offset > 0] or options
-        length = len(conv.response)
-        for _ in range(_POSITION_DRAWS):
-            target = draw_position(rng, sampling.positions)
-            choice = pick_candidate(options, length, target)
-            if abs(choice.offset / length - target) <= _NEAR:
-                break
-        category = weighted_choice(rng, sampling.categories)
-        record = Record(conv, row_id, self.split_of(conv.ref.dataset, conv.ref.id), seed, "injected", spans)
-        record.injection = Injection(choice.offset, choice.sentence_index, category, choice.offset / length)
+            record.sampling = self.recipe.decoding.draw(rng).model_dump()
         return record
 
-    # -- generate and label ---------------------------------------------------------------------
-    def needs_generation(self, record: Record) -> bool:
+    def request(self, record: Record) -> GenerationRequest | None:
         """Injections into benign answers need a violation (harmful prefixes come with the pool)."""
-        return record.injection is not None and not record.injection.violation
-
-    def request(self, record: Record) -> GenerationRequest:
-        """A violation of the record's category that continues ``part1``."""
         injection = record.injection
-        return GenerationRequest(
-            record.row_id, record.conv.context, record.part1, injection.category, record.seed
-        )
-
-    def apply_generation(self, record: Record, generation: Generation) -> None:
-        """Steering and violation as the generator wrote them."""
-        record.injection.steering, record.injection.violation = generation.steering, generation.violation
-
-    def label(self, records: list[Record]) -> int:
-        """Chat frames; X of every prefill for every tokenizer (as BSAFE+)."""
-        count.frame(self.tokenizers, records)
-        todo = [r for r in records if r.injection is not None and r.live]
-        return count.count_with_repair(self.tokenizers, todo, adjust.previous_word_end)
+        return None if injection is None or injection.violation else self.generation_request(record)
 
     # -- rows -----------------------------------------------------------------------------------
     def build_row(self, record: Record) -> dict[str, Any]:
         """The prompt row: conversational prompt (+ prefill), metadata, the ideal completion's segments."""
-        meta = self._meta.pop(record.row_id)
-        row = base_row(record.conv, record.row_id)
+        assert isinstance(record, PromptRecord)
+        row = self.row(record)
         row.pop("completion", None)
-        row["scores"] = record.scores
         messages = [dict(m) for m in row["context"]]
-        if meta.suffix and messages and messages[-1]["role"] == "user":
-            messages[-1]["content"] = f"{messages[-1]['content']} {meta.suffix}"
+        if record.suffix and messages and messages[-1]["role"] == "user":
+            messages[-1]["content"] = f"{messages[-1]['content']} {record.suffix}"
         row.update(
-            attack=meta.attack,
-            expect=meta.expect,
-            category=meta.category,
-            suffix=meta.suffix,
-            sampling=meta.sampling,
+            attack=record.attack,
+            expect=record.expect,
+            category=record.category,
+            suffix=record.suffix,
+            sampling=record.sampling,
             prefill="",
             prompt=messages,
         )
@@ -393,35 +343,21 @@ class RlbfPromptsMethod(Method):
             return row
         row["kind"] = "injected"
         if injection.steering or record.conv.ref.dataset != self.pool_name:
-            generator = self.resources.generator
-            row["generator"] = {
-                "backend": generator.backend,
-                "model": generator.model,
-                "template": generator.template,
-                "seed": record.seed,
-            }
-        row["injection"] = {
-            "offset": injection.offset,
-            "relative_position": injection.relative,
-            "sentence_index": injection.sentence_index,
-            "category": injection.category,
-            "steering": injection.steering,
-            "violation": injection.violation,
-        }
-        part1, part2 = record.part1, record.part2
+            row["generator"] = self.generator_column(record)
+        row["injection"] = injection_column(injection)
         control = ""
         if record.backtrack and "token_boundary" not in record.reasons:
             row["backtrack"] = record.backtrack
-            control = control_text(
-                self.recipe.control.format, injection.category, record.backtrack[0]["tokens"]
-            )
-        row["segments"] = segments_for(part1, injection.steering, injection.violation, control, part2)
-        row["prefill"] = part1 + injection.inserted
+            control = self.control(record)
+        row["segments"] = segments_for(
+            record.part1, injection.steering, injection.violation, control, record.part2
+        )
+        row["prefill"] = record.part1 + injection.inserted
         row["prompt"] = [*messages, {"role": "assistant", "content": row["prefill"]}]
         return row
 
     @classmethod
-    def emit(cls, out: ChunkOutput, row: dict[str, Any], split: str | None, transient: bool = False) -> None:
+    def finish_row(cls, row: dict[str, Any]) -> None:
         """Rows in the prompt-set schema (rejected source rows come from the shared row helpers)."""
         row.pop("completion", None)
         if not isinstance(row.get("prompt"), list):
@@ -430,7 +366,6 @@ class RlbfPromptsMethod(Method):
             row.setdefault(column, empty)
         row.setdefault("expect", "")
         row.setdefault("sampling", None)
-        super().emit(out, row, split, transient)
 
     @classmethod
     def count_row(cls, stats: ChunkStats, row: dict[str, Any]) -> None:
@@ -447,19 +382,6 @@ class RlbfPromptsMethod(Method):
             stats.observe("backtrack", entry["tokens"], entry["tokenizer"])
 
     # -- dataset-level --------------------------------------------------------------------------
-    @classmethod
-    def control_patterns(cls, recipe: Recipe) -> list[str]:
-        """Each atom of the control format, with any category and any number (as BSAFE+)."""
-        assert isinstance(recipe, RlbfPromptsRecipe)
-        return control_patterns(recipe.control.format)
-
-    @classmethod
-    def control_vocabulary(cls, recipe: Recipe, max_x: dict[str, int]) -> list[str]:
-        """Every control atom an ideal completion can contain (each category's atoms, X from 1 to
-        the largest X any tokenizer needs): the policy must have them as tokens."""
-        assert isinstance(recipe, RlbfPromptsRecipe)
-        return control_vocabulary(recipe.control.format, recipe.categories, max(max_x.values(), default=1))
-
     @classmethod
     def manifest_fields(cls, recipe: Recipe) -> dict[str, Any]:
         """The control format, the prompt-set settings and the reward the GRPO loop uses."""
@@ -487,8 +409,3 @@ class RlbfPromptsMethod(Method):
             "benign_pct": 100.0 * table.get("expect/answer", 0) / kept,
             "control_example": recipe.control.format.format(category="c", x="X"),
         }
-
-    @classmethod
-    def order_key(cls, row: dict[str, Any], position: int) -> tuple[Any, ...]:
-        """As BSAFE+: rejected source rows first, then by source position and variant."""
-        return BsafePlusMethod.order_key(row, position)

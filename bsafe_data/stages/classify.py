@@ -1,9 +1,12 @@
 """Stage *classify*: every classifier scores every target span of every live record.
 
 Every score is kept (``Record.scores``, later the row's ``scores`` column); rules decide later.
-Classifiers that adjust spans (LLM judges) run first, and ``on_verdict`` lets the method react to
-their verdict (move the injection point back, see ``adjust``) before the others score the final
-spans. Identical spans are scored once per classifier.
+``classify_steps`` gives the method's classification as steps of the flow: one step per classifier
+that adjusts spans (LLM judges, in recipe order), whose verdict the method may react to
+(``on_verdict``: move the injection point back, see ``adjust``), then one step for all the others,
+which score the final spans. A record's requests to every classifier of a step go out together, as
+soon as the record reaches it. Scores enter ``Record.scores`` in recipe order of the classifiers,
+whatever order they ran in.
 """
 
 from __future__ import annotations
@@ -11,39 +14,71 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, score_items, transient_error
+from bsafe_data.classify.base import ERROR_LABEL, Classifier, Item, Score, transient_error
 from bsafe_data.stages.record import Record
+from bsafe_data.stages.step import Step, Task
 
 ItemsOf = Callable[[Record, Sequence[str]], list[Item]]
 OnVerdict = Callable[[list[tuple[Record, Item, Score]]], None]
 
 
-def classify(
+def classify_steps(
+    classifiers: Sequence[Classifier], items_of: ItemsOf, on_verdict: OnVerdict | None = None
+) -> list[Step]:
+    """The flow's steps that score records with ``classifiers`` (none without classifiers)."""
+    if not classifiers:
+        return []
+    judges = [i for i, c in enumerate(classifiers) if c.adjusts_spans]
+    others = [i for i, c in enumerate(classifiers) if not c.adjusts_spans]
+    groups = [([i], on_verdict) for i in judges] + [(others, None)]
+    steps = []
+    for n, (group, react) in enumerate(groups):
+        last = n == len(groups) - 1
+        steps.append(
+            Step(
+                "classify",
+                ask=lambda record, group=group: _tasks(classifiers, group, items_of, record),
+                apply=lambda record, scores, group=group, react=react, last=last: _take(
+                    classifiers, group, items_of, record, scores, react, last
+                ),
+            )
+        )
+    return steps
+
+
+def _pairs(
+    classifiers: Sequence[Classifier], group: list[int], items_of: ItemsOf, record: Record
+) -> list[tuple[int, Item]]:
+    return [(i, item) for i in group for item in items_of(record, classifiers[i].targets)]
+
+
+def _tasks(
+    classifiers: Sequence[Classifier], group: list[int], items_of: ItemsOf, record: Record
+) -> list[Task]:
+    return [classifiers[i].task(item) for i, item in _pairs(classifiers, group, items_of, record)]
+
+
+def _take(
     classifiers: Sequence[Classifier],
-    records: Sequence[Record],
+    group: list[int],
     items_of: ItemsOf,
-    on_verdict: OnVerdict | None = None,
+    record: Record,
+    scores: list[Any],
+    react: OnVerdict | None,
+    last: bool,
 ) -> None:
-    """Score the live records' spans (``items_of(record, targets)``) with every classifier."""
-    collected: list[list[tuple[Record, dict[str, Any]]]] = [[] for _ in classifiers]
-    order = sorted(range(len(classifiers)), key=lambda i: not classifiers[i].adjusts_spans)
-    for index in order:
-        classifier = classifiers[index]
-        pairs = [(r, item) for r in records if r.live for item in items_of(r, classifier.targets)]
-        unique = list(dict.fromkeys(item for _, item in pairs))
-        by_item = dict(zip(unique, score_items(classifier, unique), strict=True))
-        verdicts = []
-        for record, item in pairs:
-            score = by_item[item]
-            collected[index].append((record, score.as_dict(item.target)))
-            verdicts.append((record, item, score))
+    if scores:  # the record was live: its items are the ones asked for (nothing moved since)
+        pairs = _pairs(classifiers, group, items_of, record)
+        for (index, item), score in zip(pairs, scores, strict=True):
+            record.verdicts.append((index, item, score))
             if score.label == ERROR_LABEL:
-                _note_error(record, classifier.name, score)
-        if classifier.adjusts_spans and on_verdict is not None:
-            on_verdict(verdicts)
-    for entries in collected:  # recipe order of classifiers, whatever order they ran in
-        for record, entry in entries:
-            record.scores.append(entry)
+                _note_error(record, classifiers[index].name, score)
+        if react is not None:
+            react([(record, item, score) for _, item, score in record.verdicts[-len(pairs) :]])
+    if last:  # recipe order of classifiers, whatever order they ran in
+        for _, item, score in sorted(record.verdicts, key=lambda v: v[0]):
+            record.scores.append(score.as_dict(item.target))
+        record.verdicts.clear()
 
 
 def _note_error(record: Record, name: str, score: Score) -> None:

@@ -51,8 +51,8 @@ def count_with_repair(
 ) -> int:
     """Count X; records that fail get one ``step_back`` (move the boundary) and a recount.
 
-    Records that cannot step back, or still fail, are rejected with ``token_boundary``. Returns
-    how many records were repaired.
+    Records that cannot step back, or still fail, are rejected with ``token_boundary``; the
+    others are marked ``repaired``. Returns how many records were repaired.
     """
     retry = []
     for record in count(tokenizers, records):
@@ -63,4 +63,7 @@ def count_with_repair(
     failed = count(tokenizers, retry)
     for record in failed:
         record.reasons.append("token_boundary")
+    still = {id(record) for record in failed}
+    for record in retry:
+        record.repaired = record.repaired or id(record) not in still
     return len(retry) - len(failed)

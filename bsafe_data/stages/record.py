@@ -46,6 +46,12 @@ class Record:
     backtrack: list[dict[str, Any]] = field(default_factory=list)  # {tokenizer, tokens} per tokenizer
     scores: list[dict[str, Any]] = field(default_factory=list)
     frames: dict[str, tuple[str, str]] = field(default_factory=dict)  # tokenizer ref -> (head, tail)
+    #: the token boundary was moved back once so that X counts exactly (``stages.count``)
+    repaired: bool = False
+    #: the row's ``generator`` column, when a model (or the bank) wrote part of the row
+    generator: dict[str, Any] | None = None
+    #: classifier verdicts not yet in ``scores``: (classifier index, item, score), see ``stages.classify``
+    verdicts: list[tuple[int, Any, Any]] = field(default_factory=list)
 
     def reject(self, reason: str, detail: str = "", *, transient: bool = False) -> None:
         """Add a reason code (and the first detail); ``transient`` failures are retried next run."""

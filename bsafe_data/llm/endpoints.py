@@ -1,0 +1,52 @@
+"""The endpoints a recipe names, on a build's engine: the generator's and each classifier's.
+
+A spec is read by its fields (``base_url``, ``api_key_env``, ``max_concurrency``, ``timeout_s``,
+``max_retries``, ``max_retry_after_s`` and, for the generator, ``requests_per_minute`` /
+``tokens_per_minute``), so this module needs no recipe model. The generator and the companion
+writers share the generator's endpoint, hence its limits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bsafe_data.llm.engine import Endpoint, Engine
+from bsafe_data.llm.transport import Transport, resolve_endpoint
+
+GENERATOR_ROLE = "generator"
+
+
+def classifier_role(name: str) -> str:
+    """The role of classifier ``name``'s endpoint."""
+    return f"classifier {name!r}"
+
+
+def generator_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
+    """The generator's endpoint (``recipe.generator``) on ``engine``."""
+    limits = {"requests_per_minute": spec.requests_per_minute, "tokens_per_minute": spec.tokens_per_minute}
+    return _endpoint(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
+
+
+def classifier_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
+    """The endpoint of an HTTP classifier (``filters.classifiers[]``) on ``engine``."""
+    return _endpoint(
+        engine, classifier_role(spec.name), spec, backoff_base_s=backoff_base_s, backoff_max_s=30.0
+    )
+
+
+def _endpoint(engine: Engine, role: str, spec: Any, **options: Any) -> Endpoint:
+    where = resolve_endpoint(spec.base_url, spec.api_key_env)
+
+    def make() -> Transport:
+        return Transport(
+            where.base_url,
+            where.api_key,
+            role=role,
+            max_concurrency=spec.max_concurrency,
+            timeout_s=spec.timeout_s,
+            max_retries=spec.max_retries,
+            max_retry_after_s=spec.max_retry_after_s,
+            **options,
+        )
+
+    return engine.endpoint(role, make)
