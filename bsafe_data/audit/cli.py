@@ -91,11 +91,19 @@ def serve_command(
         bool, typer.Option(help="Need a token for reads too, even on localhost.")
     ] = False,
     access_log: Annotated[bool, typer.Option(help="Log method, path and status (never bodies).")] = False,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a request may take to arrive (and a kept-alive connection may idle).", min=0.1
+        ),
+    ] = 30.0,
 ) -> None:
     """Serve the annotation app (offline; bound to 127.0.0.1 by default)."""
     from bsafe_data.audit.server import serve
     from bsafe_data.audit.store import StoreError
 
+    if not read_timeout < float("inf"):
+        raise _fail("--read-timeout must be a finite number of seconds")
     try:
         serve(
             folder,
@@ -105,6 +113,7 @@ def serve_command(
             blur=blur,
             require_token=require_token,
             access_log=access_log,
+            read_timeout_s=read_timeout,
             announce=lambda line: out.print(line, highlight=False, soft_wrap=True),
         )
     except StoreError as exc:
