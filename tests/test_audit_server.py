@@ -274,8 +274,21 @@ def _read_until_closed(sock: socket.socket, limit_s: float) -> bytes:
     return data
 
 
+def _judgement(item: dict, pick: int) -> dict:
+    """A complete judgement of ``item`` as the app posts it."""
+    return {"item_id": item["item_id"], "answers": answers_for(item, pick), "submission_id": uuid.uuid4().hex}
+
+
 def _threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _await_threads(pid: int, ok, limit_s: float = 15) -> int:  # noqa: ANN001 - a predicate
+    """The server's thread count once ``ok(count)`` holds (or after ``limit_s``)."""
+    deadline = time.monotonic() + limit_s
+    while not ok(_threads(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _threads(pid)
 
 
 def test_stalled_and_dripping_bodies_are_closed_within_the_read_timeout(workdir, dataset, tokens):
@@ -307,19 +320,13 @@ def test_stalled_and_dripping_bodies_are_closed_within_the_read_timeout(workdir,
 
         dripper = threading.Thread(target=keep_dripping)
         dripper.start()
-        deadline = time.monotonic() + 15
-        while _threads(server.proc.pid) < idle_threads + 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _threads(server.proc.pid) >= idle_threads + 20  # each stalled body holds a thread now
+        held = _await_threads(server.proc.pid, lambda n: n >= idle_threads + 20)
+        assert held >= idle_threads + 20  # each stalled body holds a thread now
         # the server still answers others while 22 connections hang
         assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"ok": True}
         s, csrf = login(server.url, tokens["ann_a"])
         item = s.get(f"{server.url}/api/next", timeout=5).json()["item"]
-        body = {
-            "item_id": item["item_id"],
-            "answers": answers_for(item, 1),
-            "submission_id": uuid.uuid4().hex,
-        }
+        body = _judgement(item, 1)
         ok = s.post(f"{server.url}/api/judgements", json=body, headers={"X-CSRF-Token": csrf}, timeout=5)
         assert ok.status_code == 200 and ok.json()["ok"]
         for sock in stalled:  # answered 408 and closed, each within the timeout (generous slack)
@@ -332,10 +339,8 @@ def test_stalled_and_dripping_bodies_are_closed_within_the_read_timeout(workdir,
         dripper.join(10)
         assert answer.startswith(b"HTTP/1.1 408 ")
         assert _read_until_closed(idle, 15) == b""  # an idle connection is closed without an answer
-        deadline = time.monotonic() + 15
-        while _threads(server.proc.pid) > idle_threads + 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _threads(server.proc.pid) <= idle_threads + 2  # every held thread was let go
+        left = _await_threads(server.proc.pid, lambda n: n <= idle_threads + 2)
+        assert left <= idle_threads + 2  # every held thread was let go
     finally:
         server.stop()
     assert "Traceback" not in server.log.read_text()
@@ -347,11 +352,7 @@ def test_hostile_requests_get_a_4xx_with_a_message(workdir, dataset, tokens):
     try:
         s, csrf = login(server.url, tokens["ann_b"])
         item = s.get(f"{server.url}/api/next", timeout=5).json()["item"]
-        good = {
-            "item_id": item["item_id"],
-            "answers": answers_for(item, 0),
-            "submission_id": uuid.uuid4().hex,
-        }
+        good = _judgement(item, 0)
 
         def post(raw: bytes, path: str = "/api/judgements", **headers: str) -> requests.Response:
             sent = {"X-CSRF-Token": csrf, "Content-Type": "application/json", **headers}

@@ -18,7 +18,7 @@ audit_app = typer.Typer(
 annotators_app = typer.Typer(help="Annotator tokens.", no_args_is_help=True)
 audit_app.add_typer(annotators_app, name="annotators")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line
 out = Console()
 
 FolderArg = Annotated[Path, typer.Argument(help="A built dataset folder.")]
@@ -265,18 +265,26 @@ def import_command(
     fmt: Annotated[str, typer.Option("--format", help="argilla or label-studio.")],
     db: DbOption = None,
 ) -> None:
-    """Read judgements exported by Argilla or Label Studio into the audit store."""
-    from bsafe_data.audit.export import import_argilla, import_label_studio
+    """Read judgements exported by Argilla or Label Studio into the audit store.
+
+    Prints what every record became (imported, unchanged, not in this audit set, invalid, not
+    submitted, answers to no question of their row). Exit 1 when the files hold no valid judgement.
+    """
+    from bsafe_data.audit.imports import ImportFileError, import_argilla, import_label_studio
     from bsafe_data.audit.store import StoreError
 
     readers = {"argilla": import_argilla, "label-studio": import_label_studio}
     if fmt not in readers:
         raise _fail("--format is argilla or label-studio")
     try:
-        result = readers[fmt](folder, path, db=db)
-    except (StoreError, ValueError, FileNotFoundError) as exc:
+        counts = readers[fmt](folder, path, db=db)
+    except (ImportFileError, FileNotFoundError) as exc:
+        raise _fail(f"nothing imported: {exc}", 1) from None
+    except StoreError as exc:
         raise _fail(str(exc)) from None
-    out.print(
-        f"imported {result['imported']} judgements ({result['unchanged']} unchanged, "
-        f"{result['unmatched']} records not in this audit set)"
-    )
+    if not counts.valid:
+        first = f"; first problem: {counts.problems[0]}" if counts.problems else ""
+        raise _fail(f"no valid judgement in {path}: {counts.summary()}{first}", 1)
+    out.print(counts.summary(), highlight=False, soft_wrap=True)
+    for problem in counts.problems:
+        console.print(Text(f"invalid: {problem}", style="yellow"))

@@ -44,7 +44,7 @@ from bsafe_data.audit.auth import (
 )
 from bsafe_data.audit.folder import classifier_thresholds, manifest_sha256
 from bsafe_data.audit.questions import QUESTIONS, validate_answers
-from bsafe_data.audit.store import AuditStore, StoreError
+from bsafe_data.audit.store import AuditStore, StoreError, is_text
 
 MAX_BODY = 64 * 1024
 MAX_NOTE = 4000
@@ -151,17 +151,6 @@ def _json_bytes(obj: Any) -> bytes:
         raw = json.dumps(obj).encode()
         text = raw.decode()
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
-
-
-def is_text(value: Any) -> bool:
-    """Whether ``value`` is a string that can be stored (valid Unicode: no lone surrogates)."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -613,29 +602,12 @@ def make_server(
     return server
 
 
-def serve(
-    folder: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    db: str | Path | None = None,
-    blur: bool = True,
-    require_token: bool = False,
-    access_log: bool = False,
-    read_timeout_s: float = READ_TIMEOUT_S,
-    announce: Callable[[str], None] = print,
-) -> None:
-    """Run the app until SIGINT/SIGTERM; announces the URL (and a warning on a non-loopback bind)."""
-    server = make_server(
-        folder,
-        host=host,
-        port=port,
-        db=db,
-        blur=blur,
-        require_token=require_token,
-        access_log=access_log,
-        read_timeout_s=read_timeout_s,
-    )
+def serve(folder: str | Path, *, announce: Callable[[str], None] = print, **options: Any) -> None:
+    """Run the app until SIGINT/SIGTERM; announces the URL (and a warning on a non-loopback bind).
+
+    ``options`` are ``make_server``'s (host, port, db, blur, require_token, access_log, read_timeout_s).
+    """
+    server = make_server(folder, **options)
     app: AuditApp = server.app  # type: ignore[attr-defined]
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
