@@ -347,7 +347,7 @@ def test_stalled_and_dripping_bodies_are_closed_within_the_read_timeout(workdir,
 
 
 def test_hostile_requests_get_a_4xx_with_a_message(workdir, dataset, tokens):
-    server = Server(workdir, dataset, log_name="hostile.log")
+    server = Server(workdir, dataset, "--access-log", log_name="hostile.log")
     host, port = server.url.removeprefix("http://").split(":")
     try:
         s, csrf = login(server.url, tokens["ann_b"])
@@ -422,6 +422,12 @@ def test_hostile_requests_get_a_4xx_with_a_message(workdir, dataset, tokens):
         assert brew.startswith(b"HTTP/1.1 405 ") and b'{"error": "method not allowed"}' in brew
         garbage = raw_request(b"\x16\x03\x01 hello there\r\n\r\n")
         assert garbage.startswith(b"HTTP/1.1 400 ") and b'"error"' in garbage
+        escape = raw_request(
+            b"GET /\x1b[31mred HTTP/1.1\r\nHost: "
+            + f"{host}:{port}".encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        assert escape.startswith(b"HTTP/1.1 ")
         # and the good judgement still goes in
         ok = post(with_())
         assert ok.status_code == 200 and ok.json()["ok"]
@@ -429,3 +435,4 @@ def test_hostile_requests_get_a_4xx_with_a_message(workdir, dataset, tokens):
         server.stop()
     log = server.log.read_text()
     assert "internal error" not in log and "Traceback" not in log
+    assert "BREW /coffee 405" in log and "\x1b" not in log  # the access log prints no terminal escapes

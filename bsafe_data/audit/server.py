@@ -53,6 +53,7 @@ READ_TIMEOUT_S = 30.0
 MAX_ITEM_ID = 2**63 - 1  # SQLite's integers
 NEAR_THRESHOLD = 0.15
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,100}$")
+_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # what the access log may print as is
 
 STATIC_FILES = {
     "app.js": "text/javascript; charset=utf-8",
@@ -273,9 +274,11 @@ def make_handler(app: AuditApp) -> type[BaseHTTPRequestHandler]:
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             """Optional access log: method, path without query, status. Never bodies or row text."""
-            if app.access_log:
-                path = urlsplit(self.path).path if isinstance(self.path, str) else "-"
-                sys.stderr.write(f"{self.command} {path[:200]} {code}\n")
+            if app.access_log:  # a garbage request line may leave no method or path
+                raw = getattr(self, "path", None)
+                path = urlsplit(raw).path if isinstance(raw, str) else "-"
+                line = f"{getattr(self, 'command', None) or '-'} {path[:200]}"
+                sys.stderr.write(f"{_PRINTABLE.sub('?', line)} {code}\n")  # no terminal escapes
 
         def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
             self.send_response(status)
