@@ -200,6 +200,8 @@ def test_a_damaged_page_misses_only_its_entries_and_writes_that_fail_are_dropped
             cache.prune(statuses=["error"])
         with pytest.raises(ValueError, match="older-than-days"):
             cache.prune(older_than_days=-5)
+        with pytest.raises(ValueError, match="unknown cache status"):
+            cache.prune(statuses=iter(["error", "nope"]))
     finally:
         cache.close()
     warnings = [r.getMessage() for r in caplog.records]

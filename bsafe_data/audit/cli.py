@@ -278,9 +278,9 @@ def import_command(
         raise _fail("--format is argilla or label-studio")
     try:
         counts = readers[fmt](folder, path, db=db)
-    except (ImportFileError, FileNotFoundError) as exc:
+    except ImportFileError as exc:
         raise _fail(f"nothing imported: {exc}", 1) from None
-    except StoreError as exc:
+    except (StoreError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     if not counts.valid:
         first = f"; first problem: {counts.problems[0]}" if counts.problems else ""

@@ -312,7 +312,8 @@ def _check(candidate: _Candidate, item: dict[str, Any], counts: ImportCounts) ->
     counts.unknown_answers += len(unknown)
     given = {q: v for q, v in candidate.answers.items() if q in group}
     if candidate.submitted is None:  # Argilla nested: no status (module docstring)
-        candidate.submitted = set(given) == set(group) and candidate.record_status != "pending"
+        answered = {q for q, v in given.items() if v is not None}
+        candidate.submitted = answered == set(group) and candidate.record_status != "pending"
     if not candidate.submitted:
         counts.not_submitted += 1
         return None

@@ -559,6 +559,7 @@ class ResponseCache:
         ``ValueError`` for a negative or non-finite age or an unknown status (before any change);
         ``CacheError`` when the file is damaged (nothing is deleted from a damaged file).
         """
+        statuses = None if statuses is None else list(statuses)  # checked, then used: read once
         check_prune_arguments(older_than_days, statuses)
         self.flush()
         _check_integrity(self._db, self.path)
