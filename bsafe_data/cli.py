@@ -409,10 +409,14 @@ CacheDirOption = Annotated[Path | None, typer.Option(help="Cache folder (default
 
 @cache_app.command("stats")
 def cache_stats_command(cache_dir: CacheDirOption = None) -> None:
-    """Entries, size and counts by status."""
-    from bsafe_data.llm.cache import cache_stats
+    """Entries, size and counts by status, after a check of every page (exit 1 when damaged)."""
+    from bsafe_data.llm.cache import CacheError, cache_stats
 
-    out.print_json(json.dumps(cache_stats(cache_dir), default=str))
+    try:
+        stats = cache_stats(cache_dir)
+    except CacheError as exc:
+        raise _fail(str(exc), 1) from None
+    out.print_json(json.dumps(stats, default=str))
 
 
 @cache_app.command("prune")
@@ -423,12 +427,22 @@ def cache_prune_command(
         list[str] | None, typer.Option(help="Delete entries with this status (repeatable).")
     ] = None,
 ) -> None:
-    """Delete old entries and/or entries of some statuses (error, truncated, refused)."""
-    from bsafe_data.llm.cache import cache_prune
+    """Delete old entries and/or entries of some statuses (error, truncated, refused).
+
+    Exit 2 for bad arguments (nothing is touched), 1 when the cache is damaged (nothing is deleted).
+    """
+    from bsafe_data.llm.cache import CacheError, cache_prune, check_prune_arguments
 
     if older_than_days is None and not status:
         raise _fail("say what to prune: --older-than-days N and/or --status error")
-    removed = cache_prune(cache_dir, older_than_days, status)
+    try:
+        check_prune_arguments(older_than_days, status)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        removed = cache_prune(cache_dir, older_than_days, status)
+    except CacheError as exc:
+        raise _fail(str(exc), 1) from None
     out.print(f"removed {removed} entries")
 
 

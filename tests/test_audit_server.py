@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -254,3 +255,184 @@ def test_serve_without_audit_set_fails_readably(workdir):
     empty.mkdir()
     proc = run_cli(workdir, "audit", "serve", str(empty), "--port", "0", check=False, timeout=60)
     assert proc.returncode == 2 and "audit sample" in proc.stderr
+
+
+# -- hostile clients -------------------------------------------------------------------------
+
+
+def _read_until_closed(sock: socket.socket, limit_s: float) -> bytes:
+    """Everything the server sends until it closes the connection (AssertionError after limit_s)."""
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"connection still open after {limit_s} s; got {data[:200]!r}") from None
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def _judgement(item: dict, pick: int) -> dict:
+    """A complete judgement of ``item`` as the app posts it."""
+    return {"item_id": item["item_id"], "answers": answers_for(item, pick), "submission_id": uuid.uuid4().hex}
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _await_threads(pid: int, ok, limit_s: float = 15) -> int:  # noqa: ANN001 - a predicate
+    """The server's thread count once ``ok(count)`` holds (or after ``limit_s``)."""
+    deadline = time.monotonic() + limit_s
+    while not ok(_threads(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _threads(pid)
+
+
+def test_stalled_and_dripping_bodies_are_closed_within_the_read_timeout(workdir, dataset, tokens):
+    server = Server(workdir, dataset, "--read-timeout", "1", log_name="stall.log")
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        idle_threads = _threads(server.proc.pid)
+        head = (
+            f"POST /api/judgements HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1000\r\n\r\n"
+        ).encode()
+        stalled = []
+        for _ in range(20):  # headers and the start of a body, then nothing
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(head + b'{"item_id": 1, "note": "')
+            stalled.append(sock)
+        idle = socket.create_connection((host, int(port)))  # connects, never sends a byte
+        drip = socket.create_connection((host, int(port)))
+        drip.sendall(head)
+        dripping = threading.Event()
+
+        def keep_dripping() -> None:  # a byte every 0.1 s: never idle, never done
+            try:
+                while not dripping.is_set():
+                    drip.sendall(b" ")
+                    time.sleep(0.1)
+            except OSError:
+                return
+
+        dripper = threading.Thread(target=keep_dripping)
+        dripper.start()
+        held = _await_threads(server.proc.pid, lambda n: n >= idle_threads + 20)
+        assert held >= idle_threads + 20  # each stalled body holds a thread now
+        # the server still answers others while 22 connections hang
+        assert requests.get(f"{server.url}/healthz", timeout=5).json() == {"ok": True}
+        s, csrf = login(server.url, tokens["ann_a"])
+        item = s.get(f"{server.url}/api/next", timeout=5).json()["item"]
+        body = _judgement(item, 1)
+        ok = s.post(f"{server.url}/api/judgements", json=body, headers={"X-CSRF-Token": csrf}, timeout=5)
+        assert ok.status_code == 200 and ok.json()["ok"]
+        for sock in stalled:  # answered 408 and closed, each within the timeout (generous slack)
+            answer = _read_until_closed(sock, 15)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+            assert b'"request body not received within 1 s"' in answer
+            sock.close()
+        answer = _read_until_closed(drip, 15)  # dripping does not extend the deadline
+        dripping.set()
+        dripper.join(10)
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert _read_until_closed(idle, 15) == b""  # an idle connection is closed without an answer
+        left = _await_threads(server.proc.pid, lambda n: n <= idle_threads + 2)
+        assert left <= idle_threads + 2  # every held thread was let go
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_hostile_requests_get_a_4xx_with_a_message(workdir, dataset, tokens):
+    server = Server(workdir, dataset, "--access-log", log_name="hostile.log")
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        s, csrf = login(server.url, tokens["ann_b"])
+        item = s.get(f"{server.url}/api/next", timeout=5).json()["item"]
+        good = _judgement(item, 0)
+
+        def post(raw: bytes, path: str = "/api/judgements", **headers: str) -> requests.Response:
+            sent = {"X-CSRF-Token": csrf, "Content-Type": "application/json", **headers}
+            return s.post(f"{server.url}{path}", data=raw, headers=sent, timeout=10)
+
+        def with_(**changes: object) -> bytes:
+            return json.dumps({**good, "submission_id": uuid.uuid4().hex, **changes}).encode()
+
+        cases = {
+            "deep nesting": (b'{"item_id": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, "nested too deeply"),
+            "2**70 item id": (with_(item_id=2**70), 404, "no such item"),
+            "negative item id": (with_(item_id=-3), 404, "no such item"),
+            "lone surrogate in a note": (with_(note="x").replace(b'"x"', b'"\\ud800"'), 400, "valid Unicode"),
+            "item id as text": (with_(item_id=str(item["item_id"])), 400, "item_id must be an integer"),
+            "item id as float": (with_(item_id=1.0), 400, "item_id must be an integer"),
+            "skipped as text": (with_(skipped="no"), 400, "skipped must be true or false"),
+            "answers as list": (with_(answers=["yes"]), 400, "answers must be an object"),
+            "note as number": (with_(note=5), 400, "note must be valid Unicode text"),
+            "answer of the wrong type": (
+                with_(answers={**good["answers"], item["questions"][0]["key"]: 5}),
+                400,
+                "must be one of yes, no, unsure",
+            ),
+            "unknown question": (with_(answers={"nope": "yes"}), 400, "unknown questions"),
+            "surrogate in a question name": (
+                with_(answers={"x": "yes"}).replace(b'"x"', b'"\\udc80"'),
+                400,
+                "unknown questions",
+            ),
+            "huge integer literal": (
+                with_(item_id=1).replace(b'"item_id": 1', b'"item_id": ' + b"9" * 5000),
+                400,
+                "not JSON",
+            ),
+            "not JSON": (b"{nope", 400, "not JSON"),
+            "a JSON list": (b"[1, 2]", 400, "must be a JSON object"),
+            "oversized body": (b'{"note": "' + b"x" * (70 * 1024) + b'"}', 413, "too large"),
+        }
+        for name, (raw, status, message) in cases.items():
+            r = post(raw)
+            assert r.status_code == status, (name, r.status_code, r.text[:200])
+            assert message in r.json()["error"], (name, r.json())
+        surrogate_login = s.post(
+            f"{server.url}/api/login", data=b'{"token": "bsa_\\ud800"}', timeout=10,
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert surrogate_login.status_code == 401 and surrogate_login.json()["error"] == "unknown token"
+        assert s.post(f"{server.url}/api/login", json={"token": 5}, timeout=10).status_code == 401
+        latin = post(with_(), **{"X-CSRF-Token": "caf\u00e9"})
+        assert latin.status_code == 403 and "CSRF" in latin.json()["error"]
+
+        def raw_request(request: bytes) -> bytes:
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(request)
+                return _read_until_closed(sock, 15)
+
+        chunked = raw_request(
+            f"POST /api/judgements HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n".encode()
+        )
+        assert chunked.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in chunked
+        bad_length = raw_request(
+            f"POST /api/login HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: 1e3\r\n\r\n".encode()
+        )
+        assert bad_length.startswith(b"HTTP/1.1 400 ") and b"bad Content-Length" in bad_length
+        brew = raw_request(f"BREW /coffee HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        assert brew.startswith(b"HTTP/1.1 405 ") and b'{"error": "method not allowed"}' in brew
+        garbage = raw_request(b"\x16\x03\x01 hello there\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 ") and b'"error"' in garbage
+        escape = raw_request(
+            b"GET /\x1b[31mred HTTP/1.1\r\nHost: "
+            + f"{host}:{port}".encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        assert escape.startswith(b"HTTP/1.1 ")
+        # and the good judgement still goes in
+        ok = post(with_())
+        assert ok.status_code == 200 and ok.json()["ok"]
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "internal error" not in log and "Traceback" not in log
+    assert "BREW /coffee 405" in log and "\x1b" not in log  # the access log prints no terminal escapes

@@ -51,7 +51,7 @@ class Authenticator:
 
     def verify_token(self, token: str) -> str | None:
         """The annotator whose token this is, or None. Constant-time comparison of hashes."""
-        if not token or len(token) > 256:
+        if not token or len(token) > 256 or not token.isascii():  # tokens are ASCII (`bsa_` + base64)
             return None
         found = None
         for name, salt, stored in self.store.annotator_hashes():
@@ -79,7 +79,9 @@ class Authenticator:
 
 def csrf_ok(session: dict[str, str], header_value: str | None) -> bool:
     """Whether a write carries the session's CSRF token."""
-    return bool(header_value) and hmac.compare_digest(session["csrf"], header_value or "")
+    # as bytes: compare_digest refuses str with non-ASCII characters, which a header may carry
+    given = (header_value or "").encode("utf-8", "replace")
+    return bool(header_value) and hmac.compare_digest(session["csrf"].encode(), given)
 
 
 def is_loopback(host: str) -> bool:

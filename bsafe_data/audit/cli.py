@@ -18,7 +18,7 @@ audit_app = typer.Typer(
 annotators_app = typer.Typer(help="Annotator tokens.", no_args_is_help=True)
 audit_app.add_typer(annotators_app, name="annotators")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line
 out = Console()
 
 FolderArg = Annotated[Path, typer.Argument(help="A built dataset folder.")]
@@ -91,11 +91,19 @@ def serve_command(
         bool, typer.Option(help="Need a token for reads too, even on localhost.")
     ] = False,
     access_log: Annotated[bool, typer.Option(help="Log method, path and status (never bodies).")] = False,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a request may take to arrive (and a kept-alive connection may idle).", min=0.1
+        ),
+    ] = 30.0,
 ) -> None:
     """Serve the annotation app (offline; bound to 127.0.0.1 by default)."""
     from bsafe_data.audit.server import serve
     from bsafe_data.audit.store import StoreError
 
+    if not read_timeout < float("inf"):
+        raise _fail("--read-timeout must be a finite number of seconds")
     try:
         serve(
             folder,
@@ -105,6 +113,7 @@ def serve_command(
             blur=blur,
             require_token=require_token,
             access_log=access_log,
+            read_timeout_s=read_timeout,
             announce=lambda line: out.print(line, highlight=False, soft_wrap=True),
         )
     except StoreError as exc:
@@ -256,18 +265,26 @@ def import_command(
     fmt: Annotated[str, typer.Option("--format", help="argilla or label-studio.")],
     db: DbOption = None,
 ) -> None:
-    """Read judgements exported by Argilla or Label Studio into the audit store."""
-    from bsafe_data.audit.export import import_argilla, import_label_studio
+    """Read judgements exported by Argilla or Label Studio into the audit store.
+
+    Prints what every record became (imported, unchanged, not in this audit set, invalid, not
+    submitted, answers to no question of their row). Exit 1 when the files hold no valid judgement.
+    """
+    from bsafe_data.audit.imports import ImportFileError, import_argilla, import_label_studio
     from bsafe_data.audit.store import StoreError
 
     readers = {"argilla": import_argilla, "label-studio": import_label_studio}
     if fmt not in readers:
         raise _fail("--format is argilla or label-studio")
     try:
-        result = readers[fmt](folder, path, db=db)
-    except (StoreError, ValueError, FileNotFoundError) as exc:
+        counts = readers[fmt](folder, path, db=db)
+    except ImportFileError as exc:
+        raise _fail(f"nothing imported: {exc}", 1) from None
+    except (StoreError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    out.print(
-        f"imported {result['imported']} judgements ({result['unchanged']} unchanged, "
-        f"{result['unmatched']} records not in this audit set)"
-    )
+    if not counts.valid:
+        first = f"; first problem: {counts.problems[0]}" if counts.problems else ""
+        raise _fail(f"no valid judgement in {path}: {counts.summary()}{first}", 1)
+    out.print(counts.summary(), highlight=False, soft_wrap=True)
+    for problem in counts.problems:
+        console.print(Text(f"invalid: {problem}", style="yellow"))

@@ -1,28 +1,30 @@
-"""Judgements out of and into bsafe-data: the audit config rows, Argilla and Label Studio files.
+"""Judgements out of bsafe-data: the audit config rows, Argilla and Label Studio files.
 
 * :func:`audit_config_rows`: live judgements with pseudonymous annotators, for an ``audit``
   config next to ``default`` and ``rejected`` (:data:`AUDIT_FEATURES` is its schema).
-* Argilla (v2 ``Dataset.to_disk`` layout): per question group a folder with
-  ``.argilla/settings.json``, ``.argilla/dataset.json`` and ``records.json``; reading back accepts
-  that ``records.json`` (nested ``responses``) or a flattened export (``q.responses`` /
-  ``q.responses.users`` / ``q.responses.status``), as JSON list or JSON lines.
-* Label Studio: per group a folder with ``tasks.json`` (import) and ``label_config.xml`` (the
-  labelling interface); reading back accepts the JSON export (``annotations[].result``) and
-  JSON-MIN (flat rows with ``annotator``).
-Records carry ``item_key`` = ``config:row_id``, which maps answers back to audit items.
+* Argilla (v2 ``Dataset.to_disk`` layout, loaded by ``rg.Dataset.from_disk``): per question group
+  and number of annotators a folder with ``.argilla/settings.json``, ``.argilla/dataset.json`` and
+  ``records.json``.
+* Label Studio: per question group and number of annotators a folder with ``tasks.json`` (import),
+  ``label_config.xml`` (the labelling interface) and ``project.json`` (the project's settings for
+  ``POST /api/projects``: title, label config, instructions, annotators per task).
+
+Rows of the overlap need ``replicas`` annotators each, the others one: they go to their own folder
+(``injected-overlap-x2``) whose settings say so (Argilla's task distribution ``min_submitted``,
+Label Studio's ``maximum_annotations`` with ``overlap_cohort_percentage`` 100), since both tools
+set it per dataset or project, not per record. Records carry ``item_key`` = ``config:row_id``,
+which maps answers back to audit items (``bsafe_data.audit.imports``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from bsafe_data.audit.folder import manifest_sha256
-from bsafe_data.audit.questions import ANSWERS, QUESTIONS, validate_answers, verdict
+from bsafe_data.audit.questions import ANSWERS, QUESTIONS, verdict
 from bsafe_data.audit.store import AuditStore, StoreError
 
 GUIDELINES = (
@@ -188,11 +190,15 @@ _FIELD_TITLES = {
 }
 
 
-def _groups(store: AuditStore) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+def _batches(store: AuditStore) -> list[tuple[str, str, int, list[dict[str, Any]]]]:
+    """``(folder name, question group, annotators per row, items)``: one per group and replicas."""
+    batches: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for item in store.items(with_rows=True):
-        groups[item["grp"]].append(item)
-    return dict(groups)
+        batches[(item["grp"], int(item["replicas"]))].append(item)
+    return [
+        (group if replicas == 1 else f"{group}-overlap-x{replicas}", group, replicas, items)
+        for (group, replicas), items in sorted(batches.items())
+    ]
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -206,17 +212,18 @@ def _fresh_dir(path: Path) -> Path:
 
 
 def export_argilla(folder: str | Path, out_dir: str | Path, *, db: str | Path | None = None) -> list[Path]:
-    """Write one Argilla ``to_disk`` folder per question group under ``out_dir``; returns the folders.
-
-    ``rg.Dataset.from_disk(path)`` loads each into an Argilla server.
+    """Write one Argilla ``to_disk`` folder per question group and number of annotators under
+    ``out_dir``; returns the folders. ``rg.Dataset.from_disk(path)`` loads each into an Argilla server.
     """
     store = AuditStore.for_folder(folder, db)
     out = _fresh_dir(Path(out_dir))
     written = []
-    for group, items in sorted(_groups(store).items()):
-        target = out / group
+    for name, group, replicas, items in _batches(store):
+        target = out / name
         (target / ".argilla").mkdir(parents=True)
         field_names = list(_record_fields(items[0]))
+        # a record is complete once this many annotators submitted it (Argilla's task distribution)
+        distribution = {"strategy": "overlap", "min_submitted": replicas}
         settings = {
             "guidelines": GUIDELINES,
             "allow_extra_metadata": True,
@@ -271,14 +278,16 @@ def export_argilla(folder: str | Path, out_dir: str | Path, *, db: str | Path | 
                     "settings": {"type": "integer", "min": None, "max": None},
                 }
             ],
+            "distribution": distribution,
+            "mapping": None,
         }
         dataset = {
             "id": None,
-            "name": f"bsafe-audit-{group}",
+            "name": f"bsafe-audit-{name}",
             "guidelines": GUIDELINES,
             "allow_extra_metadata": True,
-            "status": None,
-            "distribution": {"strategy": "overlap", "min_submitted": 1},
+            "status": "draft",  # what Argilla writes for a dataset not yet published (null does not load)
+            "distribution": distribution,
             "metadata": None,
             "workspace_id": None,
             "last_activity_at": None,
@@ -302,65 +311,6 @@ def export_argilla(folder: str | Path, out_dir: str | Path, *, db: str | Path | 
         (target / "records.json").write_text(json.dumps(records, ensure_ascii=False))
         written.append(target)
     return written
-
-
-def _load_json_records(path: Path, name: str) -> list[dict[str, Any]]:
-    files = [path] if path.is_file() else sorted(path.rglob(name)) or sorted(path.rglob("*.json*"))
-    if not files:
-        raise FileNotFoundError(f"no {name} under {path}")
-    records: list[dict[str, Any]] = []
-    for file in files:
-        if file.parent.name == ".argilla":
-            continue
-        text = file.read_text()
-        if file.suffix == ".jsonl":
-            records.extend(json.loads(line) for line in text.splitlines() if line.strip())
-        else:
-            data = json.loads(text)
-            records.extend(data if isinstance(data, list) else [data])
-    return records
-
-
-def _argilla_responses(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """user -> {question: value} from a nested or flattened Argilla record (submitted only)."""
-    per_user: dict[str, dict[str, Any]] = defaultdict(dict)
-    nested = record.get("responses")
-    if isinstance(nested, dict):
-        for question, responses in nested.items():
-            for r in responses or []:
-                if r.get("status") not in (None, "submitted"):
-                    continue
-                per_user[str(r.get("user_id"))][question] = r.get("value")
-    for key, values in record.items():
-        if not key.endswith(".responses") or not isinstance(values, list):
-            continue
-        question = key[: -len(".responses")]
-        users = record.get(f"{key}.users") or []
-        statuses = record.get(f"{key}.status") or [None] * len(values)
-        for value, user, status in zip(values, users, statuses, strict=False):
-            if status in (None, "submitted"):
-                per_user[str(user)][question] = value
-    return dict(per_user)
-
-
-def import_argilla(folder: str | Path, path: str | Path, *, db: str | Path | None = None) -> dict[str, int]:
-    """Read submitted Argilla responses back as judgements (annotator ``argilla:<user_id>``)."""
-    records = _load_json_records(Path(path), "records.json")
-    judgements = []
-    for record in records:
-        key = record.get("id") or (record.get("metadata") or {}).get("item_key") or record.get("item_key")
-        for user, answers in _argilla_responses(record).items():
-            judgements.append(
-                {
-                    "key": key,
-                    "annotator": f"argilla:{user}",
-                    "answers": answers,
-                    "created_at": None,
-                    "skipped": False,
-                    "source": "argilla",
-                }
-            )
-    return _ingest(folder, db, judgements)
 
 
 # -- Label Studio ----------------------------------------------------------------------------
@@ -388,111 +338,32 @@ def _label_config(group: str, field_names: list[str]) -> str:
 def export_label_studio(
     folder: str | Path, out_dir: str | Path, *, db: str | Path | None = None
 ) -> list[Path]:
-    """Write ``tasks.json`` and ``label_config.xml`` per question group under ``out_dir``; returns folders."""
+    """Write ``tasks.json``, ``label_config.xml`` and ``project.json`` per question group and number of
+    annotators under ``out_dir`` (module docstring); returns the folders."""
     store = AuditStore.for_folder(folder, db)
     out = _fresh_dir(Path(out_dir))
     written = []
-    for group, items in sorted(_groups(store).items()):
-        target = out / group
+    for name, group, replicas, items in _batches(store):
+        target = out / name
         target.mkdir(parents=True)
-        field_names = list(_record_fields(items[0]))
+        config = _label_config(group, list(_record_fields(items[0])))
         tasks = [
             {"data": {**_record_fields(item), **_record_metadata(item)}, "meta": {"item_key": item_key(item)}}
             for item in items
         ]
+        project = {
+            "title": f"bsafe-audit {name}",
+            "description": f"{len(items)} {group} rows, {replicas} annotator(s) each",
+            "label_config": config,
+            "expert_instruction": GUIDELINES,
+            "show_instruction": True,
+            # every task of this project is complete after `replicas` annotations (the overlap)
+            "maximum_annotations": replicas,
+            "overlap_cohort_percentage": 100,
+            "show_overlap_first": replicas > 1,
+        }
         (target / "tasks.json").write_text(json.dumps(tasks, ensure_ascii=False))
-        (target / "label_config.xml").write_text(_label_config(group, field_names))
+        (target / "label_config.xml").write_text(config)
+        (target / "project.json").write_text(json.dumps(project, ensure_ascii=False, indent=1))
         written.append(target)
     return written
-
-
-def _ls_user(completed_by: Any) -> str:
-    if isinstance(completed_by, dict):
-        return str(completed_by.get("email") or completed_by.get("id"))
-    return str(completed_by)
-
-
-def import_label_studio(
-    folder: str | Path, path: str | Path, *, db: str | Path | None = None
-) -> dict[str, int]:
-    """Read a Label Studio JSON or JSON-MIN export back as judgements (annotator ``label-studio:<user>``)."""
-    tasks = _load_json_records(Path(path), "*.json")
-    questions = {key for qs in QUESTIONS.values() for key, _ in qs}
-    judgements = []
-    for task in tasks:
-        data = task.get("data") if isinstance(task.get("data"), dict) else task
-        key = data.get("item_key") or (task.get("meta") or {}).get("item_key")
-        if "annotations" in task:
-            for ann in task.get("annotations") or []:
-                answers: dict[str, Any] = {}
-                note = ""
-                for r in ann.get("result") or []:
-                    value = r.get("value") or {}
-                    if r.get("from_name") in questions and value.get("choices"):
-                        answers[r["from_name"]] = value["choices"][0]
-                    elif r.get("from_name") == "note" and value.get("text"):
-                        note = "\n".join(value["text"])
-                judgements.append(
-                    {
-                        "key": key,
-                        "annotator": f"label-studio:{_ls_user(ann.get('completed_by'))}",
-                        "answers": answers,
-                        "note": note,
-                        "created_at": ann.get("created_at"),
-                        "skipped": bool(ann.get("was_cancelled")),
-                        "source": "label-studio",
-                    }
-                )
-        elif "annotator" in task:  # JSON-MIN: one flat row per annotation
-            answers = {q: task[q] for q in questions if isinstance(task.get(q), str)}
-            judgements.append(
-                {
-                    "key": key,
-                    "annotator": f"label-studio:{_ls_user(task['annotator'])}",
-                    "answers": answers,
-                    "note": task.get("note") if isinstance(task.get("note"), str) else "",
-                    "created_at": task.get("created_at"),
-                    "skipped": False,
-                    "source": "label-studio",
-                }
-            )
-    return _ingest(folder, db, judgements)
-
-
-def _ingest(folder: str | Path, db: str | Path | None, judgements: list[dict[str, Any]]) -> dict[str, int]:
-    store = AuditStore.for_folder(folder, db)
-    by_key = {item_key(i): i for i in store.items()}
-    manifest = manifest_sha256(folder)
-    counts = {"imported": 0, "unchanged": 0, "unmatched": 0, "invalid": 0}
-    for j in judgements:
-        item = by_key.get(j["key"])
-        if item is None:
-            counts["unmatched"] += 1
-            continue
-        note = j.get("note") or j["answers"].pop("note", None) or ""
-        if isinstance(note, list):
-            note = "\n".join(map(str, note))
-        try:
-            answers = validate_answers(item["grp"], j["answers"], complete=False)
-        except ValueError:
-            counts["invalid"] += 1
-            continue
-        if not answers and not j["skipped"]:
-            counts["invalid"] += 1
-            continue
-        digest = hashlib.sha256(
-            json.dumps([answers, str(note), j["skipped"]], sort_keys=True).encode()
-        ).hexdigest()[:16]
-        _, created = store.record_judgement(
-            item_id=item["item_id"],
-            annotator=j["annotator"],
-            answers=answers,
-            note=str(note),
-            skipped=j["skipped"],
-            submission_id=f"{j['source']}:{j['key']}:{j['annotator']}:{digest}",
-            manifest_sha256=manifest,
-            source=j["source"],
-            created_at=j.get("created_at"),
-        )
-        counts["imported" if created else "unchanged"] += 1
-    return counts

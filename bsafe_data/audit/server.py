@@ -7,13 +7,22 @@ session and its CSRF token; reads need a session too once the server listens bey
 (or with ``require_token``); on a loopback bind the Host header must name a loopback host (no DNS
 rebinding). Nothing from request bodies or rows is logged; the optional access log has method,
 path (no query string) and status only.
+
+Hostile clients get a 4xx with a JSON message, never a 500 or a stuck thread: a request (its line,
+headers and body) must arrive within ``read_timeout_s`` of its first byte and an idle kept-alive
+connection is closed after as long (a stalled or dripping body is answered 408 and closed); bodies
+are at most ``MAX_BODY`` bytes with a Content-Length (no chunked bodies); JSON nested too deeply,
+ids beyond SQLite's integers, text that is not valid Unicode (lone surrogates) and values of the
+wrong type are refused with what was wrong.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,12 +44,16 @@ from bsafe_data.audit.auth import (
 )
 from bsafe_data.audit.folder import classifier_thresholds, manifest_sha256
 from bsafe_data.audit.questions import QUESTIONS, validate_answers
-from bsafe_data.audit.store import AuditStore, StoreError
+from bsafe_data.audit.store import AuditStore, StoreError, is_text
 
 MAX_BODY = 64 * 1024
 MAX_NOTE = 4000
+#: Seconds a request may take to arrive once it started (and a kept-alive connection may idle).
+READ_TIMEOUT_S = 30.0
+MAX_ITEM_ID = 2**63 - 1  # SQLite's integers
 NEAR_THRESHOLD = 0.15
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,100}$")
+_PRINTABLE = re.compile(r"[^\x20-\x7e]")  # what the access log may print as is
 
 STATIC_FILES = {
     "app.js": "text/javascript; charset=utf-8",
@@ -133,7 +146,46 @@ def item_view(item: dict[str, Any], thresholds: dict[str, float], reasons: dict[
 
 def _json_bytes(obj: Any) -> bytes:
     text = json.dumps(obj, ensure_ascii=False)
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate echoed from a request: ASCII escapes instead
+        raw = json.dumps(obj).encode()
+        text = raw.decode()
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").encode()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's socket as a raw stream whose reads end at a deadline.
+
+    Waiting for a request's first byte may take ``timeout_s`` (an idle kept-alive connection);
+    from that byte on, the whole request (line, headers, body) must arrive within ``timeout_s``,
+    however slowly it drips. A read past the deadline raises ``TimeoutError``.
+    """
+
+    def __init__(self, sock: socket.socket, timeout_s: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.timeout_s = timeout_s
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        """A readable stream."""
+        return True
+
+    def next_request(self) -> None:
+        """The next request's clock starts at its first byte."""
+        self.deadline = None
+
+    def readinto(self, buffer: Any) -> int:
+        """Read what the socket has, waiting at most until the deadline."""
+        wait = self.timeout_s if self.deadline is None else self.deadline - time.monotonic()
+        if wait <= 0:
+            raise TimeoutError("request not received in time")
+        self.sock.settimeout(wait)
+        count = self.sock.recv_into(buffer)
+        if count and self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+        return count
 
 
 class AuditApp:
@@ -148,8 +200,10 @@ class AuditApp:
         blur: bool = True,
         require_token: bool = False,
         access_log: bool = False,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.folder = Path(folder)
+        self.read_timeout_s = read_timeout_s
         self.store = store
         self.auth = Authenticator(store)
         self.loopback = is_loopback(host)
@@ -186,14 +240,45 @@ def make_handler(app: AuditApp) -> type[BaseHTTPRequestHandler]:
 
         # -- plumbing --------------------------------------------------------------------------
 
+        def setup(self) -> None:
+            """The stdlib's set-up, with reads that end at the request's deadline."""
+            super().setup()
+            self.rfile.close()  # the socket file made by the stdlib: replaced, not leaked
+            self._reader = _DeadlineReader(self.connection, app.read_timeout_s)
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self) -> None:
+            """One request: its clock starts at its first byte."""
+            self._reader.next_request()
+            super().handle_one_request()
+
+        def _request_in(self) -> None:
+            """The request has arrived: the answer gets the full timeout to be written."""
+            self.connection.settimeout(app.read_timeout_s)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """The stdlib's protocol errors (bad request line, too many headers...) as JSON 4xx."""
+            if code == 501:  # an unknown method: the client's mistake
+                code, message = 405, "method not allowed"
+            if self.request_version == "HTTP/0.9":  # an unparsable request line: answer in HTTP/1.1
+                self.request_version = self.protocol_version
+            self.close_connection = True
+            try:
+                self._request_in()
+                self._json(code, {"error": message or "bad request"}, {"Connection": "close"})
+            except OSError:
+                pass
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             """Silenced: the stdlib would log request lines; see ``log_request``."""
 
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             """Optional access log: method, path without query, status. Never bodies or row text."""
-            if app.access_log:
-                path = urlsplit(self.path).path if isinstance(self.path, str) else "-"
-                sys.stderr.write(f"{self.command} {path[:200]} {code}\n")
+            if app.access_log:  # a garbage request line may leave no method or path
+                raw = getattr(self, "path", None)
+                path = urlsplit(raw).path if isinstance(raw, str) else "-"
+                line = f"{getattr(self, 'command', None) or '-'} {path[:200]}"
+                sys.stderr.write(f"{_PRINTABLE.sub('?', line)} {code}\n")  # no terminal escapes
 
         def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
             self.send_response(status)
@@ -213,6 +298,9 @@ def make_handler(app: AuditApp) -> type[BaseHTTPRequestHandler]:
         def _read_raw(self) -> None:
             """Read the whole request body first, so an early error answer leaves the connection clean."""
             self._raw = b""
+            if self.headers.get("Transfer-Encoding"):
+                self.close_connection = True
+                raise HTTPError(411, "send the body with a Content-Length (no Transfer-Encoding)")
             try:
                 length = int(self.headers.get("Content-Length") or "0")
             except ValueError:
@@ -220,15 +308,25 @@ def make_handler(app: AuditApp) -> type[BaseHTTPRequestHandler]:
                 raise HTTPError(400, "bad Content-Length") from None
             if length < 0 or length > MAX_BODY:
                 self.close_connection = True
-                raise HTTPError(413, "request body too large")
-            if length:
+                raise HTTPError(413, f"request body too large (at most {MAX_BODY} bytes)")
+            if not length:
+                return
+            try:
                 self._raw = self.rfile.read(length)
+            except TimeoutError:  # stalled or dripping: the thread is not held any longer
+                self.close_connection = True
+                raise HTTPError(408, f"request body not received within {app.read_timeout_s:g} s") from None
+            if len(self._raw) < length:
+                self.close_connection = True
+                raise HTTPError(400, "request body ended before its Content-Length")
 
         def _body(self) -> dict[str, Any]:
             if not (self.headers.get("Content-Type") or "").startswith("application/json"):
                 raise HTTPError(415, "writes take Content-Type: application/json")
             try:
                 body = json.loads(self._raw or b"{}")
+            except RecursionError:
+                raise HTTPError(400, "request body is nested too deeply") from None
             except ValueError:
                 raise HTTPError(400, "request body is not JSON") from None
             if not isinstance(body, dict):
@@ -295,8 +393,11 @@ def make_handler(app: AuditApp) -> type[BaseHTTPRequestHandler]:
 
         def _dispatch(self, method: str) -> None:
             try:
-                if method == "POST":
-                    self._read_raw()
+                try:
+                    if method == "POST":
+                        self._read_raw()
+                finally:
+                    self._request_in()
                 if not self._host_ok():
                     raise HTTPError(421, "unexpected Host header")
                 path = urlsplit(self.path).path
@@ -399,16 +500,20 @@ def make_handler(app: AuditApp) -> type[BaseHTTPRequestHandler]:
                 raise HTTPError(400, "item_id must be an integer")
             if not isinstance(submission_id, str) or not _SUBMISSION_ID.match(submission_id):
                 raise HTTPError(400, "submission_id must be 8-100 characters [A-Za-z0-9_-]")
-            item = app.store.item(item_id)
-            if item is None:
-                raise HTTPError(404, "no such item")
-            skipped = bool(body.get("skipped"))
-            note = body.get("note") or ""
-            if not isinstance(note, str) or len(note) > MAX_NOTE:
-                raise HTTPError(400, f"note must be text of at most {MAX_NOTE} characters")
-            answers = body.get("answers") or {}
+            skipped = body.get("skipped", False)
+            if not isinstance(skipped, bool):
+                raise HTTPError(400, "skipped must be true or false")
+            note = body.get("note")
+            note = "" if note is None else note
+            if not is_text(note) or len(note) > MAX_NOTE:
+                raise HTTPError(400, f"note must be valid Unicode text of at most {MAX_NOTE} characters")
+            answers = body.get("answers")
+            answers = {} if answers is None else answers
             if not isinstance(answers, dict):
                 raise HTTPError(400, "answers must be an object")
+            item = app.store.item(item_id) if 0 < item_id <= MAX_ITEM_ID else None
+            if item is None:
+                raise HTTPError(404, "no such item")
             try:
                 clean = {} if skipped else validate_answers(item["grp"], answers)
             except ValueError as exc:
@@ -482,30 +587,30 @@ def make_server(
     blur: bool = True,
     require_token: bool = False,
     access_log: bool = False,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> AuditServer:
     """Bind the app (``port`` 0 picks a free port); call ``serve_forever`` on the result."""
     store = AuditStore.for_folder(folder, db)
-    app = AuditApp(folder, store, host=host, blur=blur, require_token=require_token, access_log=access_log)
+    app = AuditApp(
+        folder,
+        store,
+        host=host,
+        blur=blur,
+        require_token=require_token,
+        access_log=access_log,
+        read_timeout_s=read_timeout_s,
+    )
     server = AuditServer((host, port), make_handler(app))
     server.app = app  # type: ignore[attr-defined]
     return server
 
 
-def serve(
-    folder: str | Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    db: str | Path | None = None,
-    blur: bool = True,
-    require_token: bool = False,
-    access_log: bool = False,
-    announce: Callable[[str], None] = print,
-) -> None:
-    """Run the app until SIGINT/SIGTERM; announces the URL (and a warning on a non-loopback bind)."""
-    server = make_server(
-        folder, host=host, port=port, db=db, blur=blur, require_token=require_token, access_log=access_log
-    )
+def serve(folder: str | Path, *, announce: Callable[[str], None] = print, **options: Any) -> None:
+    """Run the app until SIGINT/SIGTERM; announces the URL (and a warning on a non-loopback bind).
+
+    ``options`` are ``make_server``'s (host, port, db, blur, require_token, access_log, read_timeout_s).
+    """
+    server = make_server(folder, **options)
     app: AuditApp = server.app  # type: ignore[attr-defined]
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host

@@ -95,6 +95,17 @@ class StoreError(Exception):
     """The audit store is missing, or a request contradicts what it holds."""
 
 
+def is_text(value: Any) -> bool:
+    """Whether ``value`` is a string the store can hold (valid Unicode: no lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def now_iso() -> str:
     """UTC time stamp with milliseconds, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

@@ -79,7 +79,14 @@ class LocalModelClassifier(Classifier):
             request_key(canonical({"model": self.model, "revision": self.spec.revision, "text": t}), PROTOCOL)
             for t in texts
         ]
-        found = {k: json.loads(h.text) for k, h in self._cache.get_many(keys).items()}
+        found: dict[str, dict[str, float]] = {}
+        for key, hit in self._cache.get_many(keys).items():
+            try:
+                probs = json.loads(hit.text)
+            except ValueError:  # a damaged entry is a miss: scored again, then replaced
+                continue
+            if isinstance(probs, dict) and all(type(v) in (int, float) for v in probs.values()):
+                found[key] = probs
         self.usage["cache_hits"] += sum(1 for k in keys if k in found)
         todo = list(dict.fromkeys(k for k in keys if k not in found))
         if todo:
