@@ -18,7 +18,7 @@ audit_app = typer.Typer(
 annotators_app = typer.Typer(help="Annotator tokens.", no_args_is_help=True)
 audit_app.add_typer(annotators_app, name="annotators")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line
 out = Console()
 
 FolderArg = Annotated[Path, typer.Argument(help="A built dataset folder.")]
@@ -28,6 +28,20 @@ DbOption = Annotated[Path | None, typer.Option("--db", help="Audit store (defaul
 def _fail(message: str, code: int = 2) -> typer.Exit:
     console.print(Text(message, style="red"))
     return typer.Exit(code)
+
+
+def _checked(folder: Path, *outputs: tuple[Path | None, str]) -> None:
+    """The dataset folder verifies, and no output (path, option) given lands inside it (its
+    ``.bsafe/`` state excepted): else exit 2 with the reason."""
+    from bsafe_data.integrity import FolderError, checked, require_outside
+
+    try:
+        checked(folder)
+        for path, option in outputs:
+            if path is not None:
+                require_outside(folder, path, option, state=True)
+    except FolderError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
 
 
 @audit_app.command("sample")
@@ -49,6 +63,7 @@ def sample_command(
     from bsafe_data.audit.sample import sample_audit_set
     from bsafe_data.audit.store import StoreError
 
+    _checked(folder, (db, "--db"))
     try:
         result = sample_audit_set(
             folder,
@@ -96,6 +111,7 @@ def serve_command(
     from bsafe_data.audit.server import serve
     from bsafe_data.audit.store import StoreError
 
+    _checked(folder, (db, "--db"))
     try:
         serve(
             folder,
@@ -157,6 +173,7 @@ def report_command(
     from bsafe_data.audit.report import audit_report, write_plot
     from bsafe_data.audit.store import StoreError
 
+    _checked(folder, (db, "--db"), (plot, "--plot"))
     try:
         report = audit_report(folder, db=db)
     except StoreError as exc:
@@ -241,6 +258,7 @@ def export_command(
     writers = {"argilla": export_argilla, "label-studio": export_label_studio}
     if fmt not in writers:
         raise _fail("--format is argilla or label-studio")
+    _checked(folder, (db, "--db"), (out_dir, "--out"))
     try:
         written = writers[fmt](folder, out_dir, db=db)
     except (StoreError, FileExistsError) as exc:
@@ -263,6 +281,7 @@ def import_command(
     readers = {"argilla": import_argilla, "label-studio": import_label_studio}
     if fmt not in readers:
         raise _fail("--format is argilla or label-studio")
+    _checked(folder, (db, "--db"))
     try:
         result = readers[fmt](folder, path, db=db)
     except (StoreError, ValueError, FileNotFoundError) as exc:
