@@ -70,8 +70,12 @@ def check_template(env: jinja2.Environment, source: str, sample: Mapping[str, An
         env.from_string(source).render(**sample)
     except SecurityError as exc:
         raise TemplateProblem(f"{where}: refused by the template sandbox: {exc}") from None
-    except jinja2.TemplateError as exc:
-        raise TemplateProblem(f"{where}: the template fails on sample values: {exc}") from None
+    except RecursionError:
+        raise TemplateProblem(f"{where}: the template includes itself without end") from None
+    except Exception as exc:  # noqa: BLE001 - a recipe's template: any failure is a problem to report
+        raise TemplateProblem(
+            f"{where}: the template fails on sample values: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _private_names(tree: jinja2.nodes.Template) -> list[str]:

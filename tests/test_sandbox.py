@@ -165,3 +165,8 @@ def test_the_sandbox_refuses_internals_mutation_and_huge_values():
         check_template(env, "{{ nope }}", {}, "t")
     with pytest.raises(TemplateProblem, match="syntax error"):
         check_template(env, "{% if %}", {}, "t")
+    with pytest.raises(TemplateProblem, match="TypeError"):
+        check_template(env, "{{ part1 + 1 }}", {"part1": "text"}, "t")
+    looping = environment(loader=jinja2.DictLoader({"self.j2": "{% include 'self.j2' %}"}))
+    with pytest.raises(TemplateProblem, match="includes itself"):
+        check_template(looping, "{% include 'self.j2' %}", {}, "t")
