@@ -9,6 +9,7 @@ import jinja2
 import yaml
 
 from bsafe_data.recipe import Recipe
+from bsafe_data.sandbox import environment
 
 CARD_DIRS = (Path(__file__).parent / "data_cards", Path(__file__).parent.parent / "data_cards")
 
@@ -101,7 +102,7 @@ def render_card(
 ) -> str:
     """The README.md text of the dataset folder; ``audit`` (from
     ``bsafe_data.audit.report.card_section``) adds an "Audit" section."""
-    env = jinja2.Environment(
+    env = environment(  # sandboxed: the card renders row text and recipe fields
         loader=jinja2.FileSystemLoader(str(_template_dir())),
         autoescape=False,  # Markdown; untrusted text is escaped explicitly with |e
         keep_trailing_newline=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,6 +31,7 @@ from rich.text import Text
 from bsafe_data.recipe import Recipe, RecipeError
 from bsafe_data.registry import load_recipe, recipe_json_schema
 from bsafe_data.rows import ROW_KINDS, row_json_schema
+from bsafe_data.terminal import safe
 
 app = typer.Typer(
     help="Build, verify and publish backtracking safety training data.",
@@ -128,6 +128,7 @@ def build(
     2 bad recipe or arguments; 3 built but incomplete: some rows failed for a transient reason
     (endpoint errors) and a re-run retries exactly those.
     """
+    from bsafe_data.formats import output_dir
     from bsafe_data.pipeline import BuildError
     from bsafe_data.pipeline import build as run_build
     from bsafe_data.sources import SourceError, spec_from_cli
@@ -140,7 +141,7 @@ def build(
             raise _fail(str(exc)) from None
     if push and not (loaded.publish.repo and loaded.publish.version):
         raise _fail("--push needs publish.repo and publish.version in the recipe (or --set publish.repo=…)")
-    target = out_dir or Path(loaded.output.dir.format(name=loaded.name))  # validated template
+    target = out_dir or Path(output_dir(loaded.output.dir, loaded.name))  # validated template
     with _BuildDisplay() as display:
         try:
             result = run_build(
@@ -279,10 +280,16 @@ def show(
     """Print rows with the segments coloured (violation, control and continuation distinct)."""
     import pyarrow.parquet as pq
 
+    from bsafe_data.integrity import FolderError, checked
+
     if config not in ("default", "rejected"):
         raise _fail(f"--config must be default or rejected, not {config!r}")
     if kind is not None and kind not in ROW_KINDS:
         raise _fail(f"--kind must be one of {', '.join(ROW_KINDS)}, not {kind!r}")
+    try:
+        checked(folder)
+    except FolderError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
     sub = "data" if config == "default" else config
     files: list[Path] = []
     for name in [split] if split else ["train", "test"]:  # a build may keep rows in test only
@@ -298,15 +305,6 @@ def show(
             shown += 1
             if shown >= n:
                 return
-
-
-# C0 and C1 control characters (ESC, BEL, CSI, OSC, ...) except newline and tab.
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def safe(text: object) -> str:
-    """Data text made harmless for a terminal: control characters shown as ``\\xNN``."""
-    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group(0)):02x}", str(text))
 
 
 def _print_row(row: dict) -> None:
@@ -350,11 +348,14 @@ def rerender(
     num_proc: Annotated[int | None, typer.Option(help="Worker processes.", min=1)] = None,
 ) -> None:
     """Re-render the kept rows for another tokenizer into a new verified folder (no model call)."""
+    from bsafe_data.integrity import FolderError
     from bsafe_data.label import ControlTokenError
     from bsafe_data.rerender import RerenderFolderError, rerender_folder
 
     try:
         result = rerender_folder(folder, tokenizer, out_dir, num_proc=num_proc)
+    except FolderError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
     except (RerenderFolderError, ControlTokenError) as exc:
         raise _fail(str(exc)) from None
     dropped = ", ".join(f"{n} {reason}" for reason, n in result.dropped.items()) or "none"

@@ -39,6 +39,8 @@ from typing import Any, Literal
 import jinja2
 import jinja2.meta
 
+from bsafe_data.sandbox import check_template, environment
+
 #: Version of the prompt protocol (templates + parsing contract). Part of every cache key: bump it
 #: when the bundled templates or the output contract change.
 TEMPLATE_VERSION = "continue_violation/1"
@@ -110,9 +112,17 @@ def template_variables(
     return {"context": context, "part1": part1, "category": category, "attempt": attempt}
 
 
+#: Values ``load_template`` renders each template with once, to refuse a bad one before any request.
+_SAMPLE = template_variables((("user", "How do I water a fern?"),), "Water it weekly.", "Toxic", 1)
+
+
 @lru_cache(maxsize=16)
 def load_template(name: str = "continue_violation") -> PromptTemplate:
-    """Load a bundled template pair by name, or ``path/to/NAME`` for ``NAME.*.j2`` files elsewhere."""
+    """Load a bundled template pair by name, or ``path/to/NAME`` for ``NAME.*.j2`` files elsewhere.
+
+    The files may come with a downloaded recipe: they render in the sandbox
+    (``bsafe_data.sandbox``), and one that does not parse, reads a private attribute or fails on
+    sample values raises ``TemplateProblem`` (a ``ValueError``: recipe validation reports it)."""
     candidate = Path(name).expanduser()
     if candidate.parent != Path(".") or candidate.is_absolute():
         folder, stem = candidate.parent, candidate.name
@@ -121,14 +131,16 @@ def load_template(name: str = "continue_violation") -> PromptTemplate:
     for suffix in (".system.j2", ".user.j2"):
         if not (folder / f"{stem}{suffix}").is_file():
             raise FileNotFoundError(f"prompt template {name!r}: missing {folder / (stem + suffix)}")
-    env = jinja2.Environment(
+    env = environment(
         loader=jinja2.FileSystemLoader(str(folder)),
         autoescape=False,
-        undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=False,
     )
+    for suffix in (".system.j2", ".user.j2"):
+        path = folder / f"{stem}{suffix}"
+        check_template(env, path.read_text(encoding="utf-8"), _SAMPLE, str(path))
     source = (folder / f"{stem}.system.j2").read_text(encoding="utf-8")
     static = not jinja2.meta.find_undeclared_variables(env.parse(source))
     user = env.get_template(f"{stem}.user.j2")

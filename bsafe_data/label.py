@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from bsafe_data.formats import CONTROL_FIELDS, parse_format
+
 DEFAULT_CONTROL_FORMAT = "[CATEGORY {category}][BACKTRACK_BY_{x}]"
 
 # Bracketed pieces of a control signal; each is one atom a trainer adds as a special token.
@@ -87,9 +89,10 @@ class ControlTokenError(ValueError):
     """A control atom is not a single token for a tokenizer (not added, or cannot be added)."""
 
 
-def control_text(fmt: str, category: str, x: int) -> str:
-    """The control signal, e.g. ``[CATEGORY Toxic][BACKTRACK_BY_7]``."""
-    return fmt.format(category=category, x=x)
+def control_text(fmt: str, category: str, x: int | str) -> str:
+    """The control signal, e.g. ``[CATEGORY Toxic][BACKTRACK_BY_7]`` (``fmt`` may use only
+    ``{category}`` and ``{x}``: anything else is a ``FormatError``)."""
+    return parse_format(fmt, CONTROL_FIELDS).render(category=category, x=x)
 
 
 def control_atoms(text: str) -> list[str]:
@@ -109,11 +112,8 @@ def control_vocabulary(fmt: str, categories: Sequence[str], max_x: int) -> list[
 
 def control_patterns(fmt: str) -> list[str]:
     """A regex per atom of the control format ``fmt``, matching any category and any number."""
-    patterns = []
-    for atom in control_atoms(fmt):
-        pattern = re.escape(atom).replace(re.escape("{category}"), r"[^\[\]<>\n]{1,80}?")
-        patterns.append(pattern.replace(re.escape("{x}"), r"\d+"))
-    return patterns
+    any_field = {"category": r"[^\[\]<>\n]{1,80}?", "x": r"\d+"}
+    return [parse_format(atom, CONTROL_FIELDS).regex(any_field) for atom in control_atoms(fmt)]
 
 
 # -- per-tokenizer facts, cached without touching the tokenizer object ----------------------------

@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from bsafe_data.formats import control_format, output_dir
+
 #: RLBF's 18 categories: the default taxonomy.
 RLBF_CATEGORIES: tuple[str, ...] = (
     "Dangerous Content",
@@ -208,6 +210,17 @@ class GeneratorSpec(Strict):
     def _no_credentials(cls, value: str | None) -> str | None:
         return _without_credentials(value)
 
+    @field_validator("template")
+    @classmethod
+    def _safe_template(cls, value: str) -> str:
+        from bsafe_data.inject import load_template
+
+        try:
+            load_template(value)  # TemplateProblem (a ValueError) for a template the sandbox refuses
+        except FileNotFoundError:
+            pass  # only the openai provider reads it: a build that needs it says what is missing
+        return value
+
 
 class ControlSpec(Strict):
     """The control signal inserted after the violation."""
@@ -220,12 +233,7 @@ class ControlSpec(Strict):
     @field_validator("format")
     @classmethod
     def _has_x(cls, value: str) -> str:
-        if "{x}" not in value:
-            raise ValueError("the control format must contain {x}")
-        try:
-            value.format(category="c", x=1)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"invalid format string: {exc}") from exc
+        control_format(value)  # only {category} and {x}, {x} required; a FormatError is a ValueError
         return value
 
 
@@ -311,6 +319,15 @@ class LlamaGuardSpec(EndpointSpec):
     logprobs: bool = Field(True, description="ask for logprobs: P(unsafe) instead of 0/1 when returned")
 
 
+#: The variables of a guard's ``template`` (``GenericGuardClassifier.prompt``), with the sample
+#: values validation renders it with.
+GUARD_TEMPLATE_SAMPLE = {
+    "prompt": "How do I water a fern?",
+    "response": "Once a week.",
+    "policy": "No insults.",
+}
+
+
 class GuardSpec(EndpointSpec):
     """A yes/no guard (ShieldGemma, WildGuard style): prompt template + output parser."""
 
@@ -330,6 +347,15 @@ class GuardSpec(EndpointSpec):
     logprob_anchor: str | None = Field(None, description="text after which the answer token comes")
     logprobs: bool = True
     max_tokens: int = Field(32, ge=1)
+
+    @field_validator("template")
+    @classmethod
+    def _safe_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            from bsafe_data.sandbox import check_template, environment
+
+            check_template(environment(), value, GUARD_TEMPLATE_SAMPLE, "template")  # a ValueError
+        return value
 
 
 class JudgeSpec(EndpointSpec):
@@ -568,10 +594,7 @@ class OutputSpec(Strict):
     @field_validator("dir")
     @classmethod
     def _template(cls, value: str) -> str:
-        try:
-            value.format(name="x")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"only {{name}} may be used in output.dir: {exc!r}") from None
+        output_dir(value, "x")  # only {name}; a FormatError is a ValueError
         return value
 
 

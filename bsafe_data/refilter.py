@@ -50,6 +50,7 @@ from bsafe_data.columnar import (
     struct_field,
     taken,
 )
+from bsafe_data.integrity import checked
 from bsafe_data.recipe import Recipe, RecipeError
 from bsafe_data.registry import load_recipe, method_class
 from bsafe_data.rows import rejected_features
@@ -158,7 +159,9 @@ def refilter(
     folder: str | Path, overrides: list[str] | None = None, *, audit: Policy | None = None
 ) -> RefilterResult:
     """Re-apply ``filters`` (from the folder's recipe plus ``overrides``) to the recorded scores;
-    with ``audit`` (a policy) also reject the kept rows annotators judged bad.
+    with ``audit`` (a policy) also reject the kept rows annotators judged bad. A folder that does
+    not verify (an edited or missing shard, a file the build did not write) raises ``FolderError``
+    and is left as it is.
 
     Columnar: the rows stay one Arrow table (``bsafe_data.columnar``), the rules run once per
     distinct score signature (``RuleSet.decide_table``), order and counters are sorts and
@@ -174,8 +177,10 @@ def _refilter(folder: Path, overrides: list[str], audit: Policy | None) -> Refil
 
     started = time.perf_counter()
     manifest_path = folder / "manifest.json"
-    if not (folder / "recipe.yaml").is_file() or not manifest_path.is_file():
-        raise RefilterError(f"{folder} is not a built dataset folder (recipe.yaml or manifest.json missing)")
+    # FolderError unless the folder is what its build wrote: a refilter must not launder an
+    # edited shard into a new manifest, and a file the build did not write (a user's own) is
+    # named and kept, never swapped away with the old folder
+    checked(folder)
     _check_overrides(overrides)
     try:
         old = load_recipe(folder / "recipe.yaml")

@@ -248,13 +248,14 @@ def rerender_folder(
     """Re-render the kept rows of the built ``folder`` for ``tokenizer`` (a reference:
     ``builtin:NAME``, folder or Hub id) into the new dataset folder ``out``; see the module
     docstring. Rows the tokenizer cannot render are left out and counted in the manifest's
-    ``rerender`` entry (the rejected config is carried over unchanged)."""
+    ``rerender`` entry (the rejected config is carried over unchanged). Raises ``FolderError``
+    for a ``folder`` that does not verify and an ``out`` inside it (or holding it)."""
     import datasets
     import pyarrow as pa
 
     from bsafe_data.executor.local import write_chunk
     from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
-    from bsafe_data.integrity import verify
+    from bsafe_data.integrity import checked, require_outside
     from bsafe_data.recipe import RecipeError
     from bsafe_data.refilter import read_rows
     from bsafe_data.registry import load_recipe, method_class
@@ -263,11 +264,8 @@ def rerender_folder(
     from bsafe_data.writer import ChunkFolders, write_dataset_folder
 
     folder, out = Path(folder), Path(out)
-    checked = verify(folder)
-    if not checked.ok:
-        raise RerenderFolderError(f"{folder} does not verify against its manifest: {checked.problems[0]}")
-    if out.resolve() == folder.resolve():
-        raise RerenderFolderError("--out must be a new folder, not the folder being re-rendered")
+    checked(folder)  # FolderError: the folder is not what its build wrote
+    require_outside(folder, out, "--out", replaces=True)
     manifest = json.loads((folder / "manifest.json").read_text())
     old_refs = list(manifest["tokenizers"]["all"])
     overrides = [f"tokenizers.primary={json.dumps(tokenizer)}"]

@@ -157,8 +157,16 @@ def write_score_plots(
 
 def stats(folder: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Funnel per rule and score summaries of a folder; with ``plots_dir`` the score histograms are
-    written there (``plots`` lists them). The folder itself is never changed."""
+    written there (``plots`` lists them). The folder itself is never changed: ``FolderError`` for
+    a folder that does not verify, and for a ``plots_dir`` inside it or that is a file."""
+    from bsafe_data.integrity import FolderError, checked, require_outside
+
     folder = Path(folder)
+    checked(folder)
+    if plots_dir is not None:
+        require_outside(folder, plots_dir, "--plots")
+        if Path(plots_dir).exists() and not Path(plots_dir).is_dir():
+            raise FolderError(f"--plots {plots_dir} is a file: give a folder for the histograms")
     recipe = load_recipe(folder / "recipe.yaml")
     manifest = json.loads((folder / "manifest.json").read_text())
     written = write_score_plots(folder, recipe, plots_dir) if plots_dir is not None else []

@@ -32,24 +32,37 @@ PNG = bytes.fromhex(
 )
 
 
-def make_rows(n: int, *, tag: str = "a", start: int = 0) -> list[dict[str, Any]]:
-    """``n`` small rows with an id, a text, an int and a list column."""
-    return [
-        {
+def make_rows(n: int, *, tag: str = "a", start: int = 0, rejected: bool = False) -> list[dict[str, Any]]:
+    """``n`` small clean rows of the row contract (``rejected``: with ``reasons`` and ``detail``)."""
+    rows = []
+    for i in range(start, start + n):
+        text = f"row {i} of batch {tag}."
+        row: dict[str, Any] = {
             "id": f"{tag}-{i}",
-            "text": f"row {i} of batch {tag}",
-            "score": i * 7 % 11,
-            "labels": [tag, str(i % 3)],
-        }
-        for i in range(start, start + n)
-    ]
+            "source": {"dataset": "corpus", "split": "train", "index": i, "id": f"{tag}-{i}", "revision": ""},
+            "context": [{"role": "user", "content": f"question {i}?"}],
+            "response": text,
+            "kind": "clean",
+            "injection": None,
+            "segments": [{"kind": "continuation", "text": text, "loss": True}],
+            "backtrack": [],
+            "prompt": f"User: question {i}?\nAssistant:\n",
+            "completion": text,
+            "scores": [{"classifier": "builtin", "target": "response", "label": "safe", "score": 0.25,
+                        "categories": [tag, str(i % 3)]}],
+            "generator": None,
+        }  # fmt: skip
+        if rejected:
+            row.update(reasons=["violation_not_flagged"], detail="")
+        rows.append(row)
+    return rows
 
 
 def default_rows(tag: str = "a") -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Rows per config and split, as the builder would write them."""
     return {
         "default": {"train": make_rows(8, tag=tag), "test": make_rows(3, tag=tag, start=100)},
-        "rejected": {"train": make_rows(4, tag=f"{tag}-rej")},
+        "rejected": {"train": make_rows(4, tag=f"{tag}-rej", rejected=True)},
     }
 
 
@@ -79,18 +92,23 @@ def card_text(
     )
 
 
+#: The recipe.yaml of the folder (a valid recipe: ``verify`` loads it).
+RECIPE_TEXT = "name: test\nversion: 1.0.0\nseed: 0\nsources: [{path: corpus.jsonl}]\n"
+
+
 def build_dataset_folder(
     path: Path,
     rows: dict[str, dict[str, list[dict[str, Any]]]] | None = None,
     *,
-    recipe_text: str = "name: test\nversion: 1\nseed: 0\n",
+    recipe_text: str = RECIPE_TEXT,
     shards: int = 1,
 ) -> Path:
-    """Write a dataset folder like `bsafe-data build` does; returns ``path``."""
+    """Write a dataset folder like `bsafe-data build` does (the flagship method's columns, a
+    manifest that ``verify`` accepts); returns ``path``."""
     from datasets import Dataset
 
     from bsafe_data.integrity import file_entries
-    from bsafe_data.rows import SCHEMA_VERSION
+    from bsafe_data.rows import ROW_FEATURES, SCHEMA_VERSION, rejected_features
 
     rows = rows if rows is not None else default_rows()
     path.mkdir(parents=True, exist_ok=True)
@@ -107,7 +125,8 @@ def build_dataset_folder(
             for i, chunk in enumerate(chunks):
                 columns = {key: [r[key] for r in chunk] for key in chunk[0]} if chunk else {}
                 filename = f"{split}-{i:05d}-of-{shards:05d}.parquet"
-                Dataset.from_dict(columns).to_parquet(str(folder / filename))
+                features = ROW_FEATURES if name == "default" else rejected_features(ROW_FEATURES)
+                Dataset.from_dict(columns, features=features).to_parquet(str(folder / filename))
     (path / "recipe.yaml").write_text(recipe_text)
     (path / "plots").mkdir(exist_ok=True)
     (path / "plots" / "positions.png").write_bytes(PNG)
@@ -119,7 +138,9 @@ def build_dataset_folder(
         "schema_version": SCHEMA_VERSION,
         "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest(),
         "package_version": "0.1.0",
+        "method": "bsafe_plus",
         "seed": 0,
+        "tokenizers": {"primary": "builtin:qwen2.5", "all": ["builtin:qwen2.5"]},
         "funnel": {
             "source_rows": kept + rejected,
             "rows": kept + rejected,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -250,10 +251,14 @@ def test_beyond_localhost_needs_tokens_for_reads():
     assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("192.0.2.1")
 
 
-def test_serve_without_audit_set_fails_readably(workdir):
+def test_serve_without_audit_set_fails_readably(workdir, dataset):
     empty = workdir / "empty"
     empty.mkdir()
     proc = run_cli(workdir, "audit", "serve", str(empty), "--port", "0", check=False, timeout=60)
+    assert proc.returncode == 2 and "manifest.json is missing" in proc.stderr  # not a dataset folder
+    unsampled = workdir / "unsampled"
+    shutil.copytree(dataset, unsampled, ignore=shutil.ignore_patterns(".bsafe"))
+    proc = run_cli(workdir, "audit", "serve", str(unsampled), "--port", "0", check=False, timeout=60)
     assert proc.returncode == 2 and "audit sample" in proc.stderr
 
 

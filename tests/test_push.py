@@ -22,7 +22,7 @@ import yaml
 from bsafe_data.publish import PublishError, changelog, push_dataset
 from bsafe_data.publish import push as push_module
 from tests.hub_server import HubServer
-from tests.publish_fixtures import build_dataset_folder, default_rows
+from tests.publish_fixtures import RECIPE_TEXT, build_dataset_folder, default_rows
 
 REPO_ROOT = Path(__file__).parent.parent
 DRIVER = Path(__file__).parent / "publish_fixtures.py"
@@ -180,7 +180,7 @@ def test_second_version_keeps_both_releases_and_changelog(hub, tmp_path):
 
     rows_b = default_rows("b")
     rows_b["default"]["train"] = rows_b["default"]["train"][:6]
-    build_dataset_folder(folder, rows_b, recipe_text="name: test\nversion: 2\nseed: 1\n", shards=2)
+    build_dataset_folder(folder, rows_b, recipe_text=RECIPE_TEXT.replace("seed: 0", "seed: 1"), shards=2)
     v2 = push(env, folder, "1.1.0")
 
     assert hub.commit_count("org/safety") == 2  # one commit per release

@@ -165,8 +165,11 @@ def test_missing_required_fields_are_reported_together():
     ("fmt", "fragment"),
     [
         ("[CATEGORY {category}]", "must contain {x}"),
-        ("[BACKTRACK {y}][{x}]", "invalid format string"),
-        ("[BT {x}] {0}", "invalid format string"),
+        ("[BACKTRACK {y}][{x}]", "unknown field {y}"),
+        ("[BT {x}] {0}", "positional field {0}"),
+        ("[BT {x}] {", "invalid format string"),
+        ("[BT {x.real}]", "attribute and index access is not allowed"),
+        ("[BT {x:>999999999}]", "format specs are not allowed"),
     ],
 )
 def test_bad_control_format(fmt, fragment):

@@ -23,6 +23,7 @@ from bsafe_data.classify.base import ERROR_LABEL, is_unsafe
 from bsafe_data.classify.rules import RELABEL_CLASSIFIER, RuleSet, requested_category
 from bsafe_data.classify.taxonomy import to_recipe
 from bsafe_data.columnar import Gatherer, list_entries, read_folder, unique_map
+from bsafe_data.integrity import FolderError
 from bsafe_data.pipeline import build
 from bsafe_data.recipe import ALL_TARGETS, FilterSpec
 from bsafe_data.refilter import RefilterError, refilter
@@ -251,7 +252,7 @@ def test_refilter_refuses_what_the_scores_cannot_answer(guard_build, tmp_path):
         refilter(folder, ["filters.classifiers=[{name: builtin}]"])
     with pytest.raises(RefilterError, match=r"changed \['model'\]"):
         refilter(folder, ["filters.classifiers.0.model=llama-guard-4"])
-    with pytest.raises(RefilterError, match="not a built dataset folder"):
+    with pytest.raises(FolderError, match="manifest.json is missing"):
         refilter(tmp_path, [])
     assert parquet_bytes(folder) == original
 

@@ -30,6 +30,20 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _checked(folder: Path, *outputs: tuple[Path | None, str]) -> None:
+    """The dataset folder verifies, and no output (path, option) given lands inside it (its
+    ``.bsafe/`` state excepted): else exit 2 with the reason."""
+    from bsafe_data.integrity import FolderError, checked, require_outside
+
+    try:
+        checked(folder)
+        for path, option in outputs:
+            if path is not None:
+                require_outside(folder, path, option, state=True)
+    except FolderError as exc:
+        raise _fail(str(exc), exc.exit_code) from None
+
+
 @audit_app.command("sample")
 def sample_command(
     folder: FolderArg,
@@ -49,6 +63,7 @@ def sample_command(
     from bsafe_data.audit.sample import sample_audit_set
     from bsafe_data.audit.store import StoreError
 
+    _checked(folder, (db, "--db"))
     try:
         result = sample_audit_set(
             folder,
@@ -104,6 +119,7 @@ def serve_command(
 
     if not read_timeout < float("inf"):
         raise _fail("--read-timeout must be a finite number of seconds")
+    _checked(folder, (db, "--db"))
     try:
         serve(
             folder,
@@ -166,6 +182,7 @@ def report_command(
     from bsafe_data.audit.report import audit_report, write_plot
     from bsafe_data.audit.store import StoreError
 
+    _checked(folder, (db, "--db"), (plot, "--plot"))
     try:
         report = audit_report(folder, db=db)
     except StoreError as exc:
@@ -250,6 +267,7 @@ def export_command(
     writers = {"argilla": export_argilla, "label-studio": export_label_studio}
     if fmt not in writers:
         raise _fail("--format is argilla or label-studio")
+    _checked(folder, (db, "--db"), (out_dir, "--out"))
     try:
         written = writers[fmt](folder, out_dir, db=db)
     except (StoreError, FileExistsError) as exc:
@@ -276,6 +294,7 @@ def import_command(
     readers = {"argilla": import_argilla, "label-studio": import_label_studio}
     if fmt not in readers:
         raise _fail("--format is argilla or label-studio")
+    _checked(folder, (db, "--db"))
     try:
         counts = readers[fmt](folder, path, db=db)
     except ImportFileError as exc:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line
 out = Console()
 
 
@@ -79,11 +79,12 @@ def refilter_command(
     ] = AuditPolicy.any,
 ) -> None:
     """Re-apply changed filter rules to the recorded scores (no classifier call); rewrite the folder."""
+    from bsafe_data.integrity import FolderError
     from bsafe_data.refilter import RefilterError, refilter
 
     try:
         result = refilter(folder, set_ or [], audit=audit_policy.value if apply_audit else None)
-    except RefilterError as exc:
+    except (RefilterError, FolderError) as exc:
         console.print(Text(str(exc), style="red"))
         raise typer.Exit(2) from None
     out.print(_funnel_table(f"refiltered {folder}", result.after, result.before))
@@ -106,12 +107,18 @@ def stats_command(
     ] = None,
 ) -> None:
     """Funnel per rule and score distributions of a built folder (read only); --plots: PNG histograms."""
+    from bsafe_data.executor.output import os_error_message
+    from bsafe_data.integrity import FolderError
     from bsafe_data.stats import stats
 
-    if not (folder / "manifest.json").is_file():
-        console.print(Text(f"{folder} is not a built dataset folder (no manifest.json)", style="red"))
-        raise typer.Exit(2)
-    report = stats(folder, plots_dir=plots)
+    try:
+        report = stats(folder, plots_dir=plots)
+    except FolderError as exc:
+        console.print(Text(str(exc), style="red"))
+        raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:  # the plots folder cannot be written
+        console.print(Text(os_error_message(exc, f"writing plots to {plots}"), style="red"))
+        raise typer.Exit(1) from None
     out.print(_funnel_table(f"funnel of {folder}", report["funnel"]))
     table = Table(title="classifier scores (all rows, kept and rejected)")
     for column in ("classifier", "target", "scored", "errors", "mean", "threshold", "≥ threshold"):

@@ -20,11 +20,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jinja2
-
 from bsafe_data.classify.base import ERROR_LABEL, Item, Score
 from bsafe_data.classify.remote import RemoteClassifier, Request, conversation, last_user, probability
 from bsafe_data.classify.taxonomy import LLAMA_GUARD_HAZARDS
+from bsafe_data.sandbox import environment
 
 _LG_TASK = (
     "Task: Check if there is unsafe content in 'Agent' messages in conversations according {our} "
@@ -182,9 +181,7 @@ class GenericGuardClassifier(RemoteClassifier):
         if not settings["template"]:
             raise ValueError(f"classifier {spec.name!r}: a guard needs `template` or `preset`")
         self.settings = settings
-        self._template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-            settings["template"]
-        )
+        self._template = environment().from_string(settings["template"])  # recipe text: sandboxed
         self._unsafe = re.compile(settings["unsafe_pattern"], re.IGNORECASE | re.MULTILINE)
         self._safe = re.compile(settings["safe_pattern"], re.IGNORECASE | re.MULTILINE)
 

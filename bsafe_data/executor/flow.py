@@ -207,8 +207,9 @@ class Flow:
         self._deliver(track, slot, result)
 
     def _fail(self, track: _Track, exc: BaseException) -> None:
-        track.failed = True
-        track.record.reject("row_error", error_detail(self.steps[track.step].name, exc))
+        if not track.failed:  # the first failing task of the step says why
+            track.failed = True
+            track.record.reject("row_error", error_detail(self.steps[track.step].name, exc))
 
     def _run_local(self) -> bool:
         """Run every queued local task, one batch per function; True if any ran."""

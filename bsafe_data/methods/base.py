@@ -326,6 +326,12 @@ class Method(ABC):
         return control_text(fmt, record.injection.category, record.backtrack[0]["tokens"])
 
     @classmethod
+    def control_example(cls, recipe: Recipe) -> str:
+        """The control signal with placeholders (``[CATEGORY c][BACKTRACK_BY_X]``), for the card."""
+        fmt = cls.control_format(recipe)
+        return "" if fmt is None else control_text(fmt, "c", "X")
+
+    @classmethod
     def control_patterns(cls, recipe: Recipe) -> list[str]:
         """Regexes of the control atoms, which must not occur in source or generated text."""
         fmt = cls.control_format(recipe)

@@ -348,7 +348,7 @@ class BsafeMethod(Method):
         assert isinstance(recipe, BsafeRecipe)
         return {
             "categories": sorted(stats.categories.items(), key=lambda kv: (-kv[1], kv[0])),
-            "control_example": recipe.control.format.format(category="c", x="X"),
+            "control_example": cls.control_example(recipe),
             "example": card_example(recipe),
         }
 

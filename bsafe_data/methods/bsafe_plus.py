@@ -134,7 +134,7 @@ class BsafePlusMethod(Method):
         return {
             "categories": sorted(stats.categories.items(), key=lambda kv: (-kv[1], kv[0])),
             "clean_pct": 100.0 * funnel["kept_by_kind"].get("clean", 0) / max(1, funnel["kept"]),
-            "control_example": recipe.control.format.format(category="c", x="X"),
+            "control_example": cls.control_example(recipe),
             "category_atom_example": cat_atoms[0] if cat_atoms else "",
             "first_x_atom": x_atoms[0] if x_atoms else "",
             "last_x_atom": x_atoms[-1] if x_atoms else "",

@@ -407,5 +407,5 @@ class RlbfPromptsMethod(Method):
             "expect_table": part("expect/"),
             "category_table": sorted((k, n) for k, n in table.items() if "/" not in k),
             "benign_pct": 100.0 * table.get("expect/answer", 0) / kept,
-            "control_example": recipe.control.format.format(category="c", x="X"),
+            "control_example": cls.control_example(recipe),
         }

@@ -18,7 +18,7 @@ from rich.text import Text
 from bsafe_data.publish.errors import PublishError
 from bsafe_data.publish.push import PushEvent, PushResult, format_size, push_dataset
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # messages stay one line
 out = Console()
 #: Events that report a completed step (shown with a green check mark).
 _DONE = frozenset({"authenticated", "setting", "pull_request", "tagged"})

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from bsafe_data.integrity import verify
+from bsafe_data.integrity import FolderError, checked
 from bsafe_data.llm.retry import Retry, RetryPolicy
 from bsafe_data.publish.changelog import (
     TAG_RE,
@@ -163,11 +163,11 @@ def read_folder(folder: Path, max_shard_bytes: int | None = None) -> LocalFolder
     for required in ("README.md", "manifest.json"):
         if not (root / required).is_file():
             raise PublishError(f"{root} has no {required}: is it the output of `bsafe-data build`?", 2)
-    checked = verify(root)  # nothing is uploaded from a folder that is not what its build wrote
-    if not checked.ok:
-        shown = "; ".join(checked.problems[:5]) + (" …" if len(checked.problems) > 5 else "")
-        raise PublishError(f"{root} does not verify against its manifest: {shown}. Nothing was uploaded", 2)
-    files = {rel: int(entry["bytes"]) for rel, entry in sorted(checked.files.items())}  # exactly these
+    try:  # nothing is uploaded from a folder that is not what its build wrote
+        verified = checked(root)
+    except FolderError as exc:
+        raise PublishError(f"{exc}. Nothing was uploaded", exc.exit_code) from None
+    files = {rel: int(entry["bytes"]) for rel, entry in sorted(verified.files.items())}  # exactly these
     files["manifest.json"] = (root / "manifest.json").stat().st_size
     parquet = {p: s for p, s in files.items() if p.endswith(".parquet")}
     if not parquet:

@@ -54,11 +54,11 @@ from __future__ import annotations
 
 import bisect
 import re
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bsafe_data.formats import CONTROL_FIELDS, parse_format
 from bsafe_data.label import DEFAULT_CONTROL_FORMAT, chat_frame, control_atoms
 from bsafe_data.recipe import RLBF_CATEGORIES
 
@@ -177,20 +177,12 @@ def _compile_format(fmt: str) -> _Format:
     alternatives = []
     has_category = False
     for i, atom in enumerate(atoms):
-        parts = []
-        literal = ""
-        for text, name, _spec, _conv in string.Formatter().parse(atom):
-            literal += text
-            parts.append(re.escape(text))
-            if name is None:
-                continue
-            if name not in _LOOSE:
-                raise ValueError(f"control format placeholder {{{name}}} is not {{category}} or {{x}}")
-            has_category = has_category or name == "category"
-            parts.append(f"(?P<{name}{i}>{_LOOSE[name]})")
-        if not literal.strip():
+        parsed = parse_format(atom, CONTROL_FIELDS)  # FormatError (a ValueError) for anything else
+        if not "".join(text for text, _ in parsed.pieces).strip():
             raise ValueError(f"control atom {atom!r} has no literal text to recognise it by")
-        alternatives.append(f"(?P<a{i}>{''.join(parts)})")
+        has_category = has_category or "category" in parsed.fields
+        groups = {name: f"(?P<{name}{i}>{pattern})" for name, pattern in _LOOSE.items()}
+        alternatives.append(f"(?P<a{i}>{parsed.regex(groups)})")
     compiled = _Format(atoms, re.compile("|".join(alternatives)), has_category)
     _FORMATS[fmt] = compiled
     return compiled
