@@ -63,12 +63,18 @@ def seed_folder(work: Path) -> Path:
 
 
 def _renamed(row: dict[str, Any], copy: int, index_shift: int) -> dict[str, Any]:
-    """Row ``row`` of source copy ``copy``: new source id and index, row id with the same suffix."""
+    """Row ``row`` of source copy ``copy``: new source id and index, row id (keyed by the source
+    position) with the same suffix."""
     src = row["source"]
     new_id = f"{src['id']}~r{copy}" if copy else src["id"]
-    out = {**row, "source": {**src, "id": new_id, "index": src["index"] + index_shift}}
-    out["id"] = new_id + row["id"][len(src["id"]) :]
+    index = src["index"] + index_shift
+    out = {**row, "source": {**src, "id": new_id, "index": index}}
+    out["id"] = str(index) + row["id"][len(str(src["index"])) :]
     return out  # nested values are shared with the seed row: nothing below changes them
+
+
+def _identity(source: dict[str, Any]) -> tuple[str, str, int]:
+    return source["dataset"], source["revision"], source["index"]
 
 
 def large_folder(work: Path, rows: int) -> Path:
@@ -86,7 +92,6 @@ def large_folder(work: Path, rows: int) -> Path:
         by_source.setdefault(row["source"]["index"], []).append(row)
     per_copy = max(by_source) + 1
     chunk_rows = recipe.output.chunk_rows
-    dataset = recipe.sources[0].name
     folder = OutputFolder(out, recipe.name, force=True)
     t0 = time.perf_counter()
     with folder.locked():
@@ -102,7 +107,7 @@ def large_folder(work: Path, rows: int) -> Path:
                 position += 1
             chunk.sort(key=lambda r: method.order_key(r, r["source"]["index"]))
             splits = {
-                r["id"]: split_of(recipe.seed, recipe.split.test_fraction, dataset, r["source"]["id"])
+                r["id"]: split_of(recipe.seed, recipe.split.test_fraction, *_identity(r["source"]))
                 for r in chunk
             }
             sources = len({r["source"]["index"] for r in chunk})

@@ -24,7 +24,7 @@ from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.methods.base import Method, Resources
 from bsafe_data.recipe import Recipe
 from bsafe_data.registry import method_class
-from bsafe_data.sources import SourceError, count_source_rows, read_sources
+from bsafe_data.sources import SourceError, count_source_rows, read_sources, source_identities
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
 from bsafe_data.writer import ChunkFolders, write_dataset_folder
 
@@ -111,8 +111,9 @@ def _build(
     def read() -> Any:
         return read_sources(recipe.sources, limit)
 
-    report = _Report(progress, count_source_rows(recipe.sources, limit)) if progress else None
     try:
+        source_identities(recipe.sources)  # readable, and no source twice: say so before any work
+        report = _Report(progress, count_source_rows(recipe.sources, limit)) if progress else None
         work = prepare_work_dir(folder.work, recipe, limit)
         execution = recipe.execution
         if execution.executor == "local":

@@ -91,8 +91,21 @@ class FieldMapping(Strict):
 
 
 class SourceSpec(Strict):
-    """One corpus: a local file or a Hugging Face dataset id."""
+    """One corpus: a local file or a Hugging Face dataset id.
 
+    A source is identified by its content, never by where it lies: a local file by the sha256 of
+    its bytes, a Hugging Face dataset by its id and revision. Rows record that identity in
+    ``source.dataset`` (the ``name``, else ``sha256:`` and 16 hex digits of the digest, else the
+    dataset id) and ``source.revision``; their ids, seeds and splits come from it and the row's
+    position, so the same corpus at any path gives the same rows."""
+
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]*$",
+        max_length=100,
+        description="the source's name in rows (`source.dataset`) and in other sections (e.g. "
+        "derta.harmful_source); default: a digest of the file's content, or the Hugging Face id",
+    )
     path: str | None = Field(
         None,
         description="local .jsonl/.json/.parquet/.csv file, or 'builtin:everyday_chat' (bundled corpus)",
@@ -118,9 +131,13 @@ class SourceSpec(Strict):
         return data
 
     @property
-    def name(self) -> str:
-        """Human-readable identity recorded in ``source.dataset``."""
+    def location(self) -> str:
+        """Where the source is read from: its path (or ``builtin:NAME``) or Hugging Face id."""
         return self.hf or self.path or ""
+
+    def matches(self, reference: str) -> bool:
+        """Whether another section's ``reference`` names this source (its name or its location)."""
+        return reference in (self.name, self.location)
 
 
 class SplitSpec(Strict):

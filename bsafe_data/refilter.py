@@ -136,10 +136,11 @@ class SourceOrder:
     def __init__(self, recipe: Recipe, counts: dict[str, int]):
         self.offsets: dict[str, int] = {}
         total = 0
-        for spec in recipe.sources:
-            if spec.name not in self.offsets:
-                self.offsets[spec.name] = total
-                total += counts.get(spec.name, 0)
+        for spec in recipe.sources:  # a published recipe names each source by its identity
+            name = spec.name or spec.location
+            if name not in self.offsets:
+                self.offsets[name] = total
+                total += counts.get(name, 0)
         for name in sorted(counts):  # sources renamed since: after the recipe's, deterministic
             if name not in self.offsets:
                 self.offsets[name] = total
@@ -312,7 +313,7 @@ def _row_frame(table: pa.Table) -> pl.DataFrame:
             "kind": pl.from_arrow(table.column("kind")),
             "dataset": pl.from_arrow(struct_field(source, "dataset")),
             "index": pl.from_arrow(struct_field(source, "index")).cast(pl.Int64),
-            "source_id": pl.from_arrow(struct_field(source, "id")),
+            "revision": pl.from_arrow(struct_field(source, "revision")),
             "segments": pl.from_arrow(segments).fill_null(0),
             "has_injection": pl.Series(injection.is_valid().to_numpy(zero_copy_only=False)),
             "category": pl.from_arrow(struct_field(injection, "category")),
@@ -453,14 +454,15 @@ def _splits(old: Recipe, frame: pl.DataFrame, kept: np.ndarray, stored: np.ndarr
     in, else drawn (``split_of``) for the source rows that had no kept row before."""
     rows = frame["_r"].to_numpy()
     keep = pl.Series(kept[rows])
-    sources = frame.select("dataset", "source_id").with_columns(pl.Series("stored", stored[rows]))
-    known = sources.filter(pl.col("stored") != "rejected").unique(["dataset", "source_id"], keep="first")
-    wanted = sources.filter(keep).select("dataset", "source_id").unique(maintain_order=True)
-    new = wanted.join(known, on=["dataset", "source_id"], how="anti")
-    drawn = [sample_split(old.seed, old.split.test_fraction, d, i) for d, i in new.iter_rows()]
+    on = ["dataset", "revision", "index"]
+    sources = frame.select(on).with_columns(pl.Series("stored", stored[rows]))
+    known = sources.filter(pl.col("stored") != "rejected").unique(on, keep="first")
+    wanted = sources.filter(keep).select(on).unique(maintain_order=True)
+    new = wanted.join(known, on=on, how="anti")
+    drawn = [sample_split(old.seed, old.split.test_fraction, d, r, i) for d, r, i in new.iter_rows()]
     new = new.with_columns(pl.Series("split", drawn, pl.Utf8))
     pairs = pl.concat([known.rename({"stored": "split"}), new])
-    found = sources.with_row_index("_i").join(pairs, on=["dataset", "source_id"], how="left").sort("_i")
+    found = sources.with_row_index("_i").join(pairs, on=on, how="left").sort("_i")
     return pl.select(pl.when(keep).then(found["split"]).otherwise(None)).to_series().alias("split")
 
 

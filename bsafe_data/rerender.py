@@ -267,10 +267,10 @@ def rerender_folder(
     checked(folder)  # FolderError: the folder is not what its build wrote
     require_outside(folder, out, "--out", replaces=True)
     manifest = json.loads((folder / "manifest.json").read_text())
-    old_refs = list(manifest["tokenizers"]["all"])
-    overrides = [f"tokenizers.primary={json.dumps(tokenizer)}"]
-    overrides.append(f"tokenizers.extra={json.dumps([r for r in old_refs if r != tokenizer])}")
     try:
+        old_refs = load_recipe(folder / "recipe.yaml").tokenizers.all  # as the builder named them
+        overrides = [f"tokenizers.primary={json.dumps(tokenizer)}"]
+        overrides.append(f"tokenizers.extra={json.dumps([r for r in old_refs if r != tokenizer])}")
         recipe = load_recipe(folder / "recipe.yaml", overrides)
     except RecipeError as exc:
         raise RerenderFolderError(str(exc)) from None

@@ -12,8 +12,10 @@ from typing import Any, Literal
 import datasets
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"  # 1.1: `detail` in config rejected; 1.2: PROMPT_FEATURES (rlbf_prompts),
-# DeRTa kinds, config `preference` (PREFERENCE_FEATURES)
+SCHEMA_VERSION = "2.0"  # 1.1: `detail` in config rejected; 1.2: PROMPT_FEATURES (rlbf_prompts),
+# DeRTa kinds, config `preference` (PREFERENCE_FEATURES); 2.0: a source is its content (`source.dataset`
+# a name or a digest, never a path; `source.revision` the file's digest), row ids and seeds from the
+# row's position in it (not the id it carries)
 
 RowKind = Literal["injected", "clean", "harmful_prefix", "refusal_token", "helpful"]
 #: Every value of the ``kind`` column (DeRTa adds harmful_prefix, refusal_token and helpful).

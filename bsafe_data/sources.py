@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
+import re
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +121,102 @@ def detect_format(path: Path) -> str:
     if fmt is None:
         raise SourceError(f"{path}: cannot tell the format from the suffix; set `format:`")
     return fmt
+
+
+@dataclass(frozen=True)
+class SourceIdentity:
+    """What a source is, whatever path it was read from: ``dataset`` (its ``name``, else
+    ``sha256:`` + 16 hex digits of a file's digest, else the Hugging Face id) and ``revision`` (a
+    file's full ``sha256:`` digest; the commit a Hugging Face dataset resolves to, when known)."""
+
+    dataset: str
+    revision: str
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:`` and the hex digest of a file's bytes (cached while the file is unchanged)."""
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def file_identity(location: str, name: str | None = None) -> SourceIdentity:
+    """A local file's identity: ``name``, else a bundled file's ``builtin:NAME``, else ``sha256:``
+    and the first 16 hex digits of its digest; the revision is the whole digest. SourceError when
+    the file cannot be read."""
+    path = resolve_path(location)
+    try:
+        digest = file_digest(path)
+    except OSError as exc:
+        problem = f"source file not found: {path}" if not path.is_file() else f"{path}: {exc.strerror or exc}"
+        raise SourceError(problem) from None
+    label = location if location.startswith("builtin:") else digest[: len("sha256:") + 16]
+    return SourceIdentity(name or label, digest)
+
+
+def source_identity(spec: SourceSpec) -> SourceIdentity:
+    """The source's identity (see ``SourceIdentity``); SourceError when a file cannot be read."""
+    if spec.hf is not None:
+        return SourceIdentity(spec.name or spec.hf, _hf_revision(spec))
+    return file_identity(spec.path or "", spec.name)
+
+
+def source_identities(specs: Sequence[SourceSpec]) -> list[SourceIdentity]:
+    """Every source's identity, in recipe order; SourceError when two sources are the same one
+    (same name, or same content without a name): their rows would be the same rows."""
+    found = [source_identity(spec) for spec in specs]
+    seen: dict[str, int] = {}
+    for i, identity in enumerate(found):
+        if identity.dataset in seen:
+            raise SourceError(
+                f"sources {seen[identity.dataset] + 1} and {i + 1} are the same source "
+                f"({identity.dataset}): give them different `name`s, or drop one"
+            )
+        seen[identity.dataset] = i
+    return found
+
+
+def published_sources(specs: Sequence[SourceSpec]) -> list[SourceSpec]:
+    """The sources as a published recipe gives them: each named by its identity (so rows and
+    recipe agree wherever the files are), absolute paths cut to the file's name (no builder's
+    directory in a published folder)."""
+    out = []
+    for spec in specs:
+        update: dict[str, Any] = {}
+        if spec.name is None:
+            update["name"] = source_identity(spec).dataset
+        if spec.path is not None and Path(spec.path).is_absolute():
+            update["path"] = Path(spec.path).name
+        out.append(spec.model_copy(update=update))
+    return out
+
+
+def _hf_revision(spec: SourceSpec) -> str:
+    """The commit a Hugging Face dataset resolves to: a pinned commit as is; else asked of the Hub,
+    or, offline, the commit the local Hub cache holds for it; else the pinned name (or "")."""
+    from huggingface_hub import HfApi, constants
+
+    wanted = spec.revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", wanted):
+        return wanted
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().dataset_info(spec.hf or "", revision=spec.revision, timeout=10).sha or ""
+        except Exception:  # no network, no such revision: the read itself says what is wrong
+            pass
+    ref = Path(constants.HF_HUB_CACHE) / f"datasets--{(spec.hf or '').replace('/', '--')}" / "refs" / wanted
+    try:
+        return ref.read_text().strip()
+    except OSError:
+        return spec.revision or ""
 
 
 def spec_from_cli(value: str) -> SourceSpec:
@@ -357,15 +456,16 @@ def _raw_records(spec: SourceSpec) -> Iterator[Any]:
 PROBE_ROWS = 50
 
 
-def read_source(spec: SourceSpec) -> Iterator[SourceItem]:
-    """Stream one source as Conversations and SourceRejects, in file order.
+def read_source(spec: SourceSpec, identity: SourceIdentity | None = None) -> Iterator[SourceItem]:
+    """Stream one source as Conversations and SourceRejects, in file order; their ``ref`` carries
+    the source's identity (computed here unless given).
 
     Raises SourceError when none of the first ``PROBE_ROWS`` rows can be used (wrong mapping,
     wrong encoding, not a chat corpus), naming what was found.
     """
     usable = False
     probe: list[SourceItem] = []
-    for item in _read_source(spec):
+    for item in _read_source(spec, identity or source_identity(spec)):
         if usable:
             yield item
             continue
@@ -384,7 +484,7 @@ def read_source(spec: SourceSpec) -> Iterator[SourceItem]:
             return
         first = probe[0]
         raise SourceError(
-            f"source {spec.name!r}: none of the first {len(probe)} rows is usable "
+            f"source {spec.location!r}: none of the first {len(probe)} rows is usable "
             f"({', '.join(f'{r} {n}' for r, n in reasons.most_common())}); first row: {first.detail}"
             f"{_found_keys(spec)}"
         )
@@ -402,9 +502,8 @@ def _found_keys(spec: SourceSpec) -> str:
     return ""
 
 
-def _read_source(spec: SourceSpec) -> Iterator[SourceItem]:
-    dataset = spec.name
-    revision = spec.revision or ""
+def _read_source(spec: SourceSpec, identity: SourceIdentity) -> Iterator[SourceItem]:
+    dataset, revision = identity.dataset, identity.revision
     for index, record in enumerate(_raw_records(spec)):
         if spec.limit is not None and index >= spec.limit:
             return
@@ -429,8 +528,8 @@ def _read_source(spec: SourceSpec) -> Iterator[SourceItem]:
 def read_sources(specs: list[SourceSpec], limit: int | None = None) -> Iterator[SourceItem]:
     """All sources in recipe order, stopping after ``limit`` rows in total."""
     count = 0
-    for spec in specs:
-        for item in read_source(spec):
+    for spec, identity in zip(specs, source_identities(specs), strict=True):
+        for item in read_source(spec, identity):
             if limit is not None and count >= limit:
                 return
             count += 1

@@ -60,6 +60,14 @@ def bound_word_cache(tokenizer: Any, words: int = WORD_CACHE) -> None:
         model._resize_cache(words)
 
 
+def public_ref(ref: str) -> str:
+    """A tokenizer reference as a published folder gives it: a local folder by its name only
+    (``local:NAME``), builtin names and Hub ids as they are."""
+    if ref.startswith("builtin:") or not Path(ref).exists():
+        return ref
+    return f"local:{Path(ref).name}"
+
+
 def short_name(ref: str) -> str:
     """Name recorded in the ``backtrack`` column: the builtin name, folder name or Hub id."""
     if ref.startswith("builtin:"):

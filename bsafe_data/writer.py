@@ -22,7 +22,9 @@ from bsafe_data import __version__
 from bsafe_data.integrity import file_entries
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import SCHEMA_VERSION, rejected_features
+from bsafe_data.sources import published_sources
 from bsafe_data.stages.sample import fifths_histogram
+from bsafe_data.tokenization import public_ref
 
 if TYPE_CHECKING:
     from bsafe_data.stats import EntryScores, ScoreSummary
@@ -217,6 +219,7 @@ def write_dataset_folder(
     from bsafe_data.stats import summarised, write_score_plots
 
     method = method_class(recipe)  # its `features` are the shards' columns
+    recipe = recipe.model_copy(update={"sources": published_sources(recipe.sources)})
     counts: dict[str, dict[str, int]] = {"default": {}, "rejected": {}}
     files: dict[str, dict[str, list[str]]] = {"default": {}, "rejected": {}}
     shards = _ShardJobs(rows)
@@ -254,9 +257,11 @@ def write_dataset_folder(
             "seed": recipe.seed,
             "generator": {"provider": recipe.generator.provider, "model": recipe.generator.model},
             "tokenizers": {
-                "primary": recipe.tokenizers.primary,
-                "all": recipe.tokenizers.all,
-                "hub_ids": {ref: upstream_tokenizer(ref) for ref in recipe.tokenizers.all},
+                "primary": public_ref(recipe.tokenizers.primary),
+                "all": [public_ref(ref) for ref in recipe.tokenizers.all],
+                "hub_ids": {
+                    public_ref(ref): public_ref(upstream_tokenizer(ref)) for ref in recipe.tokenizers.all
+                },
             },
             **method.manifest_fields(recipe),
             "control_tokens": method.control_vocabulary(recipe, max_x),

@@ -43,3 +43,19 @@ def tokenizers():
     from transformers import AutoTokenizer
 
     return {name: AutoTokenizer.from_pretrained(str(path)) for name, path in TOKENIZER_DIRS.items()}
+
+
+def content_label(path: Path) -> str:
+    """A local source's identity in rows (``source.dataset``) when it has no name: a digest of its
+    bytes, computed here independently of the product."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def source_row_key(row: dict) -> str:
+    """A row named by its source row's id (``g3/v0`` for the row ``3/v0`` of source row ``g3``):
+    row ids count source positions, tests name the rows they wrote."""
+    position = str(row["source"]["index"])
+    assert row["id"].split(":")[-1].startswith(position), row["id"]
+    return row["source"]["id"] + row["id"].split(":")[-1][len(position) :]

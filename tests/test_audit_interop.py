@@ -32,9 +32,9 @@ def dataset(workdir) -> Path:
     return build_dataset(workdir)
 
 
-def _sample(workdir: Path, dataset: Path, name: str) -> Path:
+def _sample(workdir: Path, dataset: Path, name: str, n: int = 24) -> Path:
     db = workdir / f"{name}.sqlite"
-    run_cli(workdir, "audit", "sample", str(dataset), "--db", str(db), "--n", "24", "--overlap", "0.4",
+    run_cli(workdir, "audit", "sample", str(dataset), "--db", str(db), "--n", str(n), "--overlap", "0.4",
             "--seed", "5")  # fmt: skip
     return db
 
@@ -163,9 +163,10 @@ def test_label_studio_projects_carry_the_overlap(workdir, dataset):
 def test_imports_check_every_record_and_say_what_each_became(workdir, dataset):
     from bsafe_data.audit.store import AuditStore
 
-    db = _sample(workdir, dataset, "ls_checks")
+    db = _sample(workdir, dataset, "ls_checks", n=48)
     out = _export(workdir, dataset, db, "label-studio", "ls_checks_out")
     tasks = json.loads((out / "injected" / "tasks.json").read_text())
+    assert len(tasks) >= 9, len(tasks)  # the cases below take nine injected rows
     good = GOOD["injected"]
 
     def result(answers: dict, **extra: object) -> list[dict]:

@@ -20,7 +20,7 @@ from bsafe_data.pipeline import build
 from bsafe_data.registry import load_recipe
 from bsafe_data.stages.sample import fifths_histogram
 from bsafe_data.stats import write_score_plots
-from tests.conftest import REPO
+from tests.conftest import REPO, source_row_key
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
 FLAGSHIP = REPO / "recipes" / "bsafe_plus.yaml"
@@ -250,11 +250,11 @@ def test_broken_corpus_rows_are_rejected_with_reasons(tmp_path):
         str(corpus),
         "--set",
         "sampling.variants_per_answer=1",
-        "--allow-empty",  # the one good row's fate depends on its seed (the corpus path): not the point here
+        "--allow-empty",  # the one good row's fate depends on its seed: not the point here
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    rejected = {r["id"]: r["reasons"] for r in load_dataset(str(out), "rejected")["train"]}
+    rejected = {source_row_key(r): r["reasons"] for r in load_dataset(str(out), "rejected")["train"]}
     assert rejected["nofield"] == ["missing_field"]
     assert rejected["wrongtype"] == ["wrong_type"]
     assert rejected["empty"] == ["empty_response"]

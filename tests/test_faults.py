@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from openai_server import ServerProcess  # noqa: E402
 
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, source_row_key  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
 FLAGSHIP = str(REPO / "recipes" / "bsafe_plus.yaml")
@@ -67,7 +67,8 @@ def funnel(folder: Path) -> dict:
 
 
 def rejected(folder: Path) -> dict[str, tuple[list[str], str]]:
-    return {r["id"]: (r["reasons"], r["detail"]) for r in load_dataset(str(folder), "rejected")["train"]}
+    rows = load_dataset(str(folder), "rejected")["train"]
+    return {source_row_key(r): (r["reasons"], r["detail"]) for r in rows}
 
 
 # -- 1. per-row isolation ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from openai_server import ServerProcess  # noqa: E402
 
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, source_row_key  # noqa: E402
 from tests.test_executors import parquet  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
@@ -116,12 +116,13 @@ def test_faults_are_survived_and_the_funnel_adds_up(server, tmp_path):
     assert m["complete"] is False and m["transient_rows"] == 1
     funnel = m["funnel"]
     assert funnel["rows"] == 24 == funnel["kept"] + funnel["rejected"]
-    reasons = {r["id"]: r["reasons"][0] for r in load_dataset(str(tmp_path / "out"), "rejected")["train"]}
+    rejected = load_dataset(str(tmp_path / "out"), "rejected")["train"]
+    reasons = {source_row_key(r): r["reasons"][0] for r in rejected}
     assert reasons.get("t5/v0") == "generator_refused"
     assert reasons.get("t7/v0") == "generator_error"
     assert reasons.get("t10/v0") == "generator_error"
     assert reasons.get("t8/v0") == "generator_unparseable"
-    kept = {r["id"] for split in load_dataset(str(tmp_path / "out")).values() for r in split}
+    kept = {source_row_key(r) for split in load_dataset(str(tmp_path / "out")).values() for r in split}
     for transient in ("t1/v0", "t2/v0", "t3/v0", "t4/v0", "t6/v0", "t9/v0"):
         assert transient in kept or reasons.get(transient) in {"violation_not_flagged", "context_flagged"}
     assert m["usage"]["retries"] >= 6

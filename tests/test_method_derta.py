@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from bsafe_data import end_of_turn
 from bsafe_data.methods.derta import export_derta, prefix_labels, rto_labels
 from bsafe_data.registry import load_recipe
-from tests.conftest import REPO, TOKENIZER_DIRS
+from tests.conftest import REPO, TOKENIZER_DIRS, content_label
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
 RECIPE = REPO / "recipes" / "derta.yaml"
@@ -325,5 +325,5 @@ def test_offline_a_missing_refusal_is_missing_companion_and_nothing_is_sent(serv
     assert gen.stats()["chat"] == 0 and guard.requests() == 0
     kept, rejected = parquet_rows(tmp_path / "a")
     assert all(r["kind"] == "helpful" for r in kept)
-    harmful = [r for r in rejected if r["source"]["dataset"] == str(corpus)]
+    harmful = [r for r in rejected if r["source"]["dataset"] == content_label(corpus)]
     assert len(harmful) == 4 and all(r["reasons"] == ["missing_companion"] for r in harmful)

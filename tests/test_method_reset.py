@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from bsafe_data import add_control_tokens, end_of_turn, tokenize
 from bsafe_data.label import chat_frame
-from tests.conftest import REPO, TOKENIZER_DIRS
+from tests.conftest import REPO, TOKENIZER_DIRS, content_label
 
 CLI = str(Path(sys.executable).with_name("bsafe-data"))
 RECIPE = REPO / "recipes" / "reset.yaml"
@@ -317,5 +317,6 @@ def test_offline_a_missing_safe_answer_is_missing_companion_and_nothing_is_sent(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert gen.stats()["chat"] == 0 and guard.requests() == 0
     assert all(r["kind"] == "clean" for r in parquet_rows(tmp_path / "a"))
-    harmful = [r for r in parquet_rows(tmp_path / "a", "rejected") if r["source"]["dataset"] == str(corpus)]
+    rejected = parquet_rows(tmp_path / "a", "rejected")
+    harmful = [r for r in rejected if r["source"]["dataset"] == content_label(corpus)]
     assert len(harmful) == 4 and all(r["reasons"] == ["missing_companion"] for r in harmful)

@@ -104,7 +104,7 @@ def test_an_escape_on_some_rows_only_is_stopped_by_the_sandbox_at_build_time(tmp
     template = f"{{% if 'fern' in response %}}{trap}{{% endif %}}Unsafe? {{{{ response }}}}"
     rows = [{"id": f"r{i}", "prompt": "How do I care for it?", "response": GOOD} for i in range(3)]
     cactus = GOOD.replace("fern", "cactus")
-    rows += [{"id": f"s{i}-{{{{ 7 * 7 }}}}", "prompt": "Cactus?", "response": cactus} for i in range(3)]
+    rows += [{"id": f"s{i}", "prompt": "Cactus {{ 7 * 7 }}?", "response": cactus} for i in range(3)]
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with GuardServer() as server:
@@ -125,7 +125,7 @@ def test_an_escape_on_some_rows_only_is_stopped_by_the_sandbox_at_build_time(tmp
     kept = {r["source"]["id"] for split in load_dataset(str(out)).values() for r in split}
     assert kept and all(i.startswith("s") for i in kept)
     card = (out / "README.md").read_text()
-    assert "-{{ 7 * 7 }}/v" in card and "-49/v" not in card
+    assert "Cactus {{ 7 * 7 }}?" in card and "Cactus 49?" not in card
 
 
 def test_format_strings_parse_render_and_compile():

@@ -4,6 +4,7 @@ with stable reason codes and never stop the run; Hugging Face datasets stream th
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -139,17 +140,18 @@ def test_every_format_and_shape(tmp_path, fmt, shape):
     items = list(read_source(SourceSpec(path=str(path))))
     assert all(isinstance(i, Conversation) for i in items), items
     assert as_tuples(items) == expected
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # the identity: content, never the path
     for index, item in enumerate(items):
-        assert item.ref.dataset == str(path)
+        assert item.ref.dataset == f"sha256:{digest[:16]}"
         assert item.ref.split == "train"
         assert item.ref.index == index
-        assert item.ref.revision == ""
+        assert item.ref.revision == f"sha256:{digest}"
         assert item.ref.as_dict() == {
-            "dataset": str(path),
+            "dataset": f"sha256:{digest[:16]}",
             "split": "train",
             "index": index,
             "id": item.ref.id,
-            "revision": "",
+            "revision": f"sha256:{digest}",
         }
 
 
@@ -439,7 +441,8 @@ def test_read_sources_in_order_with_a_total_limit(tmp_path):
     specs = [SourceSpec(path=str(a), limit=2), SourceSpec(path=str(b))]
     assert [i.ref.id for i in read_sources(specs)] == ["a0", "a1", "b0", "b1", "b2"]
     assert [i.ref.id for i in read_sources(specs, limit=3)] == ["a0", "a1", "b0"]
-    assert [i.ref.dataset for i in read_sources(specs, limit=3)] == [str(a), str(a), str(b)]
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in (a, a, b)]
+    assert [i.ref.dataset for i in read_sources(specs, limit=3)] == [f"sha256:{d}" for d in digests]
 
 
 # -- Hugging Face datasets (a local folder, read through `datasets.load_dataset`) --------------------
@@ -511,3 +514,82 @@ def test_spec_from_cli(tmp_path):
     for value in ("missing.jsonl", "./missing/file.jsonl", str(tmp_path / "missing.jsonl")):
         with pytest.raises(SourceError, match="no such file"):
             spec_from_cli(value)
+
+
+# -- identity: content, not place ---------------------------------------------------------------
+def _cli_build(recipe: Path, out: Path, source: Path, *extra: str, name: str | None = None) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).with_name("bsafe-data"))
+    spec = json.dumps({"path": str(source), **({"name": name} if name else {})})
+    proc = subprocess.run(
+        [cli, "build", str(recipe), "--out", str(out), "--set", f"sources=[{spec}]",
+         "--set", "tokenizers.extra=[]", "--set", "output.chunk_rows=7", *extra],
+        capture_output=True, text=True, env=os.environ, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _parquet(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.parquet"))}
+
+
+def test_the_same_corpus_at_two_paths_builds_the_same_bytes(tmp_path):
+    """A source is its content: the same file at two paths (other names, other folders) gives
+    byte-identical parquet, and neither path reaches the rows, the manifest or the card."""
+    from tests.conftest import REPO
+
+    flagship = REPO / "recipes" / "bsafe_plus.yaml"
+    lines = (REPO / "bsafe_data" / "data" / "corpus" / "everyday_chat.jsonl").read_text().splitlines()[:20]
+    here = tmp_path / "alice" / "corpus.jsonl"
+    there = tmp_path / "elsewhere" / "deeper" / "copy-of-it.jsonl"
+    for path in (here, there):
+        path.parent.mkdir(parents=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _cli_build(flagship, tmp_path / "a", here)
+    _cli_build(flagship, tmp_path / "b", there)
+    first, second = _parquet(tmp_path / "a"), _parquet(tmp_path / "b")
+    assert first and first == second
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        for name in ("manifest.json", "README.md"):
+            text = (folder / name).read_text()
+            assert str(tmp_path) not in text and "alice" not in text and "elsewhere" not in text, name
+        for rows in _parquet(folder).values():
+            assert str(tmp_path).encode() not in rows
+    rows = pq.read_table(tmp_path / "a" / "data" / "train-00000-of-00001.parquet").to_pylist()
+    assert {r["source"]["dataset"] for r in rows} == {
+        "sha256:" + __import__("hashlib").sha256(here.read_bytes()).hexdigest()[:16]
+    }
+    named = tmp_path / "named"
+    _cli_build(flagship, named, here, name="chat-sample")
+    rows = pq.read_table(named / "data" / "train-00000-of-00001.parquet").to_pylist()
+    assert {r["source"]["dataset"] for r in rows} == {"chat-sample"}
+    assert "name: chat-sample" in (named / "recipe.yaml").read_text()
+
+
+def test_rows_sharing_one_id_get_unique_row_ids(tmp_path):
+    """Every source row carries the same id: row ids stay unique and each row has its own seed
+    (its own injection point), because ids and seeds come from the row's position."""
+    from tests.conftest import REPO
+
+    flagship = REPO / "recipes" / "bsafe_plus.yaml"
+    lines = (REPO / "bsafe_data" / "data" / "corpus" / "everyday_chat.jsonl").read_text().splitlines()[:15]
+    rows = [{**json.loads(line), "id": "same"} for line in lines]
+    corpus = write_jsonl(tmp_path / "same.jsonl", rows)
+    out = tmp_path / "out"
+    _cli_build(
+        flagship, out, corpus, "--set", "sampling.variants_per_answer=2", "--set", "filters.enabled=false"
+    )
+    built = [
+        r
+        for p in sorted(out.rglob("*.parquet"))
+        if "preference" not in p.parts
+        for r in pq.read_table(p).to_pylist()
+    ]
+    ids = [r["id"] for r in built]
+    assert len(ids) == 30 and len(set(ids)) == 30
+    assert {r["source"]["id"] for r in built} == {"same"}
+    offsets = {r["injection"]["offset"] for r in built if r["injection"]}
+    assert len(offsets) > 5  # not one seed for all

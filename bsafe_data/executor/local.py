@@ -36,7 +36,7 @@ from bsafe_data.executor.flow import Flow
 from bsafe_data.methods.base import ChunkOutput, Method
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import ROW_FEATURES, rejected_features
-from bsafe_data.sources import SourceItem
+from bsafe_data.sources import SourceItem, source_identities
 from bsafe_data.stages.dedupe import find_duplicates
 from bsafe_data.stages.stats import ChunkStats
 
@@ -315,11 +315,8 @@ def run_chunk(method: Method, work: Path, index: int, chunk: list[SourceItem]) -
 
 
 def source_ranks(recipe: Recipe) -> dict[str, int]:
-    """Each source's place in the recipe (rows sort by (rank, index) within a run)."""
-    ranks: dict[str, int] = {}
-    for spec in recipe.sources:
-        ranks.setdefault(spec.name, len(ranks))
-    return ranks
+    """Each source's place in the recipe, by its identity (rows sort by (rank, index) within a run)."""
+    return {identity.dataset: rank for rank, identity in enumerate(source_identities(recipe.sources))}
 
 
 def dedupe_chunks(

@@ -22,6 +22,7 @@ from bsafe_data.errors import BuildError
 from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, ReadFn
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe
+from bsafe_data.sources import SourceError
 
 
 def summed_usage(per_worker: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -44,7 +45,7 @@ def _work(rank: int, executor: LocalExecutor, read: ReadFn, load: LoadFn, events
     try:
         run = executor.run(read, load, progress=lambda tick: events.put(("tick", rank, tick)))
         events.put(("done", rank, run))
-    except (BuildError, FatalEndpointError) as exc:
+    except (BuildError, FatalEndpointError, SourceError) as exc:
         events.put(("failed", rank, str(exc)))
     except BaseException:  # a bug: its traceback, for the report
         events.put(("crashed", rank, traceback.format_exc()))

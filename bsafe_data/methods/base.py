@@ -44,7 +44,7 @@ from bsafe_data.llm.engine import Engine
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe
 from bsafe_data.rows import ROW_FEATURES
-from bsafe_data.sources import Conversation, SourceItem, SourceReject
+from bsafe_data.sources import Conversation, SourceItem, SourceRef, SourceReject
 from bsafe_data.stages import adjust, count, hygiene
 from bsafe_data.stages import rules as rules_stage
 from bsafe_data.stages.classify import classify_steps, span_items
@@ -184,21 +184,26 @@ class Method(ABC):
 
     # -- identities ------------------------------------------------------------------------------
     def source_key(self, item: SourceItem) -> str:
-        """The id of a source row (prefixed with its dataset when the recipe has several sources)."""
+        """A source row's key: its position in its source (prefixed with the source's identity when
+        the recipe has several), whatever id the row carries, so keys are unique."""
         ref = item.ref
-        return f"{ref.dataset}:{ref.id}" if self.multi_source else ref.id
+        return f"{ref.dataset}:{ref.index}" if self.multi_source else str(ref.index)
 
-    def split_of(self, dataset: str, source_id: str) -> str:
+    def split_of(self, ref: SourceRef) -> str:
         """train/test by source row, so no answer appears in both splits."""
-        return split_of(self.recipe.seed, self.recipe.split.test_fraction, dataset, source_id)
+        return split_of(
+            self.recipe.seed, self.recipe.split.test_fraction, ref.dataset, ref.revision, ref.index
+        )
 
     def record_seed(self, conv: Conversation, variant: int) -> int:
-        """The seed of one row: from (recipe seed, source row, variant), independent of order."""
-        return row_seed(self.recipe.seed, conv.ref.dataset, conv.ref.id, variant)
+        """The seed of one row: from (recipe seed, source identity, row position, variant),
+        independent of order, paths and the ids rows carry."""
+        ref = conv.ref
+        return row_seed(self.recipe.seed, ref.dataset, ref.revision, ref.index, variant)
 
     def new_record(self, conv: Conversation, kind: str, spans: list[tuple[int, int]] | None = None) -> Record:
         """The one record of a conversation (id: the source key; seed: variant 0)."""
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        split = self.split_of(conv.ref)
         return Record(conv, self.source_key(conv), split, self.record_seed(conv, 0), kind, spans or [])
 
     # -- plan ------------------------------------------------------------------------------------

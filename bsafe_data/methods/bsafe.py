@@ -167,7 +167,7 @@ class BsafeMethod(Method):
 
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
         """One record per unsafe answer."""
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        split = self.split_of(conv.ref)
         return [RepairRecord(conv, self.source_key(conv), split, self.record_seed(conv, 0), KIND, spans)]
 
     def steps(self) -> list[Step]:

@@ -83,7 +83,7 @@ class BsafePlusMethod(Method):
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
         """``variants_per_answer`` records: clean, or an injection point and a category."""
         sampling = self.recipe.sampling
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        split = self.split_of(conv.ref)
         key = self.source_key(conv)
         records = []
         for variant in range(sampling.variants_per_answer):

@@ -1,7 +1,7 @@
 """What DeRTa and Reset share: a harmful source whose rows need a companion text (a refusal, a safe
 answer), read from a column of the source or written by the generator.
 
-``CompanionMethod`` is their base: the companion texts by source row (``companion_texts``), the
+``CompanionMethod`` is their base: the companion texts by row position (``companion_texts``), the
 writer (the generator's endpoint; offline a harmful row without its text is ``missing_companion``),
 the step that writes the missing ones (one request per harmful conversation: its records share it,
 and the engine sends it once) and hands each record the checked text (``with_companion``, the
@@ -24,7 +24,7 @@ from bsafe_data.classify.base import Item
 from bsafe_data.generate.text import TextPrompt, TextWriter, Written, render_conversation
 from bsafe_data.methods.base import Method
 from bsafe_data.recipe import LimitsSpec, Recipe, SourceSpec, Strict
-from bsafe_data.sources import Conversation, read_source
+from bsafe_data.sources import Conversation, read_source, source_identity
 from bsafe_data.stages import hygiene
 from bsafe_data.stages.record import Record
 from bsafe_data.stages.step import Step, Task
@@ -45,11 +45,16 @@ class CompanionRecipe(Recipe):
 
     @model_validator(mode="after")
     def _harmful_source_known(self) -> CompanionRecipe:
-        names = [s.name for s in self.sources]
         wanted = getattr(self, self.companion_section).harmful_source
-        if wanted not in names:
+        if not any(s.matches(wanted) for s in self.sources):
+            names = [s.name or s.location for s in self.sources]
             raise ValueError(f"{self.companion_section}.harmful_source {wanted!r} is not a source ({names})")
         return self
+
+    def harmful_spec(self) -> SourceSpec:
+        """The source ``harmful_source`` names (by its name or its location)."""
+        wanted = getattr(self, self.companion_section).harmful_source
+        return next(s for s in self.sources if s.matches(wanted))
 
 
 @dataclass
@@ -61,15 +66,16 @@ class CompanionRecord(Record):
     needs_companion: bool = False
 
 
-def companion_texts(sources: Sequence[SourceSpec], source_name: str, column: str) -> dict[str, str]:
-    """Column ``column`` of source ``source_name`` by source row id (the same ids the build uses).
+def companion_texts(spec: SourceSpec, column: str) -> dict[int, str]:
+    """Column ``column`` of a source by row position (the positions the build reads).
 
     Read with the source's own spec (file, hf, mapping, limit) with ``response`` mapped to
     ``column``; rows without it are absent. Held in memory: meant for harmful sets (thousands of rows).
     """
-    spec = next(s for s in sources if s.name == source_name)
     companion = spec.model_copy(update={"mapping": spec.mapping.model_copy(update={"response": column})})
-    return {item.ref.id: item.response for item in read_source(companion) if isinstance(item, Conversation)}
+    return {
+        item.ref.index: item.response for item in read_source(companion) if isinstance(item, Conversation)
+    }
 
 
 def checked_text(
@@ -159,20 +165,21 @@ class CompanionMethod(Method):
     companion_column: ClassVar[str]
     recipe: CompanionRecipe
 
-    def harmful_source(self) -> tuple[str, str]:
-        """(name of the harmful source, its column with the companion text)."""
-        section = getattr(self.recipe, self.recipe.companion_section)
-        return section.harmful_source, getattr(section, self.companion_column)
-
     @abstractmethod
     def with_companion(self, record: CompanionRecord, text: str, written: Written | None = None) -> None:
         """Finish a harmful record once its companion text is known (``written``: the generator's
         answer, whose error, if any, rejects the record)."""
 
     @cached_property
-    def companions(self) -> dict[str, str]:
-        """The companion text by harmful source row id."""
-        return companion_texts(self.recipe.sources, *self.harmful_source())
+    def companions(self) -> dict[int, str]:
+        """The companion text by harmful source row position."""
+        section = getattr(self.recipe, self.recipe.companion_section)
+        return companion_texts(self.recipe.harmful_spec(), getattr(section, self.companion_column))
+
+    @cached_property
+    def harmful_dataset(self) -> str:
+        """The harmful source's identity in rows (``source.dataset``)."""
+        return source_identity(self.recipe.harmful_spec()).dataset
 
     @cached_property
     def writer(self) -> TextWriter | None:
@@ -181,17 +188,21 @@ class CompanionMethod(Method):
 
     def is_harmful(self, conv: Conversation) -> bool:
         """Whether the conversation comes from the harmful source."""
-        return conv.ref.dataset == self.harmful_source()[0]
+        return conv.ref.dataset == self.harmful_dataset
 
     def source_reason(self, conv: Conversation, spans: list[tuple[int, int]]) -> str | None:
         """``missing_companion`` for harmful rows without their text (offline only)."""
-        if self.is_harmful(conv) and not self.companions.get(conv.ref.id, "").strip() and self.writer is None:
+        if (
+            self.is_harmful(conv)
+            and not self.companions.get(conv.ref.index, "").strip()
+            and self.writer is None
+        ):
             return "missing_companion"
         return None
 
     def start_harmful(self, record: CompanionRecord) -> None:
         """Finish the record with the source's companion text, or mark it for the writer."""
-        text = self.companions.get(record.conv.ref.id, "")
+        text = self.companions.get(record.conv.ref.index, "")
         if text.strip():
             self.with_companion(record, text)
         else:

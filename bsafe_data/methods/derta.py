@@ -179,7 +179,7 @@ class DertaMethod(CompanionMethod):
         if not self.is_harmful(conv):
             return [self.new_record(conv, "helpful", spans)]
         key = self.source_key(conv)
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        split = self.split_of(conv.ref)
         spec = self.recipe.derta
         names = [(f"{key}/v{v}", "harmful_prefix") for v in range(spec.prefix_variants)]
         names += [(f"{key}/rto", "refusal_token")] if spec.rto else []

@@ -121,7 +121,7 @@ class ResetMethod(CompanionMethod):
         is known), or a clean answer."""
         if not self.is_harmful(conv):
             return [self.new_record(conv, "clean", spans)]
-        split = self.split_of(conv.ref.dataset, conv.ref.id)
+        split = self.split_of(conv.ref)
         seed = self.record_seed(conv, 0)
         record = ResetRecord(conv, self.source_key(conv), split, seed, "injected", harmful=conv.response)
         self.start_harmful(record)

@@ -39,7 +39,7 @@ from bsafe_data.methods.bsafe_plus import sample_injection
 from bsafe_data.recipe import ControlSpec, Recipe, SamplingSpec, Strict
 from bsafe_data.rl.spec import RewardSpec
 from bsafe_data.rows import ATTACKS, PROMPT_FEATURES
-from bsafe_data.sources import Conversation, SourceRef
+from bsafe_data.sources import Conversation, SourceRef, file_identity
 from bsafe_data.stages.record import Injection, Record
 from bsafe_data.stages.rows import injection_column
 from bsafe_data.stages.sample import weighted_choice
@@ -257,7 +257,13 @@ class RlbfPromptsMethod(Method):
     def __init__(self, recipe: Recipe, resources: Resources):
         super().__init__(recipe, resources)
         self.pool = load_harmful(self.recipe.prompts.harmful)
-        self.pool_name = self.recipe.prompts.harmful
+        #: the pool's identity in rows: a bundled pool by name, another by content (never a path)
+        pool = file_identity(str(resolve_harmful(self.recipe.prompts.harmful)))
+        builtin = self.recipe.prompts.harmful.startswith("builtin:")
+        self.pool_name, self.pool_revision = (
+            (self.recipe.prompts.harmful if builtin else pool.dataset),
+            pool.revision,
+        )
 
     # -- plan -----------------------------------------------------------------------------------
     def plan(self, conv: Conversation, spans: list[tuple[int, int]]) -> list[Record]:
@@ -270,7 +276,7 @@ class RlbfPromptsMethod(Method):
             seed = self.record_seed(conv, variant)
             rng = random.Random(seed)
             row_id = f"{key}/v{variant}"
-            split = self.split_of(conv.ref.dataset, conv.ref.id)
+            split = self.split_of(conv.ref)
             if is_benign(conv.ref.index * spec.variants_per_prompt + variant, spec.benign_fraction):
                 attack = weighted_choice(rng, spec.benign_attacks)
                 record = PromptRecord(conv, row_id, split, seed, "clean", spans)
@@ -285,11 +291,11 @@ class RlbfPromptsMethod(Method):
                 continue
             harmful = self.pool[rng.randrange(len(self.pool))]
             hconv = Conversation(
-                SourceRef(self.pool_name, "train", harmful.index, harmful.id, ""),
+                SourceRef(self.pool_name, "train", harmful.index, harmful.id, self.pool_revision),
                 (("user", harmful.prompt),),
                 harmful.refusal,
             )
-            record = PromptRecord(hconv, row_id, self.split_of(self.pool_name, harmful.id), seed, "clean")
+            record = PromptRecord(hconv, row_id, self.split_of(hconv.ref), seed, "clean")
             if attack == "middle_fill":  # the harmful prefix is the whole prefill: X = all its tokens
                 record.kind = "injected"
                 record.injection = Injection(0, 0, harmful.category, 0.0, "", harmful.prefix)

@@ -44,14 +44,16 @@ def candidates(
 
 
 def row_seed(*parts: object) -> int:
-    """A 63-bit seed from (recipe seed, source row id, ...): independent of order and sharding."""
+    """A 63-bit seed from (recipe seed, source identity, row position, ...): independent of order,
+    sharding, paths and the ids rows carry."""
     digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF_FFFF_FFFF  # fits int64 columns
 
 
-def split_of(seed: int, test_fraction: float, dataset: str, source_id: str) -> str:
-    """train/test for a source row, from (recipe seed, source row): no answer is in both splits."""
-    draw = random.Random(row_seed(seed, "split", dataset, source_id)).random()
+def split_of(seed: int, test_fraction: float, dataset: str, revision: str, index: int) -> str:
+    """train/test for a source row, from (recipe seed, source identity, row position): no answer is
+    in both splits."""
+    draw = random.Random(row_seed(seed, "split", dataset, revision, index)).random()
     return "test" if draw < test_fraction else "train"
 
 
