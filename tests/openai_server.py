@@ -304,6 +304,7 @@ class BatchAPI:
             "batch_lines": self.lines,
             "batch_sizes": [len(ids) for ids in self.line_ids],
             "batch_ids": self.line_ids,
+            "expired": sorted(self.expired),
         }
 
     def handle(

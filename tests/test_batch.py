@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,8 +45,8 @@ def server():
 def write_corpus(path: Path, n: int) -> Path:
     with path.open("w") as handle:
         for i in range(n):
-            row = {"id": f"t{i}", "prompt": f"How should I plan a weekend trip, part {i}?", "response": ANSWER}
-            handle.write(json.dumps(row) + "\n")
+            prompt = f"How should I plan a weekend trip, part {i}?"
+            handle.write(json.dumps({"id": f"t{i}", "prompt": prompt, "response": ANSWER}) + "\n")
     return path
 
 
@@ -59,7 +60,9 @@ def args(server: ServerProcess, corpus: Path, out: Path, cache: Path, *extra: st
     ]  # fmt: skip
 
 
-def build(server: ServerProcess, corpus: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+def build(
+    server: ServerProcess, corpus: Path, out: Path, cache: Path, *extra: str
+) -> subprocess.CompletedProcess:  # noqa: E501
     env = {**os.environ, "BSAFE_BATCH_KEY": KEY}
     proc = subprocess.run(args(server, corpus, out, cache, *extra), env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
@@ -107,6 +110,17 @@ def online(server, tmp_path_factory):
     return corpus, tmp / "online", sent
 
 
+@pytest.fixture(scope="module")
+def small(server, tmp_path_factory):
+    """An online build of a 300-row corpus for the fault tests: (corpus, folder)."""
+    tmp = tmp_path_factory.mktemp("small")
+    corpus = write_corpus(tmp / "c.jsonl", 300)
+    server.reset()
+    done = build(server, corpus, tmp / "online", tmp / "cache")
+    assert done.returncode == 0, done.stderr
+    return corpus, tmp / "online"
+
+
 def test_a_batch_build_sends_no_chat_request_and_writes_the_online_bytes(server, online, tmp_path):
     corpus, reference, online_requests = online
     server.reset()
@@ -135,3 +149,151 @@ def test_the_per_file_limit_splits_a_round_into_files(server, online, tmp_path):
     assert stats["uploads"] == stats["batches"] == -(-online_requests // 1000)
     assert all(size <= 1000 for size in stats["batch_sizes"]) and sum(stats["batch_sizes"]) == online_requests
     assert parquet(tmp_path / "out") == parquet(reference)
+
+
+def test_sigkill_while_polling_then_a_rerun_reattaches_and_submits_nothing_again(server, small, tmp_path):
+    corpus, reference = small
+    server.reset(batch_delay_s=4.0)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "BSAFE_BATCH_KEY": KEY}
+    proc = subprocess.Popen(args(server, corpus, out, cache, *BATCH), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and server.stats()["batches"] < 1:
+        time.sleep(0.05)
+    time.sleep(0.5)  # polling: the batch is in progress
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stats = server.stats()
+    assert stats["batches"] == stats["uploads"] == 1 and stats["batch_lines"] == 0
+    states = [json.loads(p.read_text()) for p in batch_files(out)]
+    assert [s["batch_id"] for s in states] == ["batch-1"] and not states[0]["done"]
+    assert KEY not in json.dumps(states) and states[0]["api_key_env"] == "BSAFE_BATCH_KEY"
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    stats = server.stats()
+    assert stats["batches"] == stats["uploads"] == 1 and stats["chat"] == 0  # re-attached: nothing new
+    assert parquet(out) == parquet(reference)
+
+
+def test_expired_lines_leave_an_incomplete_build_and_the_rerun_submits_exactly_those(server, small, tmp_path):
+    corpus, reference = small
+    server.reset(batch_expire_percent=5)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    first = build(server, corpus, out, cache, *BATCH)
+    assert first.returncode == 3, first.stderr
+    expired = set(server.stats()["expired"])
+    assert expired and f"incomplete: {len(expired)} row(s)" in first.stderr
+    built = manifest(out)
+    assert built["complete"] is False and built["transient_rows"] == len(expired)
+    rows = [r for path in (out / "rejected").glob("*.parquet") for r in pq.read_table(path).to_pylist()]
+    failed = [r for r in rows if r["reasons"] == ["generator_error"]]
+    assert len(failed) == len(expired) and all("batch_expired" in r["detail"] for r in failed)
+    funnel(out)
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    stats = server.stats()
+    assert stats["batches"] == 2 and set(stats["batch_ids"][1]) == expired  # exactly those, once
+    assert stats["chat"] == 0
+    assert parquet(out) == parquet(reference)
+
+
+def test_a_failed_batch_stops_the_build_and_a_rerun_finishes_it(server, small, tmp_path):
+    corpus, reference = small
+    server.reset(batch_fail=True)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    failed = build(server, corpus, out, cache, *BATCH)
+    assert failed.returncode == 1, failed.stderr
+    message = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert len(message) <= 4 and "batch failed" in failed.stderr and "generator endpoint" in failed.stderr
+    assert not (out / "manifest.json").exists()
+    server.reset()
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    assert server.stats()["batches"] == 1 and server.stats()["chat"] == 0  # the failed lines, again
+    funnel(out)
+    assert parquet(out) == parquet(reference)
+
+
+def test_a_refused_upload_stops_the_build_with_one_message(server, small, tmp_path):
+    corpus, reference = small
+    server.reset(upload_status=413)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    refused = build(server, corpus, out, cache, *BATCH)
+    assert refused.returncode == 1, refused.stderr
+    message = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert (
+        len(message) <= 4
+        and "HTTP 413" in refused.stderr
+        and "upload of a batch file refused" in refused.stderr
+    )
+    assert server.stats()["batches"] == 0 and not batch_files(out)  # nothing submitted, no state left
+    server.reset()
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    funnel(out)
+    assert parquet(out) == parquet(reference)
+
+
+def test_batches_list_and_cancel_stop_a_running_build_and_a_rerun_finishes_it(server, small, tmp_path):
+    corpus, reference = small
+    server.reset(batch_delay_s=60.0)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "BSAFE_BATCH_KEY": KEY}
+    proc = subprocess.Popen(args(server, corpus, out, cache, *BATCH), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        json.loads(p.read_text())["batch_id"] for p in batch_files(out)
+    ):
+        time.sleep(0.05)
+    listed = cli("batches", "list", str(out))
+    assert listed.returncode == 0 and "batch-1" in listed.stdout and "in_progress" in listed.stdout
+    cancelled = cli("batches", "cancel", str(out))
+    assert cancelled.returncode == 0 and "batch-1" in cancelled.stdout and "cancelling" in cancelled.stdout
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert "was cancelled" in stderr and "re-run" in stderr
+    server.configure(batch_delay_s=0.0)
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    stats = server.stats()
+    assert stats["batches"] == 2 and stats["chat"] == 0
+    assert set(stats["batch_ids"][1]) == set(stats["batch_ids"][0])  # none had been answered
+    funnel(out)
+    assert parquet(out) == parquet(reference)
+    assert "no batches" in cli("batches", "list", str(out)).stdout  # the finished build left none
+
+
+def test_export_then_import_through_an_offline_engine_gives_the_same_bytes(server, small, tmp_path):
+    corpus, reference = small
+    server.reset()
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    exported = build(server, corpus, out, cache, "--batch-export", str(requests))
+    assert exported.returncode == 4, exported.stderr
+    assert "requests written to" in exported.stderr and "--batch-import" in exported.stderr
+    lines = requests.read_bytes().splitlines()
+    assert lines and server.stats()["chat"] == 0 and server.stats()["uploads"] == 0
+    assert all(json.loads(line)["url"] == "/v1/chat/completions" for line in lines)
+    config = json.dumps({"model": "gen-model"})
+    subprocess.run([sys.executable, SERVER, "--config", config, "--run-batch", str(requests), str(answers)],
+                   check=True, timeout=120)  # fmt: skip
+    imported = build(server, corpus, out, cache, "--batch-import", str(answers))
+    assert imported.returncode == 0, imported.stderr
+    assert server.stats()["chat"] == 0
+    funnel(out)
+    assert parquet(out) == parquet(reference)
+
+
+def test_plan_prices_batch_beside_online():
+    prices = "generator.prices={input: 1000, output: 4000}"
+    planned = cli("plan", FLAGSHIP, "--limit", "20", "--set", prices, "--set", "generator.mode=batch")
+    assert planned.returncode == 0, planned.stderr
+    costs = {}
+    for line in planned.stdout.splitlines():
+        if "estimated cost" in line:
+            costs["batch" if "batch" in line else "online"] = float(
+                line.split("$")[-1].split()[0].replace(",", "")
+            )
+    assert costs["online"] > 1 and costs["batch"] == pytest.approx(costs["online"] / 2, abs=0.01)
