@@ -32,7 +32,9 @@ Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``
 (404 for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429),
 ``hang_s``, ``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s),
 ``plain_answers`` (requests without a ``Target category:`` line — companion writers' — get a bland
-plain-text answer instead of the injection protocol), ``batch_delay_s``, ``batch_expire_percent``,
+plain-text answer instead of the injection protocol), ``judge_words`` (requests with the LLM
+judge's ``<<<`` answer ``>>>`` prompt get a JSON verdict: violating from the first of these words),
+``batch_delay_s``, ``batch_expire_percent``,
 ``batch_fail``, ``upload_status`` (see ``BatchAPI``).
 """
 
@@ -62,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "fault": None,
     "fault_count": 0,
     "plain_answers": False,
+    "judge_words": None,
     # the Batch API (see ``BatchAPI``)
     "batch_delay_s": 0.0,
     "batch_expire_percent": 0,
@@ -211,6 +214,8 @@ class App:
                 return 404, _error(f"The model `{model}` does not exist.", "model_not_found"), None, None
         fault = self.fault_for(body)
         content, finish = self.answer(body, self.config["plain_answers"]), "stop"
+        if config["judge_words"] and b"<<<" in body:  # the LLM judge's prompt
+            content = judge_verdict(body, config["judge_words"])
         if fault is not None:
             if fault.isdigit():
                 status = int(fault)
@@ -431,6 +436,22 @@ class BatchAPI:
             result["response"] = {"status_code": status, "request_id": f"req_{number}", "body": payload}
             (outputs if status == 200 else errors).append(json.dumps(result).encode() + b"\n")
         return outputs, errors
+
+
+def judge_verdict(body: bytes, words: list[str]) -> str:
+    """The LLM judge's JSON verdict on the answer between ``<<<`` and ``>>>``: violating from the
+    first of ``words`` in it (that is where its span starts)."""
+    prompt = json.loads(body)["messages"][-1]["content"]
+    answer = prompt.split("<<<\n", 1)[-1].rsplit("\n>>>", 1)[0]
+    found = [m.start() for w in words if (m := re.search(r"(?<![0-9a-z])" + re.escape(w), answer.lower()))]
+    start = min(found) if found else None
+    verdict = {
+        "violating": start is not None,
+        "span": answer[start:] if start is not None else "",
+        "category": "Harassment" if start is not None else "",
+        "safe_edit": "[a safe rewrite]",
+    }
+    return json.dumps(verdict)
 
 
 def raw_body(line: bytes) -> bytes:

@@ -297,3 +297,39 @@ def test_plan_prices_batch_beside_online():
                 line.split("$")[-1].split()[0].replace(",", "")
             )
     assert costs["online"] > 1 and costs["batch"] == pytest.approx(costs["online"] / 2, abs=0.01)
+
+
+def test_a_judge_and_the_continuation_writer_run_in_rounds_of_batches(server, tmp_path):
+    """BSAFE: the judge locates spans, the generator writes continuations, the judge checks them;
+    each step's calls wait for the one before, so the build runs three rounds of batches, and
+    writes the bytes of the online build."""
+    server.reset(plain_answers=True, judge_words=["idiot", "moron", "stupid", "loser", "damn", "crap"])
+    source = str(REPO / "bsafe_data" / "data" / "unsafe" / "unsafe_answers.jsonl")
+    recipe = str(REPO / "recipes" / "bsafe.yaml")
+
+    def bsafe(out: Path, cache: Path, mode: str) -> subprocess.CompletedProcess:
+        judge = (f"{{name: judge, provider: llm_judge, model: judge-model, base_url: '{server.url}', "
+                 f"api_key_env: BSAFE_BATCH_KEY, mode: {mode}}}")  # fmt: skip
+        return cli(
+            "build", recipe, "--out", str(out), "--source", source, "--cache-dir", str(cache),
+            "--allow-empty",
+            "--set", "generator.provider=openai", "--set", "generator.model=gen-model",
+            "--set", f"generator.base_url={server.url}", "--set", "generator.api_key_env=BSAFE_BATCH_KEY",
+            "--set", f"generator.mode={mode}", "--set", "batch.poll_interval_s=0.1",
+            "--set", f"filters.classifiers=[{{name: builtin, provider: builtin}}, {judge}]",
+        )  # fmt: skip
+
+    try:
+        online = bsafe(tmp_path / "online", tmp_path / "cache-online", "online")
+        assert online.returncode == 0, online.stderr
+        sent = server.stats()["chat"]
+        server.reset(plain_answers=True, judge_words=["idiot", "moron", "stupid", "loser", "damn", "crap"])
+        batched = bsafe(tmp_path / "batch", tmp_path / "cache-batch", "batch")
+        assert batched.returncode == 0, batched.stderr
+        stats = server.stats()
+    finally:
+        server.reset()
+    kept = funnel(tmp_path / "batch")["kept"]
+    assert kept > 0 and stats["chat"] == 0 and stats["batch_lines"] == sent
+    assert stats["batches"] == 3  # locate (judge), continue (generator), check (judge)
+    assert parquet(tmp_path / "batch") == parquet(tmp_path / "online")
