@@ -220,6 +220,7 @@ class _BuildDisplay:
         self.rows = self.progress.add_task("building", total=None, info="")
         self.endpoints: dict[str, TaskID] = {}
         self.waits: dict[str, float] = {}  # role -> when the last wait reported ends (monotonic)
+        self.batch_states: dict[str, str] = {}  # role -> the batch states last reported
 
     def __enter__(self) -> _BuildDisplay:
         self.progress.__enter__()
@@ -249,11 +250,20 @@ class _BuildDisplay:
                     f"{counters.get('batch_done', 0):,}/{counters.get('batch_lines', 0):,} lines done, "
                     f"{counters.get('batch_parked', 0):,} to submit"
                 )
+                self._log_batches(role, counters)
             if counters.get("wait"):
                 what, seconds = counters["wait"]
                 line += f" · [yellow]waiting {seconds:,.0f} s: {escape(safe(what))}[/yellow]"
                 self._log_wait(role, what, seconds)
             progress.update(task, completed=counters["done"], info=line)
+
+    def _log_batches(self, role: str, counters: dict[str, Any]) -> None:
+        """A line when the batches' states change (also where the bar is not redrawn)."""
+        states = counters.get("batch_states") or "none open"
+        if self.batch_states.get(role) != states:
+            self.batch_states[role] = states
+            line = f"{safe(role)}: batches {safe(states)} ({counters.get('batch_lines', 0):,} lines)"
+            self.progress.console.print(Text(line, style="cyan"))
 
     def _log_wait(self, role: str, what: str, seconds: float) -> None:
         """A line for each new long wait (also where the bar is not redrawn: logs, CI)."""

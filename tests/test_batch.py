@@ -254,6 +254,7 @@ def test_batches_list_and_cancel_stop_a_running_build_and_a_rerun_finishes_it(se
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "Traceback" not in stderr
     assert "was cancelled" in stderr and "re-run" in stderr
+    assert "generator: batches 1 in_progress" in stderr  # the progress display's batch line
     server.configure(batch_delay_s=0.0)
     again = build(server, corpus, out, cache, *BATCH)
     assert again.returncode == 0, again.stderr

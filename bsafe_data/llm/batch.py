@@ -165,7 +165,7 @@ def _outcome(item: dict[str, Any]) -> Outcome:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # workers share folders
     with tmp.open("wb") as handle:
         handle.write(data)
         handle.flush()

@@ -319,7 +319,12 @@ class Engine:
             return asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), loop)
         hub.started()
         future = asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), loop)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(hub.finished))
+
+        def finished(_: Future[T]) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(hub.finished)
+
+        future.add_done_callback(finished)
         return future
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
