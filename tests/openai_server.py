@@ -35,7 +35,7 @@ Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``
 plain-text answer instead of the injection protocol), ``judge_words`` (requests with the LLM
 judge's ``<<<`` answer ``>>>`` prompt get a JSON verdict: violating from the first of these words),
 ``batch_delay_s``, ``batch_expire_percent``,
-``batch_fail``, ``upload_status`` (see ``BatchAPI``).
+``batch_fail``, ``upload_status``, ``batch_create_delay_s`` (see ``BatchAPI``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_delay_s": 0.0,
     "batch_expire_percent": 0,
     "batch_fail": False,
+    "batch_create_delay_s": 0.0,
     "upload_status": None,
 }
 
@@ -288,7 +289,8 @@ class BatchAPI:
     or a ``hang``/``drop``/``malformed`` fault: 500) to the error file. ``batch_expire_percent``
     of the lines (by custom_id, each custom_id at most once) expire (``batch_expired`` in the error
     file, batch status ``expired``); ``batch_fail`` fails whole batches (status ``failed``, no
-    files); ``upload_status`` refuses uploads with that HTTP status. ``cancel`` makes a batch
+    files); ``upload_status`` refuses uploads with that HTTP status; ``batch_create_delay_s`` makes a
+    batch at once but answers its create request that much later. ``cancel`` makes a batch
     ``cancelling``, then ``cancelled`` with no line answered.
     """
 
@@ -361,7 +363,12 @@ class BatchAPI:
                 "errors": None,
                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
             }
-            send(proto, 200, self.batches[batch_id])
+            delay = float(self.app.config["batch_create_delay_s"])
+            if delay > 0:  # made now, answered later: a client killed meanwhile never learns its id
+                data = json.dumps(self.batches[batch_id]).encode()
+                asyncio.get_running_loop().call_later(delay, proto.respond, 200, data, None)
+            else:
+                send(proto, 200, self.batches[batch_id])
         elif parts == ["v1", "batches"] and method == "GET":
             send(proto, 200, {"object": "list", "data": list(reversed(self.batches.values()))})
         elif len(parts) >= 3 and parts[1] == "batches" and parts[2] in self.batches:

@@ -176,6 +176,60 @@ def test_sigkill_while_polling_then_a_rerun_reattaches_and_submits_nothing_again
     assert parquet(out) == parquet(reference)
 
 
+def start(server: ServerProcess, corpus: Path, out: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "BSAFE_BATCH_KEY": KEY}
+    return subprocess.Popen(args(server, corpus, out, cache, *BATCH), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def wait_for(condition, timeout: float = 120) -> None:  # noqa: ANN001 - a callable
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.05)
+    assert condition()
+
+
+def test_sigkill_between_upload_and_submit_then_a_rerun_finds_the_batch(server, small, tmp_path):
+    """The server makes the batch but answers its create request late; the build is killed before it
+    learns the id. The re-run finds the batch by its file and metadata: nothing submitted twice."""
+    corpus, reference = small
+    server.reset(batch_create_delay_s=3.0)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = start(server, corpus, out, cache)
+    wait_for(lambda: server.stats()["batches"] == 1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    states = [json.loads(p.read_text()) for p in batch_files(out)]
+    assert len(states) == 1 and states[0]["input_file_id"] and states[0]["batch_id"] is None
+    server.configure(batch_create_delay_s=0.0)
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    stats = server.stats()
+    assert stats["batches"] == stats["uploads"] == 1 and stats["chat"] == 0
+    assert parquet(out) == parquet(reference)
+
+
+def test_cancelling_the_batches_of_a_killed_build_then_a_rerun_submits_them_again(server, small, tmp_path):
+    corpus, reference = small
+    server.reset(batch_delay_s=60.0)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    proc = start(server, corpus, out, cache)
+    wait_for(lambda: any(json.loads(p.read_text())["batch_id"] for p in batch_files(out)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    cancelled = cli("batches", "cancel", str(out))
+    assert cancelled.returncode == 0 and "batch-1" in cancelled.stdout
+    server.configure(batch_delay_s=0.0)
+    again = build(server, corpus, out, cache, *BATCH)
+    assert again.returncode == 0, again.stderr
+    stats = server.stats()
+    assert stats["batches"] == 2 and set(stats["batch_ids"][1]) == set(stats["batch_ids"][0])
+    assert stats["chat"] == 0
+    funnel(out)
+    assert parquet(out) == parquet(reference)
+
+
 def test_expired_lines_leave_an_incomplete_build_and_the_rerun_submits_exactly_those(server, small, tmp_path):
     corpus, reference = small
     server.reset(batch_expire_percent=5)

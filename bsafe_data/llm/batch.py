@@ -373,6 +373,7 @@ class BatchQueue:
         self.pending: dict[str, tuple[str, bytes]] = {}  # key -> (path, body), not yet submitted
         self._waiters: dict[str, asyncio.Future[bytes]] = {}
         self._submitted: dict[str, str] = {}  # key -> name of its open batch
+        self._held: dict[str, tuple[str, bytes]] = {}  # (path, body) of calls waiting on one
         self._answers: dict[str, Outcome] = {}  # answered lines nobody has asked for yet
         self.batches: dict[str, BatchState] = {}
         self._polls: dict[str, asyncio.Task[None]] = {}
@@ -405,7 +406,7 @@ class BatchQueue:
         """Poll the batches of an earlier run (on the loop, once)."""
         while self._resumed:
             state = self._resumed.pop()
-            self._polls[state.name] = asyncio.ensure_future(self._follow(state))
+            self._polls[state.name] = asyncio.ensure_future(self._follow(state, resumed=True))
 
     # -- calls ---------------------------------------------------------------------------------
     async def send(self, key: str, path: str, body: bytes) -> bytes:
@@ -418,7 +419,9 @@ class BatchQueue:
         waiter = self._waiters.get(key)
         if waiter is None:
             waiter = self._waiters[key] = asyncio.get_running_loop().create_future()
-            if key not in self._submitted:
+            if key in self._submitted:
+                self._held[key] = (path, body)
+            else:
                 self.pending[key] = (path, body)
         try:
             return await waiter
@@ -427,6 +430,7 @@ class BatchQueue:
                 del self._waiters[key]
 
     def _resolve(self, key: str, outcome: Outcome) -> None:
+        self._held.pop(key, None)
         waiter = self._waiters.pop(key, None)
         if waiter is None or waiter.done():
             if outcome.body is not None:
@@ -440,6 +444,7 @@ class BatchQueue:
     def _fail_all(self, keys: Iterable[str], exc: BaseException) -> None:
         for key in keys:
             self.pending.pop(key, None)
+            self._held.pop(key, None)
             waiter = self._waiters.pop(key, None)
             if waiter is not None and not waiter.done():
                 waiter.set_exception(exc)
@@ -524,8 +529,9 @@ class BatchQueue:
             state.save(self.hub.options.folder)
 
     # -- following a batch -----------------------------------------------------------------
-    async def _follow(self, state: BatchState) -> None:
-        """Poll a submitted batch until it ends, then read its files and answer its calls."""
+    async def _follow(self, state: BatchState, resumed: bool = False) -> None:
+        """Poll a submitted batch until it ends, then read its files and answer its calls (those
+        it did not answer: see ``_finish``)."""
         try:
             if state.batch_id is None:  # uploaded, but the submit was not recorded
                 found = await self.api.find(state.name, state.input_file_id or "")
@@ -534,7 +540,7 @@ class BatchQueue:
                 else:
                     state.batch_id = str(found["id"])
                     self._save(state)
-            batch = await self._poll(state)
+            batch, first = await self._poll(state)
             outcomes: dict[str, Outcome] = {}
             saved = state.output_paths(self.hub.options.folder) if self.hub.options.folder else (None, None)
             for file_key, path in zip(("output_file_id", "error_file_id"), saved, strict=True):
@@ -545,7 +551,10 @@ class BatchQueue:
                 outcomes.update(read_outcomes(data, f"{file_key} {file_id}"))
                 if path is not None:
                     _write_atomic(path, data)
-            self._finish(state, batch, outcomes)
+            # a batch of an earlier run asks again what it did not answer, unless it was cancelled
+            # while this run waited
+            again = resumed and not (state.status == "cancelled" and first not in ("cancelling", "cancelled"))
+            self._finish(state, batch, outcomes, again)
         except asyncio.CancelledError:
             raise
         except BatchAPIError as exc:
@@ -553,8 +562,10 @@ class BatchQueue:
         except Exception as exc:  # an output file that is not result lines, a full disk, ...
             self._fail_all(state.custom_ids, self._stop(exc))
 
-    async def _poll(self, state: BatchState) -> dict[str, Any]:
+    async def _poll(self, state: BatchState) -> tuple[dict[str, Any], str]:
+        """The ended batch, and the status this run saw first."""
         failures = 0
+        first = ""
         assert state.batch_id is not None
         while True:
             try:
@@ -569,15 +580,21 @@ class BatchQueue:
                 await asyncio.sleep(self.hub.options.poll_interval_s)
                 continue
             status = str(batch.get("status") or "unknown")
+            first = first or status
             counts = {k: int(v) for k, v in (batch.get("request_counts") or {}).items() if isinstance(v, int)}
             if status != state.status or counts != state.counts:
                 state.status, state.counts = status, counts
                 self._save(state)
             if status in ENDED:
-                return batch
+                return batch, first
             await asyncio.sleep(self.hub.options.poll_interval_s)
 
-    def _finish(self, state: BatchState, batch: dict[str, Any], outcomes: dict[str, Outcome]) -> None:
+    def _finish(
+        self, state: BatchState, batch: dict[str, Any], outcomes: dict[str, Outcome], again: bool
+    ) -> None:
+        """Answer the calls of an ended batch. Lines without an answer fail their calls as
+        transient, or are parked again for the next round (``again``); a batch cancelled while
+        this run waited stops the build (``BatchCancelled``)."""
         status = state.status
         errors = (batch.get("errors") or {}).get("data") or []
         why = f"batch {status}"
@@ -597,12 +614,17 @@ class BatchQueue:
         for key in state.custom_ids:
             self._submitted.pop(key, None)
             outcome = outcomes.get(key) or missing
+            if outcome.body is None and again:
+                if key in self._held:
+                    self.pending[key] = self._held.pop(key)
+                continue
             if outcome.body is None and status == "cancelled":
                 waiter = self._waiters.pop(key, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_exception(cancelled)
                 continue
             self._resolve(key, outcome)
+        self.hub.check()
 
     # -- progress --------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
