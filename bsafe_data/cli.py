@@ -144,6 +144,8 @@ def build(
     from bsafe_data.sources import SourceError, spec_from_cli
 
     loaded = _load(recipe, set_)
+    if batch_import is not None and not batch_import.is_file():
+        raise _fail(f"--batch-import {batch_import}: no such file")
     if source:
         try:
             loaded.sources = [spec_from_cli(source)]

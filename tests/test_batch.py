@@ -388,3 +388,36 @@ def test_a_judge_and_the_continuation_writer_run_in_rounds_of_batches(server, tm
     assert kept > 0 and stats["chat"] == 0 and stats["batch_lines"] == sent
     assert stats["batches"] == 3  # locate (judge), continue (generator), check (judge)
     assert parquet(tmp_path / "batch") == parquet(tmp_path / "online")
+
+
+def test_files_are_cut_by_requests_and_bytes_and_result_lines_are_read_strictly(tmp_path):
+    from bsafe_data.llm.batch import read_outcomes, request_line, split_files
+
+    lines = [(f"k{i}", request_line(f"k{i}", "/v1/chat/completions", b'{"seed":%d}' % i)) for i in range(10)]
+    size = len(lines[0][1])
+    assert [len(g) for g in split_files(lines, 4, 10**9)] == [4, 4, 2]
+    assert [len(g) for g in split_files(lines, 100, 3 * size)] == [3, 3, 3, 1]
+    assert json.loads(lines[3][1])["body"] == {"seed": 3}
+    ok = {"custom_id": "a", "response": {"status_code": 200, "body": {"choices": []}}, "error": None}
+    expired = {"custom_id": "b", "response": None, "error": {"code": "batch_expired", "message": "late"}}
+    refused = {"custom_id": "c", "response": {"status_code": 400, "body": {}}, "error": None}
+    data = "\n".join(json.dumps(x) for x in (ok, expired, refused)).encode()
+    found = read_outcomes(data, "f")
+    assert found["a"].body == b'{"choices":[]}' and found["b"].body is None and not found["b"].final
+    assert "batch_expired" in found["b"].reason and found["c"].final  # a 400 is the endpoint's answer
+    with pytest.raises(ValueError, match="f line 2"):
+        read_outcomes(b'{"custom_id": "a"}\nnot json\n', "f")
+
+
+def test_a_bad_import_file_is_one_message(server, small, tmp_path):
+    corpus, _ = small
+    server.reset()
+    missing = build(
+        server, corpus, tmp_path / "out", tmp_path / "cache", "--batch-import", str(tmp_path / "no")
+    )
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not a batch output\n")
+    broken = build(server, corpus, tmp_path / "out", tmp_path / "cache", "--batch-import", str(bad))
+    assert broken.returncode == 1 and "bad.jsonl line 1 is not a batch result line" in broken.stderr
+    assert len([line for line in broken.stderr.splitlines() if line.strip()]) <= 4

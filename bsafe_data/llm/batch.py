@@ -68,6 +68,14 @@ class BatchExported(FatalEndpointError):
         self.role, self.endpoint, self.status, self.message = "batch", "", None, message
 
 
+class BatchImportError(FatalEndpointError):
+    """``--batch-import``'s file cannot be read: the build stops (exit 1)."""
+
+    def __init__(self, message: str):
+        RuntimeError.__init__(self, message)
+        self.role, self.endpoint, self.status, self.message = "batch", "", None, message
+
+
 class BatchCancelled(FatalEndpointError):
     """A batch the build waits for was cancelled: the build stops; a re-run submits its rest."""
 
@@ -686,20 +694,22 @@ class BatchHub:
         return found
 
     def imported(self, key: str) -> Outcome | None:
-        """The answer ``--batch-import``'s file holds for ``key``, if any (the file is read once;
-        ``FatalEndpointError`` when it cannot be read)."""
+        """The answer ``--batch-import``'s file holds for ``key``, if any: its failed lines answer
+        nothing (the call goes on as without the file). The file is read once; ``BatchImportError``
+        when it cannot be."""
         if self.options.import_from is None:
             return None
         if self._imported is None:
             path = self.options.import_from
             try:
-                self._imported = read_outcomes(path.read_bytes(), str(path))
+                found = read_outcomes(path.read_bytes(), str(path))
             except OSError as exc:
-                raise BatchExported(
+                raise BatchImportError(
                     f"cannot read --batch-import file {path}: {exc.strerror or exc}"
                 ) from None
             except ValueError as exc:
-                raise BatchExported(f"cannot read --batch-import file: {exc}") from None
+                raise BatchImportError(f"cannot read --batch-import file: {exc}") from None
+            self._imported = {key: outcome for key, outcome in found.items() if outcome.body is not None}
         return self._imported.pop(key, None)
 
     # -- counting, from the engine -----------------------------------------------------------
