@@ -18,9 +18,9 @@ put loop:
 Endpoints are keyed by role: the generator and the companion writers share the generator's
 endpoint (its ``max_concurrency`` is the endpoint's, whoever asks), each classifier has its own.
 An endpoint in batch mode (``use_batch``) parks its misses for the Batch API instead of sending
-them (``bsafe_data.llm.batch``); its answers take the same path into the cache. An engine made
-with ``BatchOptions`` counts its tasks, and the flow says when it is ``idle``: together they tell
-when a round of batches is due.
+them (``bsafe_data.llm.batch``); its answers take the same path into the cache. An engine with
+such an endpoint counts its tasks, and the flow says when it is ``idle``: together they tell when a
+round of batches is due. ``BatchOptions`` say where batch state lives (a build's work folder).
 ``snapshot`` gives every endpoint's counters (done, in flight, queued, failed, cache hits, the wait
 under way) for progress displays.
 """
@@ -259,7 +259,8 @@ class Engine:
         return self._hub is not None and self._hub.exporting
 
     def use_batch(self, endpoint: Endpoint, api_key_env: str) -> None:
-        """Put ``endpoint`` in batch mode (``api_key_env`` is recorded in the batch state files)."""
+        """Put ``endpoint`` in batch mode (``api_key_env`` is recorded in the batch state files),
+        before any task is submitted: tasks are counted from then on."""
         with self._lock:
             if self._hub is None:
                 self._hub = BatchHub(BatchOptions())
@@ -273,7 +274,7 @@ class Engine:
     def idle(self) -> None:
         """The caller cannot go on until answers come (from any thread but the loop's)."""
         hub, loop = self._hub, self._loop
-        if hub is not None and loop is not None:
+        if hub is not None and hub.queues and loop is not None:
             loop.call_soon_threadsafe(hub.idle, hub.idle_mark())
 
     @property
@@ -315,7 +316,7 @@ class Engine:
         first). Returns at once."""
         loop = self._running_loop()
         hub = self._hub
-        if hub is None:
+        if hub is None or not hub.queues:  # no endpoint in batch mode: nothing to count
             return asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), loop)
         hub.started()
         future = asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), loop)
