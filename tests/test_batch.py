@@ -135,6 +135,7 @@ def test_a_batch_build_sends_no_chat_request_and_writes_the_online_bytes(server,
     assert parquet(tmp_path / "out") == parquet(reference)
     assert funnel(tmp_path / "out") == funnel(reference)
     assert manifest(tmp_path / "out")["usage"]["requests"] == online_requests
+    assert KEY not in (tmp_path / "out" / "manifest.json").read_text()
     print(f"online {online_requests} chat requests; batch 0 chat requests, 1 file, {took:.1f} s")
 
 
