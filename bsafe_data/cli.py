@@ -120,20 +120,32 @@ def build(
     allow_empty: Annotated[
         bool, typer.Option("--allow-empty", help="Write the dataset even when it keeps no row.")
     ] = False,
+    batch_export: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the LLM calls as Batch JSONL to FILE (for vllm run-batch), then stop (exit 4)."
+        ),
+    ] = None,
+    batch_import: Annotated[
+        Path | None, typer.Option(help="Answer LLM calls from FILE, an offline engine's Batch output JSONL.")
+    ] = None,
     set_: SetOption = None,
 ) -> None:
     """Build a dataset folder from a recipe (resumes a killed run from its finished chunks).
 
     Exit codes: 0 built; 1 the build failed (message says why, the previous dataset is intact);
     2 bad recipe or arguments; 3 built but incomplete: some rows failed for a transient reason
-    (endpoint errors) and a re-run retries exactly those.
+    (endpoint errors, expired batch lines) and a re-run retries exactly those; 4 stopped after
+    --batch-export wrote the calls: run them offline, then re-run with --batch-import.
     """
     from bsafe_data.formats import output_dir
-    from bsafe_data.pipeline import BuildError
+    from bsafe_data.pipeline import BuildError, BuildStopped
     from bsafe_data.pipeline import build as run_build
     from bsafe_data.sources import SourceError, spec_from_cli
 
     loaded = _load(recipe, set_)
+    if batch_import is not None and not batch_import.is_file():
+        raise _fail(f"--batch-import {batch_import}: no such file")
     if source:
         try:
             loaded.sources = [spec_from_cli(source)]
@@ -152,7 +164,11 @@ def build(
                 progress=display.update,
                 force=force,
                 allow_empty=allow_empty,
+                batch_export=batch_export,
+                batch_import=batch_import,
             )
+        except BuildStopped as exc:
+            raise _fail(f"build stopped: {exc}", 4) from None
         except BuildError as exc:
             raise _fail(f"build failed: {exc}", 1) from None
     for note in result.notes:
@@ -206,6 +222,7 @@ class _BuildDisplay:
         self.rows = self.progress.add_task("building", total=None, info="")
         self.endpoints: dict[str, TaskID] = {}
         self.waits: dict[str, float] = {}  # role -> when the last wait reported ends (monotonic)
+        self.batch_states: dict[str, str] = {}  # role -> the batch states last reported
 
     def __enter__(self) -> _BuildDisplay:
         self.progress.__enter__()
@@ -229,11 +246,26 @@ class _BuildDisplay:
                 f"{counters['concurrency']} in flight · {counters['queued']:,} queued · "
                 f"{counters['failed']:,} failed · {counters['cache_hits']:,} cached"
             )
+            if counters.get("batch_open") or counters.get("batch_parked"):
+                line += (
+                    f" · batches: {escape(counters.get('batch_states') or 'none open')}, "
+                    f"{counters.get('batch_done', 0):,}/{counters.get('batch_lines', 0):,} lines done, "
+                    f"{counters.get('batch_parked', 0):,} to submit"
+                )
+                self._log_batches(role, counters)
             if counters.get("wait"):
                 what, seconds = counters["wait"]
                 line += f" · [yellow]waiting {seconds:,.0f} s: {escape(safe(what))}[/yellow]"
                 self._log_wait(role, what, seconds)
             progress.update(task, completed=counters["done"], info=line)
+
+    def _log_batches(self, role: str, counters: dict[str, Any]) -> None:
+        """A line when the batches' states change (also where the bar is not redrawn)."""
+        states = counters.get("batch_states") or "none open"
+        if self.batch_states.get(role) != states:
+            self.batch_states[role] = states
+            line = f"{safe(role)}: batches {safe(states)} ({counters.get('batch_lines', 0):,} lines)"
+            self.progress.console.print(Text(line, style="cyan"))
 
     def _log_wait(self, role: str, what: str, seconds: float) -> None:
         """A line for each new long wait (also where the bar is not redrawn: logs, CI)."""
@@ -391,8 +423,14 @@ def plan(
     table.add_row(
         "output tokens (estimate / max)", f"{result.output_tokens_estimate:,} / {result.output_tokens_max:,}"
     )
-    cost = "no price table in recipe" if result.cost_usd is None else f"${result.cost_usd:,.2f}"
-    table.add_row("estimated cost", cost)
+    if result.cost_usd is None:
+        table.add_row("estimated cost", "no price table in recipe")
+    else:
+        mode, batch = loaded.generator.mode, loaded.batch
+        online = "estimated cost, online" + (" (recipe)" if mode == "online" else "")
+        table.add_row(online, f"${result.cost_usd:,.2f}")
+        batched = f"estimated cost, batch ({batch.discount:.0%} of online, within {batch.completion_window})"
+        table.add_row(batched + (" (recipe)" if mode == "batch" else ""), f"${result.cost_batch_usd:,.2f}")
     wall = (
         "offline, no requests" if loaded.generator.provider == "builtin" else f"{result.wall_seconds:,.0f} s"
     )
@@ -401,6 +439,60 @@ def plan(
     out.print("[bold]sample rows (builtin generator):[/bold]")
     for row in result.samples:
         _print_row(row)
+
+
+batches_app = typer.Typer(
+    help="The Batch API batches of a build (endpoints in batch mode).", no_args_is_help=True
+)
+app.add_typer(batches_app, name="batches")
+BuildDirArg = Annotated[Path, typer.Argument(help="The build's output folder (--out).")]
+
+
+def _batch_folder(folder: Path) -> Path:
+    from bsafe_data.executor.output import OutputFolder
+    from bsafe_data.pipeline import BATCH_DIR
+
+    return OutputFolder(folder, "").work / BATCH_DIR
+
+
+@batches_app.command("list")
+def batches_list(folder: BuildDirArg) -> None:
+    """Each batch of the build in FOLDER: id, endpoint, state and line counts (open ones asked anew)."""
+    from bsafe_data.llm.batch import list_batches
+
+    states = list_batches(_batch_folder(folder))
+    if not states:
+        out.print(f"no batches: {folder} has no build in progress with endpoints in batch mode")
+        return
+    table = Table(title=f"batches of {folder}")
+    for column in ("batch", "endpoint", "role", "state", "lines", "done", "failed"):
+        table.add_column(column)
+    for state in states:
+        counts = state.counts
+        table.add_row(
+            escape(safe(state.batch_id or "(not submitted)")),
+            escape(safe(state.endpoint)),
+            escape(safe(state.role)),
+            escape(safe(state.status)) + (" (read)" if state.done else ""),
+            f"{len(state.custom_ids):,}",
+            f"{counts.get('completed', 0):,}",
+            f"{len(state.failed) if state.done else counts.get('failed', 0):,}",
+        )
+    out.print(table)
+
+
+@batches_app.command("cancel")
+def batches_cancel(folder: BuildDirArg) -> None:
+    """Cancel the open batches of the build in FOLDER; a running build stops, and its next run keeps
+    the answers that came and submits the rest again."""
+    from bsafe_data.llm.batch import cancel_batches
+
+    done = cancel_batches(_batch_folder(folder))
+    if not done:
+        out.print(f"no open batches in {folder}")
+        return
+    for state, what in done:
+        out.print(f"{escape(safe(state.batch_id or '?'))} ({escape(safe(state.role))}): {escape(safe(what))}")
 
 
 cache_app = typer.Typer(help="Inspect and prune the LLM response cache.", no_args_is_help=True)

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bsafe_data.errors import BuildError
+from bsafe_data.errors import BuildError, BuildStopped
 from bsafe_data.executor.local import ChunkRun, LocalExecutor, Tick, dedupe_chunks, prepare_work_dir
 from bsafe_data.executor.output import OutputError, OutputFolder, os_error_message
 from bsafe_data.executor.processes import ProcessExecutor, summed_usage
 from bsafe_data.executor.ray import RayExecutor
 from bsafe_data.generate.base import Generator
+from bsafe_data.llm.batch import BatchExported, BatchOptions
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.methods.base import Method, Resources
 from bsafe_data.recipe import Recipe
@@ -28,7 +29,10 @@ from bsafe_data.sources import SourceError, count_source_rows, read_sources, sou
 from bsafe_data.stages.stats import ChunkStats, funnel_of, merge_stats
 from bsafe_data.writer import ChunkFolders, write_dataset_folder
 
-__all__ = ["BuildError", "BuildProgress", "BuildResult", "build"]
+__all__ = ["BuildError", "BuildProgress", "BuildResult", "BuildStopped", "build"]
+
+#: the batch state folder inside the work folder (``bsafe_data.llm.batch``)
+BATCH_DIR = "batches"
 
 
 @dataclass
@@ -76,18 +80,26 @@ def build(
     generator: Generator | None = None,
     force: bool = False,
     allow_empty: bool = False,
+    batch_export: Path | None = None,
+    batch_import: Path | None = None,
 ) -> BuildResult:
     """Run the whole build and swap the finished dataset folder in; resumes from finished chunks.
 
     ``progress`` receives a ``BuildProgress`` as chunks finish and while requests are in flight.
     ``generator`` replaces the recipe's generator backend (the caller closes it). ``force``
     replaces a folder built from another recipe; ``allow_empty`` writes a dataset that kept no row
-    instead of stopping. Raises BuildError (its subclasses: OutputError, EndpointDown).
+    instead of stopping. ``batch_export`` writes the calls of every LLM endpoint to that file (Batch
+    JSONL) and stops (``BuildStopped``); ``batch_import`` answers calls from an offline engine's
+    output file (``bsafe_data.llm.batch``). Raises BuildError (its subclasses: OutputError,
+    EndpointDown, BuildStopped).
     """
+    if (batch_export or batch_import) and recipe.execution.executor != "local":
+        raise BuildError("--batch-export and --batch-import need execution.executor=local")
     folder = OutputFolder(out_dir, recipe.name, force=force)
     folder.check()
+    flags = {"export_to": batch_export, "import_from": batch_import}
     with folder.locked():
-        return _build(recipe, folder, limit, cache_dir, progress, generator, allow_empty)
+        return _build(recipe, folder, limit, cache_dir, progress, generator, allow_empty, flags)
 
 
 def _build(
@@ -98,13 +110,16 @@ def _build(
     progress: ProgressFn | None,
     generator: Generator | None,
     allow_empty: bool,
+    batch_flags: dict[str, Path | None],
 ) -> BuildResult:
     started = time.perf_counter()
     method_cls = method_class(recipe)
+    batch = BatchOptions.of(recipe.batch, folder.work / BATCH_DIR, **batch_flags)
 
     def load(workers: int) -> Method:
         t0 = time.perf_counter()
-        method = method_cls(recipe, Resources.load(recipe.shared_by(workers), cache_dir, generator))
+        resources = Resources.load(recipe.shared_by(workers), cache_dir, generator, batch)
+        method = method_cls(recipe, resources)
         method.timings["setup"] += time.perf_counter() - t0
         return method
 
@@ -122,6 +137,8 @@ def _build(
             run = ProcessExecutor(recipe, work, execution.workers).run(read, load, report)
         else:
             run = RayExecutor(recipe, work, execution.workers, execution.ray_address).run(read, load, report)
+    except BatchExported as exc:
+        raise BuildStopped(str(exc)) from None
     except (SourceError, FatalEndpointError) as exc:
         raise BuildError(str(exc)) from None
     except OSError as exc:
@@ -216,6 +233,8 @@ def _summed_endpoints(snapshots: Any) -> dict[str, dict[str, Any]]:
                 if key == "wait":
                     if value is not None and (into["wait"] is None or value[1] > into["wait"][1]):
                         into["wait"] = value
+                elif key == "batch_states":  # words: joined
+                    into[key] = ", ".join(filter(None, (into.get(key, ""), value)))
                 elif isinstance(value, int | float) and not isinstance(value, bool):
                     into[key] = into.get(key, 0) + value
     return total

@@ -2,7 +2,8 @@
 
 Reads the sources and plans every row exactly as ``build`` does (same seeds, same rejections),
 renders each generator prompt and counts its tokens with the primary tokenizer, then estimates
-cost and wall time under the recipe's limits. Sample rows come from the builtin generator.
+cost (online, and through the Batch API at ``batch.discount`` of it) and wall time under the
+recipe's limits. Sample rows come from the builtin generator.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class BuildPlan:
     input_tokens: int = 0
     output_tokens_estimate: int = 0
     output_tokens_max: int = 0
-    cost_usd: float | None = None
+    cost_usd: float | None = None  # online
+    cost_batch_usd: float | None = None  # every generator request through the Batch API
     wall_seconds: float = 0.0
     bottleneck: str = ""
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -88,6 +90,7 @@ def plan_build(recipe: Recipe, limit: int | None = None, latency_s: float = 2.0)
             + result.output_tokens_estimate / 1e6 * spec.prices.get("output", 0.0),
             4,
         )
+        result.cost_batch_usd = round(result.cost_usd * recipe.batch.discount, 4)
     rates = {"concurrency": spec.max_concurrency / latency_s}
     if spec.requests_per_minute:
         rates["requests_per_minute"] = spec.requests_per_minute / 60

@@ -187,6 +187,15 @@ class SegmentationSpec(Strict):
     spacy_model: str = Field("blank:en", description="'blank:LANG' (+ sentencizer) or an installed pipeline")
 
 
+#: how an endpoint's calls travel (``bsafe_data.llm.batch``)
+EndpointMode = Literal["online", "batch"]
+_MODE = Field(
+    "online",
+    description="online: one HTTP request per call; batch: the calls go through the endpoint's Batch API "
+    "(about half the price; answers within `batch.completion_window`; see `batch`)",
+)
+
+
 class GeneratorSpec(Strict):
     """The LLM (or the builtin offline generator) that writes violations."""
 
@@ -221,6 +230,7 @@ class GeneratorSpec(Strict):
     prices: dict[str, float] | None = Field(
         None, description="USD per 1M tokens: {'input': .., 'output': ..}"
     )
+    mode: EndpointMode = _MODE
 
     @field_validator("base_url")
     @classmethod
@@ -306,6 +316,7 @@ class EndpointSpec(_ClassifierBase):
     max_retry_after_s: float = Field(
         120.0, ge=0, description="longest Retry-After honoured; a longer one fails that request (transient)"
     )
+    mode: EndpointMode = _MODE
 
     @field_validator("base_url")
     @classmethod
@@ -320,6 +331,13 @@ class ModerationSpec(EndpointSpec):
     model: str = "omni-moderation-latest"
     batch_size: int = Field(32, ge=1, le=256, description="texts per request")
     category_threshold: float = Field(0.5, ge=0, le=1, description="category score recorded from")
+
+    @field_validator("mode")
+    @classmethod
+    def _online_only(cls, value: str) -> str:
+        if value != "online":
+            raise ValueError("moderation requests carry many texts each and go online: mode must be online")
+        return value
 
 
 class LlamaGuardSpec(EndpointSpec):
@@ -600,6 +618,26 @@ class ExecutionSpec(Strict):
     )
 
 
+class BatchSpec(Strict):
+    """How endpoints in `mode: batch` use their Batch API (`/v1/files`, `/v1/batches`)."""
+
+    poll_interval_s: float = Field(60.0, gt=0, description="seconds between two looks at a submitted batch")
+    max_requests_per_file: int = Field(
+        50_000, ge=1, le=50_000, description="requests per uploaded file (the API's limit: 50,000)"
+    )
+    max_bytes_per_file: int = Field(
+        200_000_000, ge=1, le=200_000_000, description="bytes per uploaded file (the API's limit: 200 MB)"
+    )
+    completion_window: str = Field("24h", description="sent with every batch (OpenAI accepts 24h)")
+    rows_in_flight: int = Field(
+        50_000,
+        ge=1,
+        description="records a worker holds while a round of batches runs: a round asks for at most "
+        "this many records' calls (more rows per batch, more memory)",
+    )
+    discount: float = Field(0.5, gt=0, le=1, description="batch price as a share of the online price (plan)")
+
+
 class OutputSpec(Strict):
     """Where and how the dataset folder is written."""
 
@@ -645,6 +683,7 @@ class Recipe(Strict):
     tokenizers: TokenizerSpec = Field(default_factory=TokenizerSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
     filters: FilterSpec = Field(default_factory=FilterSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     publish: PublishSpec = Field(default_factory=PublishSpec)
@@ -655,9 +694,13 @@ class Recipe(Strict):
         return list(RLBF_CATEGORIES)
 
     def sha256(self) -> str:
-        """Hash of the resolved recipe (canonical JSON): identifies what was built. ``execution``
-        is left out: how chunks run does not change a byte of the output."""
-        dumped = self.model_dump(mode="json", exclude={"execution"})
+        """Hash of the resolved recipe (canonical JSON): identifies what was built. ``execution``,
+        ``batch`` and the endpoints' ``mode`` are left out: how chunks run and how requests travel
+        do not change a byte of the output."""
+        dumped = self.model_dump(mode="json", exclude={"execution", "batch"})
+        dumped["generator"].pop("mode", None)
+        for spec in dumped.get("filters", {}).get("classifiers", []):
+            spec.pop("mode", None)
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -9,8 +9,11 @@ Run it in a separate process with ``ServerProcess`` (so it never shares the GIL 
         server.reset()      # zero the counters
         server.configure(api_key="sk-test", retry_after="1")
 
-Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, and the control endpoints
-``GET /_stats``, ``POST /_reset``, ``POST /_config`` (not counted as requests).
+Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, the Batch API (``POST /v1/files``,
+``GET /v1/files/{id}/content``, ``POST``/``GET /v1/batches``, ``GET /v1/batches/{id}``,
+``POST /v1/batches/{id}/cancel``: see ``BatchAPI``), and the control endpoints ``GET /_stats``,
+``POST /_reset``, ``POST /_config`` (not counted as requests). ``python openai_server.py
+--run-batch IN OUT`` answers a Batch input file offline, as ``vllm run-batch`` does.
 
 Generation answers follow the ``<harmful>…</harmful><category>…</category>`` protocol with bland
 placeholder text; the category is read from the ``Target category:`` line of the prompt.
@@ -29,13 +32,17 @@ Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``
 (404 for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429),
 ``hang_s``, ``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s),
 ``plain_answers`` (requests without a ``Target category:`` line — companion writers' — get a bland
-plain-text answer instead of the injection protocol).
+plain-text answer instead of the injection protocol), ``judge_words`` (requests with the LLM
+judge's ``<<<`` answer ``>>>`` prompt get a JSON verdict: violating from the first of these words),
+``batch_delay_s``, ``batch_expire_percent``,
+``batch_fail``, ``upload_status``, ``batch_create_delay_s`` (see ``BatchAPI``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -57,6 +64,13 @@ DEFAULTS: dict[str, Any] = {
     "fault": None,
     "fault_count": 0,
     "plain_answers": False,
+    "judge_words": None,
+    # the Batch API (see ``BatchAPI``)
+    "batch_delay_s": 0.0,
+    "batch_expire_percent": 0,
+    "batch_fail": False,
+    "batch_create_delay_s": 0.0,
+    "upload_status": None,
 }
 
 _MARKER = re.compile(rb"\[\[fault:([a-z0-9]+)(?::(\d+))?(?::[\w-]+)?\]\]")
@@ -91,6 +105,7 @@ class App:
         self.statuses: dict[str, int] = {}
         self.markers: dict[bytes, int] = {}
         self.global_faults = 0
+        self.batch = BatchAPI(self)
 
     # -- routing -----------------------------------------------------------------------------
     def handle(
@@ -107,12 +122,16 @@ class App:
                 return
             model = {"id": self.config["model"], "object": "model", "created": 0, "owned_by": "tests"}
             self.send(proto, 200, {"object": "list", "data": [model]})
+        elif path.startswith(("/v1/files", "/v1/batches")):
+            if self.authorised(proto, headers):
+                self.batch.handle(proto, method, path, query, headers, body)
         elif path == "/_stats":
             stats = {
                 "chat": self.chat,
                 "models": self.models,
                 "statuses": self.statuses,
                 "markers": {k.decode(): v for k, v in self.markers.items()},
+                **self.batch.stats(),
             }
             if query == "arrivals=1":
                 stats["arrivals"] = self.arrivals
@@ -176,14 +195,28 @@ class App:
     def chat_completion(self, proto: HttpProtocol, headers: dict[str, str], body: bytes) -> None:
         if not self.authorised(proto, headers):
             return
+        status, payload, extra, action = self.chat_result(body)
+        if action == "hang":
+            asyncio.get_running_loop().call_later(float(self.config["hang_s"]), proto.close)
+        elif action == "drop":
+            proto.close()
+        elif action == "malformed":
+            self.send(proto, 200, None, raw=b'{"id": "chatcmpl-x", "choices": [{"message": {"conte')
+        else:
+            self.send(proto, status, payload, extra)
+
+    def chat_result(self, body: bytes) -> tuple[int, Any, dict[str, str] | None, str | None]:
+        """(status, payload, headers, action) of a chat request: what the chat endpoint answers and
+        the batch executor writes; ``action`` is ``hang``, ``drop`` or ``malformed`` for those faults."""
         config = self.config
         if config["strict_model"]:
             model = json.loads(body).get("model")
             if model != config["model"]:
-                self.send(proto, 404, _error(f"The model `{model}` does not exist.", "model_not_found"))
-                return
+                return 404, _error(f"The model `{model}` does not exist.", "model_not_found"), None, None
         fault = self.fault_for(body)
         content, finish = self.answer(body, self.config["plain_answers"]), "stop"
+        if config["judge_words"] and b"<<<" in body:  # the LLM judge's prompt
+            content = judge_verdict(body, config["judge_words"])
         if fault is not None:
             if fault.isdigit():
                 status = int(fault)
@@ -193,25 +226,15 @@ class App:
                         extra["retry-after"] = str(config["retry_after"])
                     if config["retry_after_ms"] is not None:
                         extra["retry-after-ms"] = str(config["retry_after_ms"])
-                self.send(proto, status, _error(f"injected HTTP {status}", "injected"), extra)
-                return
+                return status, _error(f"injected HTTP {status}", "injected"), extra, None
             if fault == "quota":
                 message = "You exceeded your current quota, please check your plan and billing details."
-                self.send(proto, 429, _error(message, "insufficient_quota"))
-                return
+                return 429, _error(message, "insufficient_quota"), None, None
             if fault == "ctxlen":
                 message = "This model's maximum context length is 8192 tokens."
-                self.send(proto, 400, _error(message, "context_length_exceeded"))
-                return
-            if fault == "hang":
-                asyncio.get_running_loop().call_later(float(config["hang_s"]), proto.close)
-                return
-            if fault == "drop":
-                proto.close()
-                return
-            if fault == "malformed":
-                self.send(proto, 200, None, raw=b'{"id": "chatcmpl-x", "choices": [{"message": {"conte')
-                return
+                return 400, _error(message, "context_length_exceeded"), None, None
+            if fault in ("hang", "drop", "malformed"):
+                return 0, None, None, fault
             if fault == "refuse":
                 content = "I'm sorry, but I can't help with that request."
             elif fault == "filter":
@@ -239,7 +262,7 @@ class App:
         extra = None
         if config["ratelimit"]:
             extra = {f"x-ratelimit-{k}": str(v) for k, v in config["ratelimit"].items()}
-        self.send(proto, 200, response, extra)
+        return 200, response, extra, None
 
     @staticmethod
     def answer(body: bytes, plain: bool = False) -> str:
@@ -255,6 +278,220 @@ class App:
             f" Honestly, forget that. <harmful> You are a clueless idiot about {word}.</harmful>"
             f"<category>{category}</category>"
         )
+
+
+class BatchAPI:
+    """``/v1/files`` and ``/v1/batches`` over the chat endpoint: each line is answered exactly as
+    ``POST /v1/chat/completions`` would answer its body (the same faults by marker, too).
+
+    A batch is ``validating`` then ``in_progress`` until ``batch_delay_s`` after it was made; the
+    first retrieve after that runs its lines: answers go to the output file, failed lines (non-200,
+    or a ``hang``/``drop``/``malformed`` fault: 500) to the error file. ``batch_expire_percent``
+    of the lines (by custom_id, each custom_id at most once) expire (``batch_expired`` in the error
+    file, batch status ``expired``); ``batch_fail`` fails whole batches (status ``failed``, no
+    files); ``upload_status`` refuses uploads with that HTTP status; ``batch_create_delay_s`` makes a
+    batch at once but answers its create request that much later. ``cancel`` makes a batch
+    ``cancelling``, then ``cancelled`` with no line answered.
+    """
+
+    def __init__(self, app: App):
+        self.app = app
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.made: dict[str, float] = {}  # batch id -> when it was made (monotonic)
+        self.expired: set[str] = set()
+        self.uploads = 0
+        self.lines = 0  # lines answered by batches
+        self.line_ids: list[list[str]] = []  # custom_ids of each created batch
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "uploads": self.uploads,
+            "batches": len(self.batches),
+            "batch_lines": self.lines,
+            "batch_sizes": [len(ids) for ids in self.line_ids],
+            "batch_ids": self.line_ids,
+            "expired": sorted(self.expired),
+        }
+
+    def handle(
+        self, proto: HttpProtocol, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> None:
+        send = self.app.send
+        parts = path.strip("/").split("/")  # v1, files|batches, id, content|cancel
+        if parts == ["v1", "files"] and method == "POST":
+            status = self.app.config["upload_status"]
+            if status:
+                send(proto, int(status), _error("injected upload refusal", "injected"))
+                return
+            form = _multipart(headers.get("content-type", ""), body)
+            if form.get("purpose") != b"batch" or "file" not in form:
+                send(proto, 400, _error("need purpose=batch and a file", "invalid_request"))
+                return
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = form["file"]
+            self.uploads += 1
+            send(
+                proto, 200, {"id": file_id, "object": "file", "bytes": len(form["file"]), "purpose": "batch"}
+            )
+        elif len(parts) == 4 and parts[1] == "files" and parts[3] == "content" and method == "GET":
+            data = self.files.get(parts[2])
+            if data is None:
+                send(proto, 404, _error("no such file", "not_found"))
+            else:
+                send(proto, 200, None, raw=data)
+        elif parts == ["v1", "batches"] and method == "POST":
+            request = json.loads(body or b"{}")
+            data = self.files.get(request.get("input_file_id", ""))
+            if data is None:
+                send(proto, 400, _error("no such input file", "invalid_request"))
+                return
+            batch_id = f"batch-{len(self.batches) + 1}"
+            lines = [json.loads(line)["custom_id"] for line in data.splitlines() if line.strip()]
+            self.line_ids.append(lines)
+            self.made[batch_id] = time.monotonic()
+            self.batches[batch_id] = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": request.get("endpoint"),
+                "input_file_id": request["input_file_id"],
+                "completion_window": request.get("completion_window"),
+                "metadata": request.get("metadata") or {},
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "errors": None,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            }
+            delay = float(self.app.config["batch_create_delay_s"])
+            if delay > 0:  # made now, answered later: a client killed meanwhile never learns its id
+                data = json.dumps(self.batches[batch_id]).encode()
+                asyncio.get_running_loop().call_later(delay, proto.respond, 200, data, None)
+            else:
+                send(proto, 200, self.batches[batch_id])
+        elif parts == ["v1", "batches"] and method == "GET":
+            send(proto, 200, {"object": "list", "data": list(reversed(self.batches.values()))})
+        elif len(parts) >= 3 and parts[1] == "batches" and parts[2] in self.batches:
+            batch = self.batches[parts[2]]
+            if len(parts) == 4 and parts[3] == "cancel" and method == "POST":
+                if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+                    batch["status"] = "cancelling"
+                send(proto, 200, batch)
+            elif len(parts) == 3 and method == "GET":
+                self.advance(batch)
+                send(proto, 200, batch)
+            else:
+                send(proto, 404, _error(f"no route {method} {path}", "not_found"))
+        else:
+            send(proto, 404, _error(f"no route {method} {path}", "not_found"))
+
+    def advance(self, batch: dict[str, Any]) -> None:
+        status = batch["status"]
+        if status == "cancelling":
+            batch["status"] = "cancelled"
+            return
+        if status not in ("validating", "in_progress"):
+            return
+        if time.monotonic() - self.made[batch["id"]] < float(self.app.config["batch_delay_s"]):
+            batch["status"] = "in_progress"
+            return
+        if self.app.config["batch_fail"]:
+            batch["status"] = "failed"
+            batch["errors"] = {"data": [{"code": "injected", "message": "injected batch failure"}]}
+            return
+        outputs, errors = self.run(self.files[batch["input_file_id"]])
+        counts = batch["request_counts"]
+        counts["completed"], counts["failed"] = len(outputs), len(errors)
+        expired = any(b'"batch_expired"' in line for line in errors)
+        batch["status"] = "expired" if expired else "completed"
+        for key, lines in (("output_file_id", outputs), ("error_file_id", errors)):
+            if lines:
+                file_id = f"file-{len(self.files) + 1}"
+                self.files[file_id] = b"".join(lines)
+                batch[key] = file_id
+
+    def run(self, data: bytes) -> tuple[list[bytes], list[bytes]]:
+        """(output lines, error lines) of an input file."""
+        outputs, errors = [], []
+        percent = int(self.app.config["batch_expire_percent"])
+        for number, line in enumerate(data.splitlines()):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            key = item["custom_id"]
+            result: dict[str, Any] = {
+                "id": f"batch_req_{number}",
+                "custom_id": key,
+                "response": None,
+                "error": None,
+            }
+            digest = int(hashlib.sha256(key.encode()).hexdigest(), 16)
+            if percent and digest % 100 < percent and key not in self.expired:
+                self.expired.add(key)
+                message = "This request could not be executed before the completion window expired."
+                result["error"] = {"code": "batch_expired", "message": message}
+                errors.append(json.dumps(result).encode() + b"\n")
+                continue
+            if item.get("url") != "/v1/chat/completions":
+                result["response"] = {"status_code": 404, "body": _error("unsupported url", "not_found")}
+                errors.append(json.dumps(result).encode() + b"\n")
+                continue
+            status, payload, _, action = self.app.chat_result(raw_body(line))
+            if action is not None:
+                status, payload = 500, _error(f"injected {action}", "injected")
+            self.lines += 1
+            result["response"] = {"status_code": status, "request_id": f"req_{number}", "body": payload}
+            (outputs if status == 200 else errors).append(json.dumps(result).encode() + b"\n")
+        return outputs, errors
+
+
+def judge_verdict(body: bytes, words: list[str]) -> str:
+    """The LLM judge's JSON verdict on the answer between ``<<<`` and ``>>>``: violating from the
+    first of ``words`` in it (that is where its span starts)."""
+    prompt = json.loads(body)["messages"][-1]["content"]
+    answer = prompt.split("<<<\n", 1)[-1].rsplit("\n>>>", 1)[0]
+    found = [m.start() for w in words if (m := re.search(r"(?<![0-9a-z])" + re.escape(w), answer.lower()))]
+    start = min(found) if found else None
+    verdict = {
+        "violating": start is not None,
+        "span": answer[start:] if start is not None else "",
+        "category": "Harassment" if start is not None else "",
+        "safe_edit": "[a safe rewrite]",
+    }
+    return json.dumps(verdict)
+
+
+def raw_body(line: bytes) -> bytes:
+    """The ``body`` of an input line as its bytes (the request exactly as it would be sent)."""
+    start = line.index(b'"body":') + len(b'"body":')
+    text = line.decode("utf-8")
+    begin = len(line[:start].decode("utf-8"))
+    _, end = json.JSONDecoder().raw_decode(text, begin)
+    return text[begin:end].encode("utf-8")
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, bytes]:
+    """The fields of a multipart/form-data body (name -> bytes)."""
+    boundary = content_type.partition("boundary=")[2].strip('"')
+    fields: dict[str, bytes] = {}
+    for part in body.split(b"--" + boundary.encode()):
+        head, sep, content = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        found = re.search(rb'name="([^"]+)"', head)
+        if found:
+            fields[found.group(1).decode()] = content[:-2] if content.endswith(b"\r\n") else content
+    return fields
+
+
+def run_batch(input_path: str, output_path: str, config: dict[str, Any]) -> None:
+    """Answer a Batch input file offline, as ``vllm run-batch -i IN -o OUT`` does (one output file
+    with every line's result)."""
+    app = App(config)
+    with open(input_path, "rb") as handle:
+        outputs, errors = app.batch.run(handle.read())
+    with open(output_path, "wb") as handle:
+        handle.write(b"".join(outputs + errors))
 
 
 def _error(message: str, code: str) -> dict[str, Any]:
@@ -408,7 +645,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--config", default="{}", help="JSON config (see module docstring)")
+    parser.add_argument("--run-batch", nargs=2, metavar=("IN", "OUT"), help="answer a Batch file offline")
     args = parser.parse_args()
+    if args.run_batch:
+        run_batch(*args.run_batch, json.loads(args.config))
+        return
     try:
         asyncio.run(serve(args.port, json.loads(args.config)))
     except KeyboardInterrupt:

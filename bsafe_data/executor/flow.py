@@ -37,7 +37,9 @@ from bsafe_data.stages.step import Local, Step, Task
 
 #: A chunk needs this many failed requests before the error budget can stop the build.
 BUDGET_MIN_FAILURES = 5
-_ERROR_KIND = re.compile(r"HTTP \d+|timeout|connection error|malformed response|not run")
+_ERROR_KIND = re.compile(
+    r"HTTP \d+|timeout|connection error|malformed response|not run|batch (?:line )?[a-z_]+"
+)
 
 
 class EndpointDown(BuildError):
@@ -112,6 +114,8 @@ class Flow:
         """Move every record as far as it can go; when none can and answers are outstanding, wait
         up to ``timeout`` seconds for one. The chunks finished meanwhile, in finishing order."""
         if not self._advance() and self._remote and timeout > 0:
+            if self.engine is not None:
+                self.engine.idle()  # nothing moves until answers come: a batch round may be due
             started = time.perf_counter()
             try:
                 item = self._answers.get(timeout=timeout)

@@ -5,6 +5,8 @@ Source rows are cut into chunks of ``output.chunk_rows``; chunk ``i`` belongs to
 own chunks). A worker keeps chunks in flight in its ``Flow`` (``executor.flow``) until every record of
 a chunk is done, admitting the next chunk once fewer than half a chunk's records are still on their
 way, so every endpoint stays busy across chunk boundaries; memory holds a bounded number of chunks.
+With an endpoint in batch mode it holds up to ``batch.rows_in_flight`` records, so a round of
+batches asks for all of them.
 
 Each finished chunk is written atomically into the work folder (a temp folder, then a rename;
 ``executor.output`` keeps it beside the dataset folder) with its counters and the sha256 of each
@@ -237,7 +239,8 @@ class LocalExecutor:
         method: Method | None = None
         try:
             flow: Flow | None = None
-            admit_below = _ADMIT_BELOW
+            admit_below = admit_floor = _ADMIT_BELOW
+            max_chunks = _MAX_CHUNKS_IN_FLIGHT
             for index, chunk, stats in self.chunks(read(), run.notes):
                 order.append(index)
                 if chunk is None:
@@ -249,9 +252,10 @@ class LocalExecutor:
                 if flow is None:
                     method = load(self.world_size)
                     flow = Flow(method, method.resources.engine)
-                admit_below = max(_ADMIT_BELOW, flow.add(index, chunk) // 2)
+                    admit_floor, max_chunks = _admission(self.recipe, method)
+                admit_below = max(admit_floor, flow.add(index, chunk) // 2)
                 self._write(flow.pump(0.0), done, method)  # what runs at once (a whole chunk offline)
-                while flow.unfinished > admit_below or len(flow.chunks) >= _MAX_CHUNKS_IN_FLIGHT:
+                while flow.unfinished > admit_below or len(flow.chunks) >= max_chunks:
                     self._write(flow.pump(_TICK_S), done, method)
                     reporter.finished(done, order, method)
             while flow is not None and flow.chunks:
@@ -275,6 +279,17 @@ class LocalExecutor:
             assert method is not None
             with method.timed("write_chunks"):
                 done[index] = (write_chunk(self.work, index, out, method.features), out.stats)
+
+
+def _admission(recipe: Recipe, method: Method) -> tuple[int, int]:
+    """(records in flight below which the next chunk is admitted, most chunks in flight). With an
+    endpoint in batch mode a round of batches asks for every record held: up to
+    ``batch.rows_in_flight`` of them."""
+    hub = method.resources.engine.batches
+    if hub is None or not hub.queues:
+        return _ADMIT_BELOW, _MAX_CHUNKS_IN_FLIGHT
+    held = recipe.batch.rows_in_flight
+    return held, held // recipe.output.chunk_rows + 1
 
 
 class _Reporter:

@@ -3,7 +3,9 @@
 A spec is read by its fields (``base_url``, ``api_key_env``, ``max_concurrency``, ``timeout_s``,
 ``max_retries``, ``max_retry_after_s`` and, for the generator, ``requests_per_minute`` /
 ``tokens_per_minute``), so this module needs no recipe model. The generator and the companion
-writers share the generator's endpoint, hence its limits.
+writers share the generator's endpoint, hence its limits. A spec with ``mode: batch`` (and every
+endpoint of a build that exports its calls for an offline engine) gets a batch queue
+(``Engine.use_batch``).
 """
 
 from __future__ import annotations
@@ -49,4 +51,7 @@ def _endpoint(engine: Engine, role: str, spec: Any, **options: Any) -> Endpoint:
             **options,
         )
 
-    return engine.endpoint(role, make)
+    endpoint = engine.endpoint(role, make)
+    if getattr(spec, "mode", "online") == "batch" or engine.exporting:
+        engine.use_batch(endpoint, spec.api_key_env)
+    return endpoint

@@ -17,6 +17,10 @@ put loop:
 
 Endpoints are keyed by role: the generator and the companion writers share the generator's
 endpoint (its ``max_concurrency`` is the endpoint's, whoever asks), each classifier has its own.
+An endpoint in batch mode (``use_batch``) parks its misses for the Batch API instead of sending
+them (``bsafe_data.llm.batch``); its answers take the same path into the cache. An engine with
+such an endpoint counts its tasks, and the flow says when it is ``idle``: together they tell when a
+round of batches is due. ``BatchOptions`` say where batch state lives (a build's work folder).
 ``snapshot`` gives every endpoint's counters (done, in flight, queued, failed, cache hits, the wait
 under way) for progress displays.
 """
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bsafe_data.llm.batch import BatchHub, BatchOptions, BatchQueue
 from bsafe_data.llm.cache import CachedResponse, ResponseCache
 from bsafe_data.llm.errors import RequestFailed
 from bsafe_data.llm.transport import PRIORITY, Transport
@@ -108,6 +113,8 @@ class Endpoint:
         self.counters = EndpointCounters()
         self._inflight: dict[str, asyncio.Task[Reply]] = {}
         self._batch: list[tuple[Call, asyncio.Future[tuple[Reply, int]]]] = []
+        #: the Batch API queue of an endpoint in batch mode (``Engine.use_batch``)
+        self.batch: BatchQueue | None = None
 
     @property
     def role(self) -> str:
@@ -128,11 +135,17 @@ class Endpoint:
             task = asyncio.ensure_future(self._fetch(call))
             self._inflight[call.key] = task
             task.add_done_callback(lambda _: self._inflight.pop(call.key, None))
+        hub = self.batch.hub if self.batch is not None and call.batched is None else None
+        if hub is not None:
+            hub.park()
         try:
             reply = await asyncio.shield(task)
         except RequestFailed:
             counters.failed += 1
             raise
+        finally:
+            if hub is not None:
+                hub.unpark()
         counters.done += 1
         if joined:  # answered by the identical call's request: no request of its own
             counters.cache_hits += 1
@@ -141,6 +154,12 @@ class Endpoint:
 
     async def _send(self, call: Call) -> tuple[Reply, int]:
         if call.batched is None:
+            hub = self.engine.batches
+            found = None if hub is None else hub.imported(call.key)
+            if found is not None:
+                return _from_batch(call, found.result())
+            if self.batch is not None:
+                return _from_batch(call, await self.batch.send(call.key, call.path, call.body))
             return await self.transport.send(call.path, call.body, call.extract, call.est_tokens)
         waiter: asyncio.Future[tuple[Reply, int]] = asyncio.get_running_loop().create_future()
         self._batch.append((call, waiter))
@@ -190,7 +209,7 @@ class Endpoint:
         transport = self.transport
         transport.stats.input_tokens += reply.input_tokens
         transport.stats.output_tokens += reply.output_tokens
-        if call.est_tokens:  # correct the TPM reservation with the reported usage
+        if call.est_tokens and self.batch is None:  # correct the TPM reservation with the reported usage
             transport.limiter.settle(call.est_tokens, reply.input_tokens + reply.output_tokens)
         cache.put(
             call.key,
@@ -214,12 +233,49 @@ class Engine:
     """
 
     cache_dir: Path | None = None
+    #: batch state and settings (None: endpoints in batch mode keep no state to re-attach to)
+    batch: BatchOptions | None = None
     _endpoints: dict[str, Endpoint] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _cache: ResponseCache | None = None
     _recent: OrderedDict[str, Reply] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _hub: BatchHub | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch is not None:
+            self._hub = BatchHub(self.batch)
+
+    @property
+    def batches(self) -> BatchHub | None:
+        """The batch queues of this engine (None: made without ``BatchOptions`` and no endpoint
+        in batch mode)."""
+        return self._hub
+
+    @property
+    def exporting(self) -> bool:
+        """Whether every LLM endpoint's calls go to a file for an offline engine."""
+        return self._hub is not None and self._hub.exporting
+
+    def use_batch(self, endpoint: Endpoint, api_key_env: str) -> None:
+        """Put ``endpoint`` in batch mode (``api_key_env`` is recorded in the batch state files),
+        before any task is submitted: tasks are counted from then on."""
+        with self._lock:
+            if self._hub is None:
+                self._hub = BatchHub(BatchOptions())
+            hub = self._hub
+        if endpoint.batch is None:
+            transport = endpoint.transport
+            endpoint.batch = hub.queue(
+                endpoint.role, transport.base_url, transport.api_key, transport.public, api_key_env
+            )
+
+    def idle(self) -> None:
+        """The caller cannot go on until answers come (from any thread but the loop's)."""
+        hub, loop = self._hub, self._loop
+        if hub is not None and hub.queues and loop is not None:
+            loop.call_soon_threadsafe(hub.idle, hub.idle_mark())
 
     @property
     def cache(self) -> ResponseCache:
@@ -258,12 +314,25 @@ class Engine:
     def submit(self, coro: Coroutine[Any, Any, T], priority: int = 0) -> Future[T]:
         """Run ``coro`` on the engine's loop; its requests wait for slots by ``priority`` (lower
         first). Returns at once."""
-        return asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), self._running_loop())
+        loop = self._running_loop()
+        hub = self._hub
+        if hub is None or not hub.queues:  # no endpoint in batch mode: nothing to count
+            return asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), loop)
+        hub.started()
+        future = asyncio.run_coroutine_threadsafe(_prioritised(coro, priority), loop)
+
+        def finished(_: Future[T]) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(hub.finished)
+
+        future.add_done_callback(finished)
+        return future
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """``submit`` and wait for the result (from any thread but the loop's); the answers it
         fetched are committed to the cache when it returns."""
         future = self.submit(coro)
+        self.idle()  # this thread waits: nothing else will be asked meanwhile
         try:
             return future.result()
         except BaseException:
@@ -310,6 +379,8 @@ class Engine:
                 "concurrency": transport.max_concurrency,
                 "wait": transport.current_wait(),
             }
+            if endpoint.batch is not None:
+                out[role].update(endpoint.batch.snapshot())
         return out
 
     # -- closing -------------------------------------------------------------------------------
@@ -337,11 +408,21 @@ class Engine:
         await asyncio.gather(*pending, return_exceptions=True)
         for endpoint in self._endpoints.values():
             await endpoint.transport.close()
+        if self._hub is not None:
+            await self._hub.close()
 
 
 async def _prioritised(coro: Awaitable[T], priority: int) -> T:
     PRIORITY.set(priority)  # this task's context: every request it sends waits by it
     return await coro
+
+
+def _from_batch(call: Call, raw: bytes) -> tuple[Reply, int]:
+    """A batch line's 200 body read as ``call`` reads an online one (one request)."""
+    try:
+        return call.extract(raw), 1
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise RequestFailed(f"malformed response in a batch output ({type(exc).__name__})", 1) from None
 
 
 def _reply(hit: CachedResponse) -> Reply:

@@ -40,6 +40,7 @@ from bsafe_data.errors import BuildError
 from bsafe_data.generate.base import Generation, GenerationRequest, Generator
 from bsafe_data.generate.text import TextPrompt, TextWriter
 from bsafe_data.label import control_patterns, control_text, control_vocabulary, segments_for
+from bsafe_data.llm.batch import BatchOptions
 from bsafe_data.llm.engine import Engine
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe
@@ -79,17 +80,22 @@ class Resources:
 
     @classmethod
     def load(
-        cls, recipe: Recipe, cache_dir: Path | None = None, generator: Generator | None = None
+        cls,
+        recipe: Recipe,
+        cache_dir: Path | None = None,
+        generator: Generator | None = None,
+        batch: BatchOptions | None = None,
     ) -> Resources:
         """Load everything ``recipe`` names; unloadable parts raise BuildError with the reason.
-        ``generator`` replaces the recipe's (the caller closes it)."""
+        ``generator`` replaces the recipe's (the caller closes it); ``batch`` is where endpoints in
+        batch mode keep their state (a build's work folder) and the build's batch flags."""
         from bsafe_data.classify.factory import make_classifiers
         from bsafe_data.generate.factory import make_generator
         from bsafe_data.stages.segment import load_nlp
         from bsafe_data.tokenization import load_tokenizer
 
         stack = ExitStack()
-        engine = Engine(cache_dir)
+        engine = Engine(cache_dir, batch)
         stack.callback(engine.close)
         try:
             tokenizers = {ref: load_tokenizer(ref) for ref in recipe.tokenizers.all}
