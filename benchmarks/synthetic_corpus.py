@@ -1,4 +1,9 @@
-"""A synthetic chat corpus for benchmarks: varied prose answers of 3–15 sentences, deterministic."""
+"""Synthetic chat corpora for benchmarks: varied prose answers of 3–15 sentences, deterministic.
+
+``closed``: every word comes from a small vocabulary. ``unique``: as real chat data, each row also
+carries tokens no other row has (an order number, a name, a web address, a code, an amount), so
+anything that keeps every string it has seen grows with the corpus.
+"""
 
 from __future__ import annotations
 
@@ -42,8 +47,26 @@ _TAILS = [
 ]
 
 
-def synthetic_rows(n: int, seed: int = 0):
-    """Yield n prompt/response rows."""
+CORPORA = ("closed", "unique")
+
+
+def _unique_sentences(i: int, rng: random.Random) -> list[str]:
+    """Sentences with tokens of row ``i`` alone: numbers, a name, a web address, a code."""
+    name = f"{rng.choice(_NAMES)}{i:x}"
+    return [
+        f"Order {100_000 + i} ships to {name} on day {rng.randint(1, 28)}.",
+        f"See https://{name.lower()}.example.org/notes/{i} and the code ZX{i * 7919 % 10**9:09d}.",
+        f"The total is {i % 1000}.{i % 97:02d} dollars.",
+    ]
+
+
+_NAMES = ["Ada", "Bram", "Chen", "Dana", "Emeka", "Farah", "Goran", "Hiro", "Ines", "Jonas"]
+
+
+def synthetic_rows(n: int, seed: int = 0, corpus: str = "closed"):
+    """Yield n prompt/response rows of ``corpus`` (``CORPORA``)."""
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus {corpus!r} is not one of {CORPORA}")
     rng = random.Random(seed)
     for i in range(n):
         sentences = []
@@ -51,6 +74,9 @@ def synthetic_rows(n: int, seed: int = 0):
             sentences.append(
                 f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_TAILS)}."
             )
+        if corpus == "unique":
+            for sentence in _unique_sentences(i, rng):
+                sentences.insert(rng.randint(0, len(sentences)), sentence)
         yield {
             "id": f"syn-{i}",
             "prompt": f"Any advice about topic {i % 97}?",
@@ -58,9 +84,9 @@ def synthetic_rows(n: int, seed: int = 0):
         }
 
 
-def write_corpus(path: Path, n: int, seed: int = 0) -> Path:
-    """Write n rows as JSONL."""
+def write_corpus(path: Path, n: int, seed: int = 0, corpus: str = "closed") -> Path:
+    """Write n rows of ``corpus`` as JSONL."""
     with path.open("w", encoding="utf-8") as handle:
-        for row in synthetic_rows(n, seed):
+        for row in synthetic_rows(n, seed, corpus):
             handle.write(json.dumps(row) + "\n")
     return path

@@ -18,9 +18,9 @@ FLAGSHIP = str(REPO / "recipes" / "bsafe_plus.yaml")
 ARGS = ["--limit", "120", "--set", "output.chunk_rows=15", "--set", "sampling.variants_per_answer=2"]
 
 
-def build(out: Path, *extra: str) -> None:
+def build(out: Path, *extra: str, args: list[str] = ARGS) -> None:
     proc = subprocess.run(
-        [CLI, "build", FLAGSHIP, "--out", str(out), *ARGS, *extra],
+        [CLI, "build", FLAGSHIP, "--out", str(out), *args, *extra],
         capture_output=True, text=True, env=os.environ, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

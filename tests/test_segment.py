@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 from bsafe_data.recipe import PositionSpec
+from bsafe_data.stages import segment
 from bsafe_data.stages.sample import (
     Candidate,
     candidates,
@@ -47,6 +48,33 @@ def test_load_nlp_is_cached_and_unknown_pipelines_fail_cleanly():
     assert "sentencizer" in load_nlp("blank:en").pipe_names
     with pytest.raises(SegmentationError, match="not installed"):
         load_nlp("xx_no_such_pipeline_sm")
+
+
+def test_a_reloaded_pipeline_segments_the_same_and_its_vocabulary_stays_bounded(monkeypatch):
+    """Texts with tokens of their own (as real chat data): ``load_nlp``'s pipeline is reloaded in
+    place whenever its vocabulary grew past the bound, and segments exactly as one never reloaded."""
+    import spacy
+
+    monkeypatch.setattr(segment, "MAX_NEW_STRINGS", 400)
+    texts = [
+        f"Order {10_000 + i} ships to Name{i:x} on day {i % 28}. Dr. Z{i} said: see "
+        f"https://n{i}.example.org/a/{i * 7}! Code ZX{i * 7919:09d}? Done.\n\nTotal {i}.{i % 97:02d} now."
+        for i in range(600)
+    ] + TEXTS
+    bounded = load_nlp("blank:en")
+    never_reloaded = spacy.blank("en")  # not from load_nlp: left as it is
+    never_reloaded.add_pipe("sentencizer")
+    initial = len(never_reloaded.vocab.strings)
+    got, vocabularies, sizes = [], [], []
+    for start in range(0, len(texts), 40):
+        got += sentence_spans(bounded, texts[start : start + 40])
+        vocabularies.append(bounded.vocab)
+        sizes.append(len(bounded.vocab.strings))
+    assert got == sentence_spans(never_reloaded, texts)
+    assert len(never_reloaded.vocab.strings) - initial > 10 * segment.MAX_NEW_STRINGS  # it grows
+    assert len({id(vocab) for vocab in vocabularies}) > 5  # reloaded, several times
+    assert max(sizes) - initial <= segment.MAX_NEW_STRINGS  # bounded after every call
+    assert load_nlp("blank:en") is bounded and "sentencizer" in bounded.pipe_names
 
 
 def test_sentence_spans_on_abbreviations_and_newlines(spans):
