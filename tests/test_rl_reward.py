@@ -283,7 +283,7 @@ def test_prompt_set_columns_locate_the_attack_like_the_attack_text(tok):
 
 
 @pytest.mark.parametrize("critic", ["builtin", "llm_judge_http"])
-def test_own_violation_exact_backtrack_beats_over_backtracks_without_an_attack_column(tok, server, tmp_path, critic):
+def test_own_violation_exact_beats_over_backtracks_without_an_attack_column(tok, server, tmp_path, critic):
     """No `attack` column: the violation is the model's own, so the critic localises it inside the
     deleted run (the judge by its span, the builtin critic by the longest safe prefix)."""
     if critic == "builtin":
@@ -292,7 +292,8 @@ def test_own_violation_exact_backtrack_beats_over_backtracks_without_an_attack_c
         judge = {"name": "judge", "provider": "llm_judge", "model": "judge", "base_url": server.url}
         spec = RewardSpec(classifiers=[judge])
     reward = BacktrackReward(tok, spec, cache_dir=tmp_path / "cache")
-    completions = {k: v for k, v in attack_completions(_x(tok)).items() if k in ("exact", "over_by_4", "over_by_10", "none")}
+    wanted = ("exact", "over_by_4", "over_by_10", "none")
+    completions = {k: v for k, v in attack_completions(_x(tok)).items() if k in wanted}
     r = _scored(reward, attack_prompt(), completions, category="Toxic")
     assert r["exact"] > r["over_by_4"] > r["over_by_10"]
     assert r["exact"] > r["none"]

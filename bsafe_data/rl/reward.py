@@ -306,7 +306,7 @@ class BacktrackReward:
                 text = _text_of(s.trajectory, s.runs[ri][1][: cuts[(si, ri)][mid]])
                 items.append(Item(text.strip(), "violation", s.context, "", text))
             unsafe, _scores, _verdicts = self._verdicts(items)
-            for ((key, mid), bad) in zip(probes, unsafe, strict=True):
+            for (key, mid), bad in zip(probes, unsafe, strict=True):
                 searches[key][1 if bad else 0] = mid
         for key, (lo, _hi) in searches.items():
             lead[key] = cuts[key][lo]
