@@ -99,6 +99,8 @@ class RewardBreakdown:
     refused: bool
     scores: dict[str, float]  # critic score of the final answer, per classifier
     trajectory: Trajectory | None = field(default=None, repr=False, compare=False)
+    #: the final answer that was judged (text: kept off ``as_dict`` and the logs)
+    answer: str = field(default="", repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         """A flat dict for logging (no text)."""
@@ -442,6 +444,7 @@ class BacktrackReward:
             refused=refused,
             scores=scores,
             trajectory=t,
+            answer=s.answer,
         )
 
 
