@@ -47,6 +47,20 @@ def _first(record: Mapping[str, Any], names: Sequence[str]) -> str:
     return ""
 
 
+def _turns(record: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A ``messages`` column's turns up to the last user turn (a chat corpus as prompts)."""
+    raw = record.get("messages")
+    if not isinstance(raw, (list, tuple)):
+        return ()
+    turns = [
+        (str(m.get("role")), str(m.get("content")))
+        for m in raw
+        if isinstance(m, Mapping) and isinstance(m.get("content"), str)
+    ]
+    last = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+    return tuple(turns[: last + 1])
+
+
 def _layout(spec: PromptSourceSpec, path: Path, first: Mapping[str, Any] | None) -> str:
     if spec.layout != "auto":
         return spec.layout
@@ -56,6 +70,8 @@ def _layout(spec: PromptSourceSpec, path: Path, first: Mapping[str, Any] | None)
         for layout in ("advbench", "harmbench", "jailbreakbench", "prompts"):
             if _first(first, _COLUMNS[layout][0]):
                 return layout
+        if _turns(first):
+            return "prompts"
         found = sorted(map(str, first))[:12]
         raise SourceError(
             f"{spec.path}: cannot tell the prompt layout (found columns {found}); set `layout:`"
@@ -98,12 +114,13 @@ def read_prompts(spec: PromptSourceSpec) -> list[EvalPrompt]:
         if layout != "rlbf_prompts":
             text_cols, target_cols, category_cols = _COLUMNS[layout]
             user = _first(record, text_cols)
-            if user:
+            turns = (("user", user),) if user else _turns(record)
+            if turns:
                 prompt = EvalPrompt(
                     id=str(record.get("id") or index),
                     source=spec.path,
                     kind=spec.kind,
-                    messages=(("user", user),),
+                    messages=turns,
                     category=_first(record, category_cols),
                     target=_first(record, target_cols),
                 )

@@ -30,7 +30,7 @@ from bsafe_data.recipe import (
 
 #: Prompt-file layouts: AdvBench (``goal``, ``target``), HarmBench (``Behavior``), JailbreakBench
 #: (``Goal``, ``Target``, ``Category``), an ``rlbf_prompts`` build (a folder or its parquet), or
-#: any table with a ``prompt`` column (and optional ``target``, ``category``).
+#: any table with a ``prompt`` (or ``messages``) column and optional ``target``, ``category``.
 LAYOUTS = ("auto", "advbench", "harmbench", "jailbreakbench", "rlbf_prompts", "prompts")
 
 
