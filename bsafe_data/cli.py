@@ -89,9 +89,13 @@ def schema(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the schema files.")] = Path("schemas"),
     check: Annotated[bool, typer.Option(help="Exit 1 if the files on disk are stale.")] = False,
 ) -> None:
-    """Write schemas/recipe.schema.json and schemas/row.schema.json from the models."""
+    """Write schemas/recipe.schema.json, schemas/eval.schema.json and schemas/row.schema.json from
+    the models."""
+    from bsafe_data.eval.recipe import eval_json_schema
+
     wanted = {
         "recipe.schema.json": json.dumps(recipe_json_schema(), indent=2) + "\n",
+        "eval.schema.json": json.dumps(eval_json_schema(), indent=2) + "\n",
         "row.schema.json": json.dumps(row_json_schema(), indent=2) + "\n",
     }
     stale = [n for n, t in wanted.items() if not (out_dir / n).exists() or (out_dir / n).read_text() != t]

@@ -226,3 +226,10 @@ def load_eval_recipe(path: str | Path, overrides: list[str] | None = None) -> Ev
     if not isinstance(loaded, EvalRecipe):
         raise RecipeError(str(path), [("method", None, f"not an eval recipe (method {loaded.method!r})")])
     return loaded
+
+
+def eval_json_schema() -> dict[str, Any]:
+    """JSON Schema of an eval recipe (``schemas/eval.schema.json``)."""
+    schema = EvalRecipe.model_json_schema()
+    schema["title"] = "Eval recipe"
+    return schema
