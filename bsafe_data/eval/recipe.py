@@ -25,7 +25,7 @@ from bsafe_data.recipe import (
     RecipeError,
     Strict,
     _without_credentials,
-    parse_with,
+    load_with,
 )
 
 #: Prompt-file layouts: AdvBench (``goal``, ``target``), HarmBench (``Behavior``), JailbreakBench
@@ -197,27 +197,13 @@ class EvalRecipe(Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def _method_of(text: str) -> Any:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-    return data.get("method") if isinstance(data, dict) else None
-
-
 def load_any_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe | EvalRecipe:
-    """A build recipe (``registry.load_recipe``) or an eval recipe (``method: eval``); RecipeError
+    """A build recipe (any registered method) or an eval recipe (``method: eval``); RecipeError
     with every problem."""
-    from bsafe_data.registry import load_recipe
+    from bsafe_data.registry import METHODS
 
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(str(path), [("", None, f"cannot read recipe: {exc.strerror}")]) from None
-    if _method_of(text) != "eval":
-        return load_recipe(path, overrides)
-    return parse_with({"eval": EvalRecipe}, text, str(path), overrides)  # type: ignore[dict-item]
+    models = {name: cls.recipe_model for name, cls in METHODS.items()}
+    return load_with({**models, "eval": EvalRecipe}, path, overrides)  # type: ignore[dict-item]
 
 
 def load_eval_recipe(path: str | Path, overrides: list[str] | None = None) -> EvalRecipe:
