@@ -67,7 +67,7 @@ def _layout(spec: PromptSourceSpec, path: Path, first: Mapping[str, Any] | None)
     if path.is_dir() or (first is not None and "expect" in first and "prompt" in first):
         return "rlbf_prompts"
     if first is not None:
-        for layout in ("advbench", "harmbench", "jailbreakbench", "prompts"):
+        for layout in ("jailbreakbench", "advbench", "harmbench", "prompts"):  # JBB has a Behavior column too
             if _first(first, _COLUMNS[layout][0]):
                 return layout
         if _turns(first):
