@@ -241,6 +241,9 @@ def test_a_local_checkpoint_runs_in_process(tmp_path, prompt_files):
         assert r["completion"] and not r["error"]
         # the final answer is the prefill (nothing backtracked) and the decoded continuation
         assert r["final"].startswith(r["prefill"])
+    # the generations went into the response cache: a re-run generates nothing, the same rows
+    again = evaluate(recipe, cache_dir=tmp_path / "cache", force=True)
+    assert again.requests == {str(checkpoint): 0} and again.rows == result.rows
 
 
 # -- failures: the real CLI, one line, no traceback --------------------------------------------------

@@ -11,8 +11,10 @@ assistant turn; ``api: chat`` sends messages, a prefill as a final assistant mes
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bsafe_data.classify.remote import canonical
@@ -28,6 +30,8 @@ from bsafe_data.llm.transport import MalformedResponse, loads
 
 #: Part of every cache key of the model under test: bump when requests or storage change.
 PROTOCOL = "eval/model/1"
+#: The same for generations of a local checkpoint.
+LOCAL_PROTOCOL = "eval/local/1"
 
 
 @dataclass(frozen=True)
@@ -144,66 +148,117 @@ class EndpointModel:
 
 class LocalModel:
     """A checkpoint run in-process with transformers (greedy at temperature 0, else sampled with a
-    seed per instance)."""
+    seed per instance). Its answers go into the engine's response cache too, keyed by the
+    checkpoint's fingerprint (file names, sizes and modification times), the prompt and the
+    sampling: a re-run generates only what is missing."""
 
-    def __init__(self, spec: ModelSpec, tokenizer: Any):
-        import torch
-        from transformers import AutoModelForCausalLM
-
+    def __init__(self, spec: ModelSpec, engine: Engine, tokenizer: Any):
         self.spec = spec
+        self.engine = engine
         self.tokenizer = tokenizer
         self.requests = 0
-        options: dict[str, Any] = {"torch_dtype": torch.float32}
-        if spec.gguf_file:
-            options["gguf_file"] = spec.gguf_file
-        self.model = AutoModelForCausalLM.from_pretrained(spec.model, **options)
-        if len(tokenizer) > self.model.get_input_embeddings().weight.shape[0]:
-            self.model.resize_token_embeddings(len(tokenizer))
-        if spec.device:
-            self.model.to(spec.device)
-        self.model.eval()
+        self.fingerprint = checkpoint_fingerprint(spec.model)
+        self.model: Any = None
         stops = {tokenizer.eos_token_id}
         end = end_of_turn(tokenizer)
         if end:
             stops.add(tokenizer.convert_tokens_to_ids(end))
         self._stops = sorted(s for s in stops if isinstance(s, int) and s >= 0)
 
+    def _load(self) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if self.model is None:
+            options: dict[str, Any] = {"dtype": torch.float32}
+            if self.spec.gguf_file:
+                options["gguf_file"] = self.spec.gguf_file
+            model = AutoModelForCausalLM.from_pretrained(self.spec.model, **options)
+            if len(self.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(self.tokenizer))
+            if self.spec.device:
+                model.to(self.spec.device)
+            self.model = model.eval()
+        return self.model
+
+    def key(self, instance: Instance) -> str:
+        """The cache key of ``instance``'s generation."""
+        payload = {
+            "checkpoint": self.fingerprint,
+            "prompt": prompt_text(self.tokenizer, instance),
+            "sampling": instance.sampling,
+            "max_tokens": self.spec.max_tokens,
+            "seed": self.spec.seed,
+        }
+        return request_key(canonical(payload), LOCAL_PROTOCOL)
+
     def generate(self, instances: Sequence[Instance]) -> list[Generation]:
-        """Every instance's continuation, one after another."""
+        """Every instance's continuation: from the cache, else generated one after another."""
+        keys = [self.key(i) for i in instances]
+
+        async def lookup() -> list[Reply | None]:
+            return [self.engine.lookup(k) for k in keys]
+
+        async def store(key: str, generation: Generation) -> None:
+            stored = json.dumps({"text": generation.text, "ids": list(generation.ids or ())})
+            self.engine.cache.put(
+                key, model=self.spec.model, status="ok", text=stored, finish_reason=generation.finish_reason
+            )
+
+        out: list[Generation] = []
+        for instance, key, hit in zip(instances, keys, self.engine.run(lookup()), strict=True):
+            if hit is not None:
+                try:
+                    data = json.loads(hit.text)
+                    out.append(Generation(data["text"], tuple(data["ids"]), hit.finish_reason, True))
+                    continue
+                except (ValueError, KeyError, TypeError):
+                    pass  # a damaged entry: generated again
+            generation = self._generate(instance)
+            self.engine.run(store(key, generation))
+            out.append(generation)
+        return out
+
+    def _generate(self, instance: Instance) -> Generation:
         import torch
 
-        out = []
-        for instance in instances:
-            text = prompt_text(self.tokenizer, instance)
-            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-            ids = ids.to(self.model.device)
-            sampling = instance.sampling
-            options: dict[str, Any] = {"max_new_tokens": self.spec.max_tokens, "eos_token_id": self._stops}
-            if sampling["temperature"] > 0:
-                options.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"])
-                options["top_k"] = sampling["top_k"] or None
-                seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) ^ self.spec.seed
-                torch.manual_seed(seed)
-            else:
-                options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._stops[0]
-            with torch.no_grad():
-                result = self.model.generate(
-                    ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **options
-                )
-            new = tuple(int(t) for t in result[0, ids.shape[1] :])
-            self.requests += 1
-            finish = "stop" if new and new[-1] in self._stops else "length"
-            out.append(Generation(self.tokenizer.decode(list(new), skip_special_tokens=False), new, finish))
-        return out
+        model = self._load()
+        text = prompt_text(self.tokenizer, instance)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+        sampling = instance.sampling
+        options: dict[str, Any] = {"max_new_tokens": self.spec.max_tokens, "eos_token_id": self._stops}
+        if sampling["temperature"] > 0:
+            options.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"])
+            options["top_k"] = sampling["top_k"] or None
+            torch.manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) ^ self.spec.seed)
+        else:
+            options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._stops[0]
+        with torch.no_grad():
+            result = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **options)
+        new = tuple(int(t) for t in result[0, ids.shape[1] :])
+        self.requests += 1
+        finish = "stop" if new and new[-1] in self._stops else "length"
+        return Generation(self.tokenizer.decode(list(new), skip_special_tokens=False), new, finish)
 
     def close(self) -> None:
         """Drop the weights."""
         self.model = None
 
 
+def checkpoint_fingerprint(path: str) -> str:
+    """A short identity of a local checkpoint: its files' names, sizes and modification times."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    facts = [
+        (p.relative_to(root).as_posix() if root.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+    ]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]
+
+
 def make_model(spec: ModelSpec, engine: Engine, role: str, tokenizer: Any) -> EndpointModel | LocalModel:
     """The model a spec names."""
     if spec.provider == "transformers":
-        return LocalModel(spec, tokenizer)
+        return LocalModel(spec, engine, tokenizer)
     return EndpointModel(spec, engine, role, tokenizer)
