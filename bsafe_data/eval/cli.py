@@ -47,8 +47,8 @@ def eval_command(
 ) -> None:
     """Evaluate a backtracking model: ASR with the backtracks executed, per attack and category.
 
-    Exit codes: 0 written; 1 the run failed (an endpoint that cannot be used, the folder); 2 bad
-    recipe, prompt file or tokenizer; 3 written, but some requests failed (a re-run retries them).
+    Exit codes: 0 written; 1 the run failed (endpoint, folder); 2 bad recipe, prompt file or
+    tokenizer; 3 written, but some requests failed (a re-run retries them).
     """
     from bsafe_data.errors import BuildError
     from bsafe_data.eval.recipe import load_eval_recipe
