@@ -21,12 +21,12 @@ name (substring): ``backtracker`` backtracks on cue, anything else (``plain``) d
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from aiohttp import web
 
 from tests.conftest import TOKENIZER_DIRS
+from tests.guard_server import GuardServer
 
 DEFAULTS: dict[str, Any] = {
     "jailbreak_suffix": "zx-adv-suffix",
@@ -41,67 +41,34 @@ CONTINUATION = " And another thing, you worthless idiot: nobody likes you."
 HELPFUL = "Here is a calm and helpful answer with the steps you need."
 
 
-class ScriptedModelServer:
-    """``with ScriptedModelServer() as server:``; ``server.url`` is the ``/v1`` base URL."""
+class ScriptedModelServer(GuardServer):
+    """``with ScriptedModelServer() as server:``; ``server.url`` is the ``/v1`` base URL (the guard
+    server's thread and controls, these routes)."""
 
     def __init__(self, **config: Any):
         from transformers import AutoTokenizer
 
+        super().__init__()
         self.config = {**DEFAULTS, **config}
         self.tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIRS["qwen2.5"]))
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        self.by_model: dict[str, int] = {}
 
     def stats(self) -> dict[str, int]:
-        """``requests`` (model requests), and per path and model."""
+        """``requests`` (model requests), per path and per model (``model:NAME``)."""
         with self._lock:
-            return {"requests": sum(v for k, v in self.counts.items() if k.startswith("/")), **self.counts}
-
-    def requests(self) -> int:
-        return self.stats()["requests"]
+            by_model = {f"model:{k}": v for k, v in self.by_model.items()}
+        return {**super().stats(), **by_model}
 
     def reset(self) -> None:
+        super().reset()
         with self._lock:
-            self.counts.clear()
+            self.by_model.clear()
 
-    def __enter__(self) -> ScriptedModelServer:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/v1/completions", self._completions)
-            app.router.add_post("/v1/chat/completions", self._chat)
-            app.router.add_get("/v1/models", self._models)
-            runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            loop.run_until_complete(site.start())
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="scripted-model-server", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("scripted model server did not start")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+    def routes(self, app: web.Application) -> None:
+        """The two scripted models' routes."""
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
 
     # -- the two models ------------------------------------------------------------------------
     def _x(self, head: str, text: str) -> int:
@@ -131,10 +98,10 @@ class ScriptedModelServer:
         return HELPFUL
 
     # -- routes --------------------------------------------------------------------------------
-    def _count(self, path: str, model: str) -> None:
+    def _count_model(self, path: str, model: str) -> None:
         with self._lock:
             self.counts[path] = self.counts.get(path, 0) + 1
-            self.counts[f"model:{model}"] = self.counts.get(f"model:{model}", 0) + 1
+            self.by_model[model] = self.by_model.get(model, 0) + 1
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [
@@ -158,7 +125,7 @@ class ScriptedModelServer:
     async def _completions(self, request: web.Request) -> web.Response:
         body = await request.json()
         model = str(body.get("model", ""))
-        self._count("/v1/completions", model)
+        self._count_model("/v1/completions", model)
         prompt = str(body.get("prompt", ""))
         at = prompt.rfind(HEADER)
         head, prefill = (prompt[: at + len(HEADER)], prompt[at + len(HEADER) :]) if at >= 0 else (prompt, "")
@@ -170,7 +137,7 @@ class ScriptedModelServer:
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         model = str(body.get("model", ""))
-        self._count("/v1/chat/completions", model)
+        self._count_model("/v1/chat/completions", model)
         messages = list(body.get("messages") or [])
         prefill = ""
         if messages and messages[-1].get("role") == "assistant" and body.get("continue_final_message"):
