@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = build_data(base, out / "data", args.rows)
     prompts = out / "held_back_prefill.jsonl"
     n_prompts = held_back_prompts(data, prompts, args.eval_prompts)
+    if not n_prompts:
+        raise SystemExit("the test split holds no injected row to evaluate on: raise --rows")
     clock["built"] = time.monotonic()
     trained = train(data, base, out / "sft", args)
     clock["trained"] = time.monotonic()

@@ -44,7 +44,7 @@ def test_train_and_eval_small_smoke(tmp_path):
     pytest.importorskip("trl", reason="needs the [train] extra")
     out = _run(
         str(EXAMPLES / "train_and_eval_small.py"),
-        "--out", str(tmp_path / "small"), "--rows", "6", "--steps", "2", "--batch-size", "1",
+        "--out", str(tmp_path / "small"), "--rows", "12", "--steps", "2", "--batch-size", "1",
         "--max-length", "128", "--eval-prompts", "2", "--max-tokens", "4",
         timeout=900,
     )  # fmt: skip
