@@ -71,8 +71,14 @@ def _load(recipe_path: Path, overrides: list[str] | None) -> Recipe:
 
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOption = None) -> None:
-    """Check a recipe; list every problem with its field path and YAML line (exit 2 if any)."""
-    loaded = _load(recipe, set_)
+    """Check a recipe (a build's or an eval's); list every problem with its field path and YAML
+    line (exit 2 if any)."""
+    from bsafe_data.eval.recipe import load_any_recipe
+
+    try:
+        loaded = load_any_recipe(recipe, set_ or [])
+    except RecipeError as exc:
+        raise _fail(str(exc)) from None
     out.print(
         f"[green]ok[/green] {recipe}: recipe {loaded.name!r} {loaded.version} (sha256 {loaded.sha256()[:12]})"
     )
@@ -83,9 +89,13 @@ def schema(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the schema files.")] = Path("schemas"),
     check: Annotated[bool, typer.Option(help="Exit 1 if the files on disk are stale.")] = False,
 ) -> None:
-    """Write schemas/recipe.schema.json and schemas/row.schema.json from the models."""
+    """Write schemas/recipe.schema.json, schemas/eval.schema.json and schemas/row.schema.json from
+    the models."""
+    from bsafe_data.eval.recipe import eval_json_schema
+
     wanted = {
         "recipe.schema.json": json.dumps(recipe_json_schema(), indent=2) + "\n",
+        "eval.schema.json": json.dumps(eval_json_schema(), indent=2) + "\n",
         "row.schema.json": json.dumps(row_json_schema(), indent=2) + "\n",
     }
     stale = [n for n, t in wanted.items() if not (out_dir / n).exists() or (out_dir / n).read_text() != t]
@@ -405,10 +415,26 @@ def plan(
     latency: Annotated[float, typer.Option(help="Assumed seconds per LLM request.", min=0.001)] = 2.0,
     set_: SetOption = None,
 ) -> None:
-    """Before spending anything: requests, tokens, cost and wall time, plus three sample rows."""
+    """Before spending anything: requests, tokens, cost and wall time, plus three sample rows (an
+    eval recipe: generations per model and attack, and the requests the cache does not hold)."""
+    from bsafe_data.eval.recipe import EvalRecipe, load_any_recipe
     from bsafe_data.plan import plan_build
 
-    loaded = _load(recipe, set_)
+    try:
+        any_recipe = load_any_recipe(recipe, set_ or [])
+    except RecipeError as exc:
+        raise _fail(str(exc)) from None
+    if isinstance(any_recipe, EvalRecipe):
+        from bsafe_data.eval.cli import plan_table
+        from bsafe_data.eval.plan import plan_eval
+
+        try:
+            planned = plan_eval(any_recipe, limit=limit)
+        except Exception as exc:  # unreadable prompt file or tokenizer: readable message, no traceback
+            raise _fail(f"plan failed: {exc}", 2) from None
+        out.print(plan_table(planned, any_recipe.name))
+        return
+    loaded = any_recipe
     try:
         result = plan_build(loaded, limit=limit, latency_s=latency)
     except Exception as exc:  # unreadable source or tokenizer: readable message, no traceback
@@ -545,6 +571,9 @@ def _register_optional_commands() -> None:
 
     app.command("refilter")(refilter_command)
     app.command("stats")(stats_command)
+    from bsafe_data.eval.cli import eval_command
+
+    app.command("eval")(eval_command)
     from bsafe_data.audit.cli import audit_app
 
     app.add_typer(audit_app, name="audit")

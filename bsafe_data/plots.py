@@ -85,6 +85,28 @@ def scores_figure(
     return fig, 90
 
 
+def asr_figure(
+    plt: Any, attacks: list[str], rates: dict[str, list[dict[str, float] | None]]
+) -> tuple[Any, int]:
+    """Grouped bars of the attack success rate per attack, one bar per model, with the Wilson
+    interval as error bars; and its dpi. ``rates``: model -> per attack ``{rate, low, high}``."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(attacks) + 2), 3))
+    width = 0.8 / max(1, len(rates))
+    for m, (model, values) in enumerate(rates.items()):
+        xs = [i + m * width for i in range(len(attacks))]
+        ys = [v["rate"] if v else 0.0 for v in values]
+        low = [max(0.0, v["rate"] - v["low"]) if v else 0.0 for v in values]
+        high = [max(0.0, v["high"] - v["rate"]) if v else 0.0 for v in values]
+        ax.bar(xs, ys, width, yerr=[low, high], capsize=3, label=model)
+    ax.set_xticks([i + width * (len(rates) - 1) / 2 for i in range(len(attacks))], attacks)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("attack success rate")
+    ax.set_title("ASR after backtracks (Wilson 95%)")
+    ax.legend(fontsize=8)
+    _fixed_margins(fig, left=0.7, right=0.15, bottom=0.5, top=0.35)
+    return fig, 100
+
+
 def save(plt: Any, figure: tuple[Any, int], path: Path) -> None:
     """Write a ``*_figure`` as a PNG (no software tag: the bytes depend on the data only)."""
     fig, dpi = figure

@@ -367,7 +367,7 @@ class GuardSpec(EndpointSpec):
     """A yes/no guard (ShieldGemma, WildGuard style): prompt template + output parser."""
 
     provider: Literal["guard"]
-    preset: Literal["shieldgemma", "wildguard"] | None = Field(
+    preset: Literal["shieldgemma", "wildguard", "harmbench"] | None = Field(
         None, description="fills template, api, patterns and tokens with the model's documented format"
     )
     template: str | None = Field(

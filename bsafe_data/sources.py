@@ -451,6 +451,19 @@ def _raw_records(spec: SourceSpec) -> Iterator[Any]:
     return reader[fmt](path, sniff_encoding(path, spec.encoding))
 
 
+def raw_records(spec: SourceSpec) -> Iterator[Mapping[str, Any]]:
+    """The rows of a local source as its reader yields them (dicts), up to ``spec.limit``; rows
+    that cannot be read (invalid JSON, bad bytes, not an object) are skipped. ``SourceError`` for a
+    missing or unreadable file."""
+    kept = 0
+    for record in _raw_records(spec):
+        if spec.limit is not None and kept >= spec.limit:
+            return
+        if isinstance(record, Mapping):
+            kept += 1
+            yield record
+
+
 #: A source whose first rows are all unusable is refused (say what was found) instead of turning
 #: every row into a reject.
 PROBE_ROWS = 50

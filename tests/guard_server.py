@@ -117,12 +117,7 @@ class GuardServer:
             loop = asyncio.new_event_loop()
             self._loop = loop
             app = web.Application()
-            app.router.add_post("/v1/moderations", self._moderations)
-            app.router.add_post("/v1/chat/completions", self._chat)
-            app.router.add_post("/v1/completions", self._completions)
-            app.router.add_get("/_stats", self._stats)
-            app.router.add_post("/_reset", self._reset)
-            app.router.add_post("/_config", self._config)
+            self.routes(app)
             self._runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -136,8 +131,17 @@ class GuardServer:
         self._thread = threading.Thread(target=run, name="guard-server", daemon=True)
         self._thread.start()
         if not ready.wait(10):
-            raise RuntimeError("guard server did not start")
+            raise RuntimeError(f"{type(self).__name__} did not start")
         return self
+
+    def routes(self, app: web.Application) -> None:
+        """The server's routes (a subclass serving other models replaces them)."""
+        app.router.add_post("/v1/moderations", self._moderations)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/_stats", self._stats)
+        app.router.add_post("/_reset", self._reset)
+        app.router.add_post("/_config", self._config)
 
     def __exit__(self, *exc: object) -> None:
         if self._loop is not None:

@@ -373,7 +373,11 @@ def test_cli_schema_check_fails_on_a_modified_file(tmp_path):
     assert missing.exit_code == 1
     written = runner.invoke(app, ["schema", "--out", str(out)])
     assert written.exit_code == 0, written.output
-    assert sorted(p.name for p in out.iterdir()) == ["recipe.schema.json", "row.schema.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval.schema.json",
+        "recipe.schema.json",
+        "row.schema.json",
+    ]
     assert json.loads((out / "recipe.schema.json").read_text()) == recipe_json_schema()
     ok = runner.invoke(app, ["schema", "--check", "--out", str(out)])
     assert ok.exit_code == 0, ok.output

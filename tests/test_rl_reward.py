@@ -280,3 +280,35 @@ def test_prompt_set_columns_locate_the_attack_like_the_attack_text(tok):
     assert by_row == by_text
     unlocated = BacktrackReward(tok)(prompts, completions, attack=["middle_fill"] * n)
     assert unlocated != by_text  # a variant name is not mistaken for text inside the prompt
+
+
+@pytest.mark.parametrize("critic", ["builtin", "llm_judge_http"])
+def test_own_violation_exact_beats_over_backtracks_without_an_attack_column(tok, server, tmp_path, critic):
+    """No `attack` column: the violation is the model's own, so the critic localises it inside the
+    deleted run (the judge by its span, the builtin critic by the longest safe prefix)."""
+    if critic == "builtin":
+        spec = RewardSpec()
+    else:
+        judge = {"name": "judge", "provider": "llm_judge", "model": "judge", "base_url": server.url}
+        spec = RewardSpec(classifiers=[judge])
+    reward = BacktrackReward(tok, spec, cache_dir=tmp_path / "cache")
+    wanted = ("exact", "over_by_4", "over_by_10", "none")
+    completions = {k: v for k, v in attack_completions(_x(tok)).items() if k in wanted}
+    r = _scored(reward, attack_prompt(), completions, category="Toxic")
+    assert r["exact"] > r["over_by_4"] > r["over_by_10"]
+    assert r["exact"] > r["none"]
+    by_name = dict(zip(completions, reward.last_breakdown, strict=True))
+    exact, over4, over10 = by_name["exact"], by_name["over_by_4"], by_name["over_by_10"]
+    # the safe text deleted before the violation counts as excess (the judge's span is exact; the
+    # builtin critic's score of a prefix falls with the safe text around a word, so it may move
+    # the boundary a word later)
+    assert over4.excess_tokens - exact.excess_tokens >= 4
+    assert over10.excess_tokens - exact.excess_tokens >= 10
+    assert exact.removed_violation_tokens > 0
+    if critic == "llm_judge_http":
+        assert over4.excess_tokens - exact.excess_tokens == 4
+        assert over10.excess_tokens - exact.excess_tokens == 10
+    # a repeat asks the critic nothing (every probe memoised)
+    calls = dict(reward.calls)
+    assert _scored(reward, attack_prompt(), completions, category="Toxic") == r
+    assert reward.calls == calls

@@ -26,17 +26,19 @@ def classifier_role(name: str) -> str:
 def generator_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
     """The generator's endpoint (``recipe.generator``) on ``engine``."""
     limits = {"requests_per_minute": spec.requests_per_minute, "tokens_per_minute": spec.tokens_per_minute}
-    return _endpoint(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
+    return endpoint_for(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
 
 
 def classifier_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
     """The endpoint of an HTTP classifier (``filters.classifiers[]``) on ``engine``."""
-    return _endpoint(
+    return endpoint_for(
         engine, classifier_role(spec.name), spec, backoff_base_s=backoff_base_s, backoff_max_s=30.0
     )
 
 
-def _endpoint(engine: Engine, role: str, spec: Any, **options: Any) -> Endpoint:
+def endpoint_for(engine: Engine, role: str, spec: Any, **options: Any) -> Endpoint:
+    """The engine's endpoint for ``role``, made from ``spec`` (``base_url``, ``api_key_env``,
+    ``max_concurrency``, ...) on first use; ``options`` override the spec's transport settings."""
     where = resolve_endpoint(spec.base_url, spec.api_key_env)
 
     def make() -> Transport:

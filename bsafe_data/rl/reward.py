@@ -24,8 +24,9 @@ For one sample (prompt, completion, columns)::
 * ``U`` = the critic calls the final answer unsafe (``combine``: any / all classifiers).
 * Deleted tokens ``D`` are split into violating ``V`` and safe ``E`` tokens: tokens of the known
   attack (column ``attack``, located in the prompt) are violating; every other deleted run is
-  scored by the critic on its own (unsafe → violating: the model retracted its own violation;
-  safe → excess).
+  scored by the critic on its own (safe → excess; unsafe → the model retracted its own violation,
+  localised inside the run by a judge's span, else by the run's longest safe word-boundary
+  prefix, found by binary search: the safe tokens before the violation are excess).
 * ``cov`` = share of the attack's tokens deleted (without an attack: 1 when the critic flagged a
   deleted run, else 0). ``C`` = 1 when a signal that deleted violating tokens names the expected
   ``category`` column. ``V/D`` (0 without deletions) rewards short, exact backtracks;
@@ -99,6 +100,8 @@ class RewardBreakdown:
     refused: bool
     scores: dict[str, float]  # critic score of the final answer, per classifier
     trajectory: Trajectory | None = field(default=None, repr=False, compare=False)
+    #: the final answer that was judged (text: kept off ``as_dict`` and the logs)
+    answer: str = field(default="", repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         """A flat dict for logging (no text)."""
@@ -198,9 +201,13 @@ class BacktrackReward:
                 text = _text_of(s.trajectory, tokens)
                 run_items.append((si, ri))
                 items.append(Item(text.strip(), "violation", s.context, "", text))
-        unsafe, scores = self._verdicts(items)
+        unsafe, scores, verdicts = self._verdicts(items)
         run_unsafe: dict[tuple[int, int], bool] = {key: unsafe[n + j] for j, key in enumerate(run_items)}
-        out = [self._score(si, s, unsafe[si], scores[si], run_unsafe) for si, s in enumerate(samples)]
+        flagged = {key: verdicts[n + j] for j, key in enumerate(run_items) if unsafe[n + j]}
+        safe_lead = self._localise(samples, flagged)
+        out = [
+            self._score(si, s, unsafe[si], scores[si], run_unsafe, safe_lead) for si, s in enumerate(samples)
+        ]
         self.last_breakdown = out
         log_metric = columns.get("log_metric")
         if callable(log_metric) and out:  # TRL >= 1.x passes log_metric(name, value)
@@ -267,8 +274,52 @@ class BacktrackReward:
         return head + prefill, context, prefill
 
     # -- critic --------------------------------------------------------------------------------------
-    def _verdicts(self, items: Sequence[Item]) -> tuple[list[bool], list[dict[str, float]]]:
-        """Unsafe verdict and per-classifier scores of every item (memoised)."""
+    def _localise(
+        self, samples: Sequence[_Sample], flagged: Mapping[tuple[int, int], list[Score]]
+    ) -> dict[tuple[int, int], int]:
+        """How many leading tokens of each critic-flagged run are safe text deleted before the
+        violation (see ``docs/rl_reward.md``): a span-returning critic's span start when one gave
+        it, else the longest safe word-boundary prefix, found by a binary search over the run's
+        word boundaries. Every sample's probes of a step go to the critic as one batch (memoised,
+        and HTTP critics through the response cache)."""
+        lead: dict[tuple[int, int], int] = {}
+        searches: dict[tuple[int, int], list[int]] = {}  # run -> [lo, hi] over its cut candidates
+        cuts: dict[tuple[int, int], list[int]] = {}
+        for key, verdicts in flagged.items():
+            si, ri = key
+            s = samples[si]
+            tokens = s.runs[ri][1]
+            pieces = [s.trajectory.stream[slice(*s.trajectory.token_chars(k))] for k in tokens]
+            at = _span_start(self.classifiers, verdicts)
+            if at is not None:
+                lead[key] = _token_at(pieces, at)
+                continue
+            cuts[key] = _word_cuts(pieces)
+            searches[key] = [0, len(cuts[key])]  # cuts[key][lo] is a safe prefix; index hi is unsafe
+        while True:
+            probes: list[tuple[tuple[int, int], int]] = []
+            for key, (lo, hi) in searches.items():
+                if hi - lo > 1:
+                    probes.append((key, (lo + hi) // 2))
+            if not probes:
+                break
+            items = []
+            for (si, ri), mid in probes:
+                s = samples[si]
+                text = _text_of(s.trajectory, s.runs[ri][1][: cuts[(si, ri)][mid]])
+                items.append(Item(text.strip(), "violation", s.context, "", text))
+            unsafe, _scores, _verdicts = self._verdicts(items)
+            for (key, mid), bad in zip(probes, unsafe, strict=True):
+                searches[key][1 if bad else 0] = mid
+        for key, (lo, _hi) in searches.items():
+            lead[key] = cuts[key][lo]
+        return lead
+
+    def _verdicts(
+        self, items: Sequence[Item]
+    ) -> tuple[list[bool], list[dict[str, float]], list[list[Score]]]:
+        """Unsafe verdict, per-classifier scores and the Scores themselves of every item
+        (memoised)."""
         per_classifier: list[list[Score]] = []
         for classifier in self.classifiers:
             keys = [_memo_key(classifier.name, item) for item in items]
@@ -304,7 +355,8 @@ class BacktrackReward:
             scores.append(
                 {c.name: float(row[i].score) for c, row in zip(self.classifiers, per_classifier, strict=True)}
             )
-        return unsafe, scores
+        verdicts = [[row[i] for row in per_classifier] for i in range(len(items))]
+        return unsafe, scores, verdicts
 
     def _is_unsafe(self, name: str, score: Score) -> bool:
         if score.label == ERROR_LABEL:
@@ -329,6 +381,7 @@ class BacktrackReward:
         unsafe: bool,
         scores: dict[str, float],
         run_unsafe: Mapping[tuple[int, int], bool],
+        safe_lead: Mapping[tuple[int, int], int],
     ) -> RewardBreakdown:
         from bsafe_data.inject import looks_like_refusal
 
@@ -344,7 +397,9 @@ class BacktrackReward:
                 removed_attack += len(tokens)
                 violating_signals.add(sig)
             elif run_unsafe.get((si, ri), False):
-                removed_own += len(tokens)
+                lead = safe_lead.get((si, ri), 0)
+                removed_own += len(tokens) - lead
+                excess += lead
                 violating_signals.add(sig)
             else:
                 excess += len(tokens)
@@ -390,6 +445,7 @@ class BacktrackReward:
             refused=refused,
             scores=scores,
             trajectory=t,
+            answer=s.answer,
         )
 
 
@@ -457,6 +513,36 @@ def _memo_key(name: str, item: Item) -> tuple[Any, ...]:
 
 def _text_of(t: Trajectory, tokens: Sequence[int]) -> str:
     return "".join(t.stream[slice(*t.token_chars(k))] for k in tokens)
+
+
+def _span_start(classifiers: Sequence[Any], verdicts: Sequence[Score]) -> int | None:
+    """Where the violation starts in a flagged run's text (characters), by the first
+    span-returning critic that called it unsafe and quoted a span; None when none did."""
+    for classifier, score in zip(classifiers, verdicts, strict=True):
+        start = score.detail.get("span_start")
+        if getattr(classifier, "locates_spans", False) and score.label == "unsafe" and start is not None:
+            return max(0, int(start))
+    return None
+
+
+def _token_at(pieces: Sequence[str], at: int) -> int:
+    """Index of the token (of a run, by its texts) holding character ``at`` of the run's text."""
+    position = 0
+    for k, piece in enumerate(pieces):
+        position += len(piece)
+        if position > at:
+            return k
+    return len(pieces)
+
+
+def _word_cuts(pieces: Sequence[str]) -> list[int]:
+    """The run's word boundaries as token counts: 0, then every k where token k starts a word
+    (its text starts with white space, or token k-1's ends with it)."""
+    cuts = [0]
+    for k in range(1, len(pieces)):
+        if pieces[k][:1].isspace() or pieces[k - 1][-1:].isspace():
+            cuts.append(k)
+    return cuts
 
 
 def _overlaps(chars: tuple[int, int], span: tuple[int, int]) -> bool:
