@@ -17,8 +17,8 @@ The ``usage`` property is cumulative over the generator's lifetime: ``requests``
 it sent, retries included; companion writers on the same endpoint count their own), ``cache_hits``,
 ``retries`` (transport retries), ``content_retries`` (re-asks after refusals/unparseable answers),
 ``input_tokens``, ``output_tokens`` (as reported by the server, cache hits excluded), ``cost_usd``
-(from ``prices``: USD per 1M ``input``/``output`` tokens), and row outcomes ``refused``,
-``unparseable``, ``errors``.
+(from ``prices``: USD per 1M ``input``/``output`` tokens), row outcomes ``refused``,
+``unparseable``, ``errors``, and the endpoint's concurrency (``AdaptiveLimit.usage``).
 """
 
 from __future__ import annotations
@@ -109,6 +109,7 @@ class OpenAIGenerator(Generator):
             "refused": counts["refused"],
             "unparseable": counts["unparseable"],
             "errors": counts["errors"],
+            **self._endpoint.transport.concurrency.usage(),
         }
 
     def check(self) -> list[str] | None:

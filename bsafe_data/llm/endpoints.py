@@ -1,6 +1,7 @@
 """The endpoints a recipe names, on a build's engine: the generator's and each classifier's.
 
-A spec is read by its fields (``base_url``, ``api_key_env``, ``max_concurrency``, ``timeout_s``,
+A spec is read by its fields (``base_url``, ``api_key_env``, ``max_concurrency``,
+``min_concurrency``, ``timeout_s``,
 ``max_retries``, ``max_retry_after_s`` and, for the generator, ``requests_per_minute`` /
 ``tokens_per_minute``), so this module needs no recipe model. The generator and the companion
 writers share the generator's endpoint, hence its limits.
@@ -43,6 +44,7 @@ def _endpoint(engine: Engine, role: str, spec: Any, **options: Any) -> Endpoint:
             where.api_key,
             role=role,
             max_concurrency=spec.max_concurrency,
+            min_concurrency=spec.min_concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
             max_retry_after_s=spec.max_retry_after_s,

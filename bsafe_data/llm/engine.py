@@ -307,7 +307,7 @@ class Engine:
                 "in_flight": transport.in_flight,
                 "queued": transport.queued,
                 "requests": transport.stats.requests,
-                "concurrency": transport.max_concurrency,
+                "concurrency": transport.limit,
                 "wait": transport.current_wait(),
             }
         return out
