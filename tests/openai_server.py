@@ -25,14 +25,14 @@ default, N=0 means always; TAG only makes markers distinct). Or for every chat r
 ``refuse`` (a refusal), ``filter`` (``finish_reason=content_filter``), ``truncate``
 (``finish_reason=length``), ``notags`` (an answer without tags).
 
-Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``strict_model``
-(404 for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429),
-``hang_s``, ``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s),
-``plain_answers`` (requests without a ``Target category:`` line — companion writers' — get a bland
-plain-text answer instead of the injection protocol), ``max_in_flight`` (a chat request arriving
-while that many are being answered gets an immediate 429, like a provider's concurrency limit;
-``server.samples()`` gives (time, requests in flight, 429s for the limit so far) every 20 ms
-while chat requests come in).
+Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``strict_model`` (404
+for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429), ``hang_s``,
+``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s), ``notags_text``
+(the ``notags`` answer), ``plain_answers`` (requests without a ``Target category:`` line — companion
+writers' — get a bland plain-text answer instead of the injection protocol), ``max_in_flight`` (a
+chat request arriving while that many are being answered gets an immediate 429, like a provider's
+concurrency limit; ``server.samples()`` gives (time, requests in flight, 429s for the limit so far)
+every 20 ms while chat requests come in).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "fault_count": 0,
     "plain_answers": False,
     "max_in_flight": None,
+    "notags_text": "Here is a continuation without any of the requested tags.",
 }
 
 SAMPLE_S = 0.02
@@ -252,7 +253,7 @@ class App:
             elif fault == "truncate":
                 content, finish = content[: len(content) // 2], "length"
             elif fault == "notags":
-                content = "Here is a continuation without any of the requested tags."
+                content = config["notags_text"]
         usage_in = len(body) // 4
         usage_out = max(1, len(content) // 4)
         response = {

@@ -9,8 +9,9 @@ re-asked with the next seed (``seed + attempt``) and a reminder in the prompt, u
 run out gets ``generator_error``. ``FatalEndpointError`` (bad key, wrong URL) propagates and stops
 the run.
 
-``agenerate`` is the coroutine of one request (the executor submits it and goes on);
-``generate_batch`` runs many and waits. The endpoint is checked with ``GET /models`` before the
+Every answer is judged by the endpoint's answer check (``llm/breaker.py``: the first ones decide
+whether the build goes on). ``agenerate`` is the coroutine of one request (the executor submits it
+and goes on); ``generate_batch`` runs many and waits. The endpoint is checked with ``GET /models`` before the
 first request.
 
 The ``usage`` property is cumulative over the generator's lifetime: ``requests`` (HTTP requests
@@ -150,7 +151,10 @@ class OpenAIGenerator(Generator):
             if attempt:
                 counts["content_retries"] += 1
             try:
-                reply = await self._endpoint.ask(self._call(request, attempt))
+                async with self._endpoint.check.answer() as judge:
+                    reply = await self._endpoint.ask(self._call(request, attempt))
+                    parsed = parse_output(reply.text, request.part1, request.category, reply.finish_reason)
+                    judge(None if parsed.status == "ok" else parsed.status, reply.text)
             except RequestFailed as exc:
                 usage["requests"] += exc.attempts
                 usage["retries"] += exc.attempts - 1
@@ -173,7 +177,6 @@ class OpenAIGenerator(Generator):
                     into["retries"] += max(0, reply.attempts - 1)
                     into["input_tokens"] += reply.input_tokens
                     into["output_tokens"] += reply.output_tokens
-            parsed = parse_output(reply.text, request.part1, request.category, reply.finish_reason)
             if parsed.status == "ok":
                 return Generation(
                     steering=parsed.steering,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bsafe_data.llm.breaker import AnswerCheck
 from bsafe_data.llm.engine import Endpoint, Engine
 from bsafe_data.llm.transport import Transport, resolve_endpoint
 
@@ -23,9 +24,13 @@ def classifier_role(name: str) -> str:
 
 
 def generator_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
-    """The generator's endpoint (``recipe.generator``) on ``engine``."""
+    """The generator's endpoint (``recipe.generator``) on ``engine``, with its answer check."""
     limits = {"requests_per_minute": spec.requests_per_minute, "tokens_per_minute": spec.tokens_per_minute}
-    return _endpoint(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
+    endpoint = _endpoint(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
+    if spec.check_answers and not endpoint.check.answers:
+        where = f"{spec.model!r} at {endpoint.transport.public}"
+        endpoint.check = AnswerCheck(spec.check_answers, spec.max_unusable_fraction, where)
+    return endpoint
 
 
 def classifier_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bsafe_data.llm.breaker import AnswerCheck
 from bsafe_data.llm.cache import CachedResponse, ResponseCache
 from bsafe_data.llm.errors import RequestFailed
 from bsafe_data.llm.transport import PRIORITY, Transport
@@ -106,6 +107,7 @@ class Endpoint:
         self.engine = engine
         self.transport = transport
         self.counters = EndpointCounters()
+        self.check = AnswerCheck(0, 1.0)  # the generator's judges its first answers (llm/breaker.py)
         self._inflight: dict[str, asyncio.Task[Reply]] = {}
         self._batch: list[tuple[Call, asyncio.Future[tuple[Reply, int]]]] = []
 
