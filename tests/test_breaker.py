@@ -119,3 +119,19 @@ def test_the_sample_is_escaped_for_the_terminal(server, tmp_path):
     (sample,) = [line for line in stopped.stderr.splitlines() if line.startswith("sample answer")]
     assert sample.startswith("sample answer (unparseable): Sure!\\x1b]0;pwned\\x07\\x1b[2J\\nI will")
     assert sample.endswith("…") and len(sample) < 300
+
+
+def test_each_worker_of_a_pool_judges_its_own_first_answers(server, tmp_path):
+    path = corpus(tmp_path / "c.jsonl", good_rows(120))
+    server.reset(fault="notags", fault_count=0)
+    try:
+        stopped = llm_build(
+            server, path, tmp_path / "out", tmp_path / "cache", "--set", "output.chunk_rows=20",
+            "--set", "execution.executor=processes", "--set", "execution.workers=2",
+        )  # fmt: skip
+    finally:
+        server.reset()
+    assert stopped.returncode == EXIT_CODE, stopped.stderr
+    assert server.stats()["chat"] <= 50  # 25 answers checked per worker
+    assert sum(line.startswith("build stopped:") for line in stopped.stderr.splitlines()) == 1
+    assert "check_answers=25" in stopped.stderr
