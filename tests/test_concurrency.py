@@ -83,3 +83,24 @@ def test_a_build_for_256_settles_under_a_limit_of_40_and_loses_nothing(tmp_path)
     assert len(steady) >= 20, samples
     assert 30 <= statistics.median(steady) <= 45, steady
     assert sum(n <= 45 for n in steady) >= 0.9 * len(steady), steady  # never far above the limit
+
+
+def test_a_spent_rate_limit_budget_lowers_the_limit_like_a_429():
+    import asyncio
+
+    from bsafe_data.llm.client import CHAT_PATH, parse_completion
+    from bsafe_data.llm.transport import Transport
+
+    body = b'{"model": "test-model", "messages": [{"role": "user", "content": "Target category: Toxic"}]}'
+    spent = {"remaining-requests": "0", "reset-requests": "10ms"}
+    with ServerProcess(ratelimit=spent) as srv:
+        transport = Transport(srv.url, max_concurrency=8, min_concurrency=2)
+
+        async def main() -> None:
+            async with transport:
+                await asyncio.gather(*(transport.post(CHAT_PATH, body, parse_completion) for _ in range(40)))
+
+        asyncio.run(main())
+        assert srv.stats()["chat"] == 40  # paused, never refused: nothing asked twice
+    usage = transport.concurrency.usage()
+    assert usage["throttled"] > 0 and usage["concurrency_lowest"] < 8 and usage["min_concurrency"] == 2
