@@ -219,9 +219,9 @@ class GeneratorSpec(Strict):
     check_answers: int = Field(
         50,
         ge=0,
-        description="the build's first N generator answers are checked: when more than "
-        "max_unusable_fraction of them are unusable (unparseable, refused, truncated) the build stops "
-        "(exit 4); 0: no check",
+        description="the build's first N generator answers (a row's, after its re-asks) are checked: "
+        "when more than max_unusable_fraction of them are unusable (unparseable, refused, truncated) "
+        "the build stops (exit 4); 0: no check",
     )
     max_unusable_fraction: float = Field(
         0.5, ge=0, le=1, description="share of unusable answers among the first check_answers that stops"

@@ -42,7 +42,8 @@ def test_the_first_answers_decide_and_the_others_wait_for_the_verdict():
     bad = run_calls(AnswerCheck(10, 0.5), ["unparseable"] * 100)
     assert bad[0] == 10 and isinstance(bad[1], QualityStop)  # 6 unusable decide, none past the 10
     stop = bad[1]
-    assert "6 of the first 6 answers" in stop.message and "unparseable 100%" in stop.message
+    assert "10 of the first 10 answers" in stop.message  # the stop waits for the answers out
+    assert "unparseable 100%" in stop.message
     assert "generator.check_answers=0" in stop.message and "\x1b" not in stop.message
     assert stop.sample.startswith("unparseable: Here is")  # raw: the terminal escapes it
     good = run_calls(AnswerCheck(10, 0.5), [None, "refused"] * 50)
@@ -84,7 +85,7 @@ def test_an_off_protocol_generator_stops_the_build_and_a_lifted_rerun_goes_on(se
     stopped = llm_build(server, path, out, cache, "--set", "generator.check_answers=40")
     assert stopped.returncode == EXIT_CODE, stopped.stderr
     sent = server.stats()["chat"]
-    assert sent <= 40  # no request past the answers checked
+    assert sent <= 40 * 3  # no request past the 40 answers checked (each up to 3 attempts)
     lines = [line for line in stopped.stderr.splitlines() if line.strip() and "━" not in line]
     message = [line for line in lines if line.startswith("build stopped:")]
     assert len(message) == 1 and "generator_unparseable" not in message[0]
@@ -94,11 +95,9 @@ def test_an_off_protocol_generator_stops_the_build_and_a_lifted_rerun_goes_on(se
     answer = "Here is a continuation without any of the requested tags."
     assert sample == [f"sample answer (unparseable): {answer}"]
     assert not (out / "manifest.json").exists()
-    judged = int(re.search(r"of the first (\d+) answers", message[0]).group(1))
     again = llm_build(server, path, out, cache, "--set", "generator.check_answers=40")
     assert again.returncode == EXIT_CODE, again.stderr
-    # the answers judged come from the cache: only calls cut off in flight by the stop are asked
-    assert server.stats()["chat"] - sent <= 40 - judged
+    assert server.stats()["chat"] == sent  # every answer checked was kept: judged from the cache
     lifted = llm_build(server, path, out, cache, "--set", "generator.check_answers=0")
     assert lifted.returncode == 0, lifted.stderr
     counts = funnel(out)
@@ -114,7 +113,7 @@ def test_the_sample_is_escaped_for_the_terminal(server, tmp_path):
     finally:
         server.reset()
     assert stopped.returncode == EXIT_CODE, stopped.stderr
-    assert server.stats()["chat"] <= 50  # the default check: the first 50 answers
+    assert server.stats()["chat"] <= 50 * 3  # the default check: the first 50 answers
     assert "\x1b" not in stopped.stderr and "\x07" not in stopped.stderr
     (sample,) = [line for line in stopped.stderr.splitlines() if line.startswith("sample answer")]
     assert sample.startswith("sample answer (unparseable): Sure!\\x1b]0;pwned\\x07\\x1b[2J\\nI will")
@@ -132,6 +131,6 @@ def test_each_worker_of_a_pool_judges_its_own_first_answers(server, tmp_path):
     finally:
         server.reset()
     assert stopped.returncode == EXIT_CODE, stopped.stderr
-    assert server.stats()["chat"] <= 50  # 25 answers checked per worker
+    assert server.stats()["chat"] <= 2 * 25 * 3  # 25 answers checked per worker
     assert sum(line.startswith("build stopped:") for line in stopped.stderr.splitlines()) == 1
     assert "check_answers=25" in stopped.stderr

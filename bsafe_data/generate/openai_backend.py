@@ -9,10 +9,10 @@ re-asked with the next seed (``seed + attempt``) and a reminder in the prompt, u
 run out gets ``generator_error``. ``FatalEndpointError`` (bad key, wrong URL) propagates and stops
 the run.
 
-Every answer is judged by the endpoint's answer check (``llm/breaker.py``: the first ones decide
-whether the build goes on). ``agenerate`` is the coroutine of one request (the executor submits it
-and goes on); ``generate_batch`` runs many and waits. The endpoint is checked with ``GET /models`` before the
-first request.
+Every generation (its last answer) is judged by the endpoint's answer check (``llm/breaker.py``: the
+first ones decide whether the build goes on). ``agenerate`` is the coroutine of one request (the
+executor submits it and goes on); ``generate_batch`` runs many and waits. The endpoint is checked
+with ``GET /models`` before the first request.
 
 The ``usage`` property is cumulative over the generator's lifetime: ``requests`` (HTTP requests
 it sent, retries included; companion writers on the same endpoint count their own), ``cache_hits``,
@@ -143,6 +143,14 @@ class OpenAIGenerator(Generator):
             async with self._check_lock:
                 if not self._checked:
                     await self._check()
+        async with self._endpoint.check.answer() as judge:  # the first answers decide (llm/breaker)
+            generation, status, text = await self._attempts(request)
+            if generation.error != "generator_error":  # a failed request is no answer
+                judge(None if status == "ok" else status, text)
+        return generation
+
+    async def _attempts(self, request: GenerationRequest) -> tuple[Generation, str, str]:
+        """The generation of one request, the parse status and the text of its last answer."""
         counts = self._counts
         usage = {"requests": 0, "cache_hits": 0, "retries": 0, "input_tokens": 0, "output_tokens": 0}
         parsed: ParsedOutput | None = None
@@ -151,23 +159,21 @@ class OpenAIGenerator(Generator):
             if attempt:
                 counts["content_retries"] += 1
             try:
-                async with self._endpoint.check.answer() as judge:
-                    reply = await self._endpoint.ask(self._call(request, attempt))
-                    parsed = parse_output(reply.text, request.part1, request.category, reply.finish_reason)
-                    judge(None if parsed.status == "ok" else parsed.status, reply.text)
+                reply = await self._endpoint.ask(self._call(request, attempt))
             except RequestFailed as exc:
                 usage["requests"] += exc.attempts
                 usage["retries"] += exc.attempts - 1
                 counts["requests"] += exc.attempts
                 counts["retries"] += exc.attempts - 1
                 counts["errors"] += 1
-                return Generation(
+                failed = Generation(
                     category=request.category,
                     error="generator_error",
                     detail=failure_detail(exc),
                     usage=usage,
                     transient=exc.transient,
                 )
+                return failed, "error", ""
             if reply.cached:
                 usage["cache_hits"] += 1
                 counts["cache_hits"] += 1
@@ -177,20 +183,23 @@ class OpenAIGenerator(Generator):
                     into["retries"] += max(0, reply.attempts - 1)
                     into["input_tokens"] += reply.input_tokens
                     into["output_tokens"] += reply.output_tokens
+            parsed = parse_output(reply.text, request.part1, request.category, reply.finish_reason)
             if parsed.status == "ok":
-                return Generation(
+                generation = Generation(
                     steering=parsed.steering,
                     violation=parsed.violation,
                     category=parsed.category,
                     detail=parsed.detail,
                     usage=usage,
                 )
+                return generation, "ok", reply.text
         assert parsed is not None
         counts["refused" if parsed.status == "refused" else "unparseable"] += 1
         detail = f"{parsed.detail} (after {max_attempts} attempt(s))"
-        return Generation(
+        unusable = Generation(
             category=request.category, error=_ERROR_CODE[parsed.status], detail=detail, usage=usage
         )
+        return unusable, parsed.status, reply.text
 
     def close(self) -> None:
         """Close the engine this generator runs itself (a build's engine is closed by the build)."""

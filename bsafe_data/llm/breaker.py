@@ -3,12 +3,13 @@
 A generator that ignores the injection protocol, or refuses everything, would otherwise be paid for
 the whole corpus. ``AnswerCheck`` judges the first ``generator.check_answers`` answers of the
 generator's endpoint (the generator's and its companion writers', cached ones included, so a re-run
-stops again without a request): only that many calls go out until the verdict, and the verdict
-comes as soon as it is certain. More than ``generator.max_unusable_fraction`` of them unusable
-(unparseable, refused, truncated) raises ``QualityStop``: one message with the shares by reason, and
-one sample answer kept apart from it (``sample``, for the user's terminal only, never logged).
-Requests that fail (endpoint errors) are not answers: the error budget judges those. Each worker
-of a pool judges its own first answers (``Recipe.shared_by`` splits the count).
+stops again without a request): only that many calls go out until the verdict, and the verdict comes
+as soon as it is certain (a stop waits for the first answers still in flight: they are paid for, and
+cached). More than ``generator.max_unusable_fraction`` of them unusable (unparseable, refused,
+truncated) raises ``QualityStop``: one message with the shares by reason, and one sample answer kept
+apart from it (``sample``, for the user's terminal only, never logged). Requests that fail (endpoint
+errors) are not answers: the error budget judges those. Each worker of a pool judges its own first
+answers (``Recipe.shared_by`` splits the count).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class AnswerCheck:
         self.usable = 0
         self.samples: dict[str, str] = {}
         self.open = answers <= 0
+        self.tripped = False  # the verdict is "stop"; it is raised once no first answer is out
         self.stop: QualityStop | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -83,6 +85,7 @@ class AnswerCheck:
             if counted and not judged:
                 self.admitted -= 1
                 self._wake()
+                self._settle()
 
     async def _admit(self) -> bool:
         """True when the call is one of the first answers."""
@@ -91,7 +94,7 @@ class AnswerCheck:
                 raise self.stop
             if self.open:
                 return False
-            if self.admitted < self.answers:
+            if self.admitted < self.answers and not self.tripped:
                 self.admitted += 1
                 return True
             waiter = asyncio.get_running_loop().create_future()
@@ -105,23 +108,28 @@ class AnswerCheck:
                 waiter.set_result(None)
 
     def _judge(self, reason: str | None, text: str) -> None:
-        if self.stop is not None:  # answered after the verdict
-            raise self.stop
         if reason is None:
             self.usable += 1
         else:
             self.unusable[reason] += 1
             self.samples.setdefault(reason, text[:SAMPLE_CHARS] + ("…" if len(text) > SAMPLE_CHARS else ""))
-        bad = sum(self.unusable.values())
-        if bad > self.allowed:
-            self.stop = self._stop(bad)
-            self._wake()
-            raise self.stop
-        if self.usable >= self.answers - self.allowed:  # the stop can no longer come
+        if self.tripped or sum(self.unusable.values()) > self.allowed:
+            self.tripped = True
+            self._settle()
+        elif self.usable >= self.answers - self.allowed:  # the stop can no longer come
             self.open = True
             self._wake()
 
-    def _stop(self, bad: int) -> QualityStop:
+    def _settle(self) -> None:
+        """Once tripped, raise the stop when no first answer is still out: the answers in flight
+        are paid for, so they are awaited (and cached: a re-run judges them without a request)."""
+        if self.tripped and self.usable + sum(self.unusable.values()) >= self.admitted:
+            self.stop = self.stop or self._stop()
+            self._wake()
+            raise self.stop
+
+    def _stop(self) -> QualityStop:
+        bad = sum(self.unusable.values())
         judged = bad + self.usable
         shares = ", ".join(f"{reason} {n / judged:.0%}" for reason, n in self.unusable.most_common())
         top = self.unusable.most_common(1)[0][0]
