@@ -31,7 +31,7 @@ from rich.text import Text
 from bsafe_data.recipe import Recipe, RecipeError
 from bsafe_data.registry import load_recipe, recipe_json_schema
 from bsafe_data.rows import ROW_KINDS, row_json_schema
-from bsafe_data.terminal import safe
+from bsafe_data.terminal import one_line, safe
 
 app = typer.Typer(
     help="Build, verify and publish backtracking safety training data.",
@@ -145,10 +145,13 @@ def build(
 
     Exit codes: 0 built; 1 the build failed (message says why, the previous dataset is intact);
     2 bad recipe or arguments; 3 built but incomplete: some rows failed for a transient reason
-    (endpoint errors, expired batch lines) and a re-run retries exactly those; 4 stopped after
-    --batch-export wrote the calls: run them offline, then re-run with --batch-import.
+    (endpoint errors, expired batch lines) and a re-run retries exactly those; 4 stopped by the
+    answer check: the generator's first answers are mostly unusable (the message says how to go on
+    anyway); 5 stopped after --batch-export wrote the calls: run them offline, then re-run with
+    --batch-import.
     """
     from bsafe_data.formats import output_dir
+    from bsafe_data.llm.breaker import QualityStop
     from bsafe_data.pipeline import BuildError, BuildStopped
     from bsafe_data.pipeline import build as run_build
     from bsafe_data.sources import SourceError, spec_from_cli
@@ -178,7 +181,12 @@ def build(
                 batch_import=batch_import,
             )
         except BuildStopped as exc:
-            raise _fail(f"build stopped: {exc}", 4) from None
+            raise _fail(f"build stopped: {exc}", 5) from None
+        except QualityStop as exc:  # the sample only here, on the user's terminal: never in a file
+            console.print(Text(f"build stopped: {safe(exc.message).removeprefix('stopped: ')}", style="red"))
+            reason, _, answer = exc.sample.partition(": ")
+            console.print(Text(f"sample answer ({one_line(reason)}): {one_line(answer)}", style="yellow"))
+            raise typer.Exit(exc.exit_code) from None
         except BuildError as exc:
             raise _fail(f"build failed: {exc}", 1) from None
     for note in result.notes:

@@ -196,6 +196,15 @@ _MODE = Field(
 )
 
 
+def _check_concurrency(spec: Any) -> Any:
+    """``min_concurrency`` may not exceed ``max_concurrency``."""
+    if spec.min_concurrency > spec.max_concurrency:
+        raise ValueError(
+            f"min_concurrency ({spec.min_concurrency}) is above max_concurrency ({spec.max_concurrency})"
+        )
+    return spec
+
+
 class GeneratorSpec(Strict):
     """The LLM (or the builtin offline generator) that writes violations."""
 
@@ -209,6 +218,12 @@ class GeneratorSpec(Strict):
     max_tokens: int = Field(256, ge=1)
     seed: int | None = Field(None, description="sampling seed sent to the endpoint (default: per row)")
     max_concurrency: int = Field(64, ge=1)
+    min_concurrency: int = Field(
+        1,
+        ge=1,
+        description="floor of the adaptive concurrency: it starts at max_concurrency, goes x0.75 on "
+        "a 429 and +1 after a run of successes; equal to max_concurrency: a fixed limit",
+    )
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     timeout_s: float = Field(60.0, gt=0)
@@ -227,10 +242,24 @@ class GeneratorSpec(Strict):
         description="stop the build when more than this share of a chunk's requests fail for good "
         "(endpoint down); fewer failures leave the build incomplete and a re-run retries them",
     )
+    check_answers: int = Field(
+        50,
+        ge=0,
+        description="the build's first N generator answers (a row's, after its re-asks) are checked: "
+        "when more than max_unusable_fraction of them are unusable (unparseable, refused, truncated) "
+        "the build stops (exit 4); 0: no check",
+    )
+    max_unusable_fraction: float = Field(
+        0.5, ge=0, le=1, description="share of unusable answers among the first check_answers that stops"
+    )
     prices: dict[str, float] | None = Field(
         None, description="USD per 1M tokens: {'input': .., 'output': ..}"
     )
     mode: EndpointMode = _MODE
+
+    @model_validator(mode="after")
+    def _concurrency_range(self) -> GeneratorSpec:
+        return _check_concurrency(self)
 
     @field_validator("base_url")
     @classmethod
@@ -311,6 +340,12 @@ class EndpointSpec(_ClassifierBase):
     base_url: str | None = Field(None, description="endpoint; default $OPENAI_BASE_URL")
     api_key_env: str = Field("OPENAI_API_KEY", description="name of the env var holding the API key")
     max_concurrency: int = Field(16, ge=1)
+    min_concurrency: int = Field(
+        1,
+        ge=1,
+        description="floor of the adaptive concurrency: it starts at max_concurrency, goes x0.75 on "
+        "a 429 and +1 after a run of successes; equal to max_concurrency: a fixed limit",
+    )
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(4, ge=0)
     max_retry_after_s: float = Field(
@@ -322,6 +357,10 @@ class EndpointSpec(_ClassifierBase):
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
         return _without_credentials(value)
+
+    @model_validator(mode="after")
+    def _concurrency_range(self) -> EndpointSpec:
+        return _check_concurrency(self)
 
 
 class ModerationSpec(EndpointSpec):
@@ -695,12 +734,10 @@ class Recipe(Strict):
 
     def sha256(self) -> str:
         """Hash of the resolved recipe (canonical JSON): identifies what was built. ``execution``,
-        ``batch`` and the endpoints' ``mode`` are left out: how chunks run and how requests travel
-        do not change a byte of the output."""
-        dumped = self.model_dump(mode="json", exclude={"execution", "batch"})
-        dumped["generator"].pop("mode", None)
-        for spec in dumped.get("filters", {}).get("classifiers", []):
-            spec.pop("mode", None)
+        ``batch``, the endpoints' ``mode``, the concurrency floors and the answer check are left
+        out: how a build runs and how requests travel do not change a byte of the output (and
+        lifting the check keeps the finished chunks)."""
+        dumped = self.model_dump(mode="json", exclude=_RUN_ONLY)
         canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -721,12 +758,19 @@ class Recipe(Strict):
         generator = self.generator.model_copy(
             update={
                 "max_concurrency": share(self.generator.max_concurrency),
+                "min_concurrency": share(self.generator.min_concurrency),
+                "check_answers": -(-self.generator.check_answers // workers),
                 "requests_per_minute": share(self.generator.requests_per_minute),
                 "tokens_per_minute": share(self.generator.tokens_per_minute),
             }
         )
         classifiers = [
-            spec.model_copy(update={"max_concurrency": share(spec.max_concurrency)})
+            spec.model_copy(
+                update={
+                    "max_concurrency": share(spec.max_concurrency),
+                    "min_concurrency": share(spec.min_concurrency),
+                }
+            )
             if isinstance(spec, EndpointSpec)
             else spec
             for spec in self.filters.classifiers
@@ -737,6 +781,15 @@ class Recipe(Strict):
     def to_yaml(self) -> str:
         """The resolved recipe as YAML (written next to the dataset)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+#: settings of how a build runs, not of what it makes: left out of ``Recipe.sha256``
+_RUN_ONLY: Any = {
+    "execution": True,
+    "batch": True,
+    "generator": {"min_concurrency", "check_answers", "max_unusable_fraction", "mode"},
+    "filters": {"classifiers": {"__all__": {"min_concurrency", "mode"}}},
+}
 
 
 class RecipeError(Exception):

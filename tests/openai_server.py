@@ -28,14 +28,17 @@ default, N=0 means always; TAG only makes markers distinct). Or for every chat r
 ``refuse`` (a refusal), ``filter`` (``finish_reason=content_filter``), ``truncate``
 (``finish_reason=length``), ``notags`` (an answer without tags).
 
-Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``strict_model``
-(404 for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429),
-``hang_s``, ``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s),
-``plain_answers`` (requests without a ``Target category:`` line — companion writers' — get a bland
-plain-text answer instead of the injection protocol), ``judge_words`` (requests with the LLM
-judge's ``<<<`` answer ``>>>`` prompt get a JSON verdict: violating from the first of these words),
-``batch_delay_s``, ``batch_expire_percent``,
-``batch_fail``, ``upload_status``, ``batch_create_delay_s`` (see ``BatchAPI``).
+Config keys: ``latency_s``, ``model``, ``api_key`` (require this bearer key), ``strict_model`` (404
+for other models), ``retry_after`` / ``retry_after_ms`` (headers sent with 429), ``hang_s``,
+``ratelimit`` (dict of ``x-ratelimit-*`` header suffixes → values sent on 200s), ``notags_text``
+(the ``notags`` answer), ``plain_answers`` (requests without a ``Target category:`` line — companion
+writers' — get a bland plain-text answer instead of the injection protocol), ``max_in_flight`` (a
+chat request arriving while that many are being answered gets an immediate 429, like a provider's
+concurrency limit; ``server.samples()`` gives (time, requests in flight, 429s for the limit so far)
+every 20 ms while chat requests come in), ``judge_words`` (requests with the LLM judge's ``<<<``
+answer ``>>>`` prompt get a JSON verdict: violating from the first of these words),
+``batch_delay_s``, ``batch_expire_percent``, ``batch_fail``, ``upload_status``,
+``batch_create_delay_s`` (see ``BatchAPI``).
 """
 
 from __future__ import annotations
@@ -71,8 +74,11 @@ DEFAULTS: dict[str, Any] = {
     "batch_fail": False,
     "batch_create_delay_s": 0.0,
     "upload_status": None,
+    "max_in_flight": None,
+    "notags_text": "Here is a continuation without any of the requested tags.",
 }
 
+SAMPLE_S = 0.02
 _MARKER = re.compile(rb"\[\[fault:([a-z0-9]+)(?::(\d+))?(?::[\w-]+)?\]\]")
 _CATEGORY = re.compile(rb"Target category: ([^\\\"<]+)")
 _SEED = re.compile(rb'"seed":\s*(\d+)')
@@ -96,11 +102,14 @@ class App:
 
     def __init__(self, config: dict[str, Any]):
         self.config = {**DEFAULTS, **config}
+        self.in_flight = 0  # chat requests being answered (not reset: they are)
         self.reset()
 
     def reset(self) -> None:
         self.chat = 0
         self.arrivals: list[float] = []  # time.monotonic() of every chat request, in order
+        self.over = 0  # 429s for max_in_flight
+        self.samples: list[tuple[float, int, int]] = []  # (time, in flight, over) every SAMPLE_S
         self.models = 0
         self.statuses: dict[str, int] = {}
         self.markers: dict[bytes, int] = {}
@@ -115,6 +124,16 @@ class App:
         if path == "/v1/chat/completions" and method == "POST":
             self.chat += 1
             self.arrivals.append(time.monotonic())
+            cap = self.config["max_in_flight"]
+            if cap is not None and self.in_flight >= int(cap):
+                self.over += 1
+                message = f"too many requests in flight (limit {cap})"
+                self.statuses["429"] = self.statuses.get("429", 0) + 1
+                proto.respond(429, json.dumps(_error(message, "rate_limit_exceeded")).encode(),
+                              {"retry-after": "0"})  # fmt: skip
+                return
+            self.in_flight += 1
+            proto.on_answer = self.answered
             self.chat_completion(proto, headers, body)
         elif path == "/v1/models" and method == "GET":
             self.models += 1
@@ -135,6 +154,8 @@ class App:
             }
             if query == "arrivals=1":
                 stats["arrivals"] = self.arrivals
+            if query == "samples=1":
+                stats["samples"] = self.samples
             proto.respond(200, json.dumps(stats).encode())
         elif path == "/_reset" and method == "POST":
             self.reset()
@@ -172,6 +193,19 @@ class App:
         provided = given.removeprefix("Bearer ")
         self.send(proto, 401, _error(f"Incorrect API key provided: {provided}.", "invalid_api_key"))
         return False
+
+    async def sample(self) -> None:
+        """Every ``SAMPLE_S``, while chat requests came in the last second: (time, in flight, 429s
+        for ``max_in_flight`` so far)."""
+        while True:
+            await asyncio.sleep(SAMPLE_S)
+            now = time.monotonic()
+            if self.arrivals and now - self.arrivals[-1] < 1.0:
+                self.samples.append((now, self.in_flight, self.over))
+
+    def answered(self) -> None:
+        """A chat request admitted under ``max_in_flight`` got its answer (or lost its connection)."""
+        self.in_flight -= 1
 
     # -- chat --------------------------------------------------------------------------------
     def fault_for(self, body: bytes) -> str | None:
@@ -242,7 +276,7 @@ class App:
             elif fault == "truncate":
                 content, finish = content[: len(content) // 2], "length"
             elif fault == "notags":
-                content = "Here is a continuation without any of the requested tags."
+                content = config["notags_text"]
         usage_in = len(body) // 4
         usage_out = max(1, len(content) // 4)
         response = {
@@ -506,12 +540,19 @@ class HttpProtocol(asyncio.Protocol):
         self.buffer = bytearray()
         self.busy = False
         self.transport: asyncio.Transport | None = None
+        self.on_answer: Any = None  # called once when the request under way is answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.answer_done()
+
+    def answer_done(self) -> None:
+        if self.on_answer is not None:
+            done, self.on_answer = self.on_answer, None
+            done()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -537,6 +578,7 @@ class HttpProtocol(asyncio.Protocol):
             self.app.handle(self, method, path, headers, body)
 
     def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.answer_done()
         if self.transport is None:
             return
         head = [
@@ -560,6 +602,7 @@ async def serve(port: int, config: dict[str, Any]) -> None:
     """Serve until killed; print ``PORT n`` once listening; exit when the parent process dies."""
     loop = asyncio.get_running_loop()
     app = App(config)
+    sampler = asyncio.ensure_future(app.sample())  # noqa: F841 - runs as long as the server
     server = await loop.create_server(lambda: HttpProtocol(app), "127.0.0.1", port, backlog=4096)
     print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
     parent = os.getppid()
@@ -608,6 +651,11 @@ class ServerProcess:
     def stats(self) -> dict[str, Any]:
         """Counters: ``chat`` and ``models`` requests, ``statuses`` sent, ``markers`` seen."""
         return self._call("/_stats")
+
+    def samples(self) -> list[tuple[float, int, int]]:
+        """(time, chat requests in flight, 429s for ``max_in_flight`` so far) every 20 ms while
+        chat requests come in."""
+        return [tuple(sample) for sample in self._call("/_stats?samples=1")["samples"]]  # type: ignore[misc]
 
     def arrivals(self) -> list[float]:
         """When each chat request arrived (the server's ``time.monotonic()``), in order."""

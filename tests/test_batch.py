@@ -327,7 +327,7 @@ def test_export_then_import_through_an_offline_engine_gives_the_same_bytes(serve
     out, cache = tmp_path / "out", tmp_path / "cache"
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     exported = build(server, corpus, out, cache, "--batch-export", str(requests))
-    assert exported.returncode == 4, exported.stderr
+    assert exported.returncode == 5, exported.stderr
     assert "requests written to" in exported.stderr and "--batch-import" in exported.stderr
     lines = requests.read_bytes().splitlines()
     assert lines and server.stats()["chat"] == 0 and server.stats()["uploads"] == 0

@@ -215,8 +215,9 @@ class RemoteClassifier(Classifier):
             return Score(self.name, ERROR_LABEL, 0.0, detail={"error": f"unparseable: {exc}"})
 
     def _count_requests(self) -> None:
-        stats = self._endpoint.transport.stats
-        self.usage["requests"], self.usage["retries"] = stats.requests, stats.retries
+        transport = self._endpoint.transport
+        self.usage["requests"], self.usage["retries"] = transport.stats.requests, transport.stats.retries
+        self.usage.update(transport.concurrency.usage())
 
     def score_items(self, items: Sequence[Item]) -> list[Score]:
         """One Score per item, waiting for all (identical items send one request: the engine's)."""

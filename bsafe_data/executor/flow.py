@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bsafe_data.errors import BuildError
+from bsafe_data.llm.breaker import QualityStop
 from bsafe_data.llm.engine import Engine
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.methods.base import ChunkOutput, Method, error_detail
@@ -203,7 +204,7 @@ class Flow:
         self._remote -= 1
         try:
             result = future.result()
-        except FatalEndpointError:
+        except (FatalEndpointError, QualityStop):
             raise
         except Exception as exc:  # a client's bug: that record only
             self._fail(track, exc)

@@ -20,6 +20,7 @@ from typing import Any
 
 from bsafe_data.errors import BuildError
 from bsafe_data.executor.local import ChunkRun, LoadFn, LocalExecutor, ProgressFn, ReadFn
+from bsafe_data.llm.breaker import QualityStop
 from bsafe_data.llm.errors import FatalEndpointError
 from bsafe_data.recipe import Recipe
 from bsafe_data.sources import SourceError
@@ -46,7 +47,7 @@ def _work(rank: int, executor: LocalExecutor, read: ReadFn, load: LoadFn, events
         run = executor.run(read, load, progress=lambda tick: events.put(("tick", rank, tick)))
         events.put(("done", rank, run))
     except (BuildError, FatalEndpointError, SourceError) as exc:
-        events.put(("failed", rank, str(exc)))
+        events.put(("failed", rank, exc if isinstance(exc, QualityStop) else str(exc)))
     except BaseException:  # a bug: its traceback, for the report
         events.put(("crashed", rank, traceback.format_exc()))
 
@@ -85,7 +86,7 @@ class ProcessExecutor:
                 elif kind == "done":
                     runs[rank] = payload
                 elif kind == "failed":
-                    raise BuildError(payload)
+                    raise payload if isinstance(payload, BuildError) else BuildError(payload)
                 else:
                     raise RuntimeError(f"worker {rank} crashed:\n{payload}")
         finally:

@@ -9,16 +9,17 @@ re-asked with the next seed (``seed + attempt``) and a reminder in the prompt, u
 run out gets ``generator_error``. ``FatalEndpointError`` (bad key, wrong URL) propagates and stops
 the run.
 
-``agenerate`` is the coroutine of one request (the executor submits it and goes on);
-``generate_batch`` runs many and waits. The endpoint is checked with ``GET /models`` before the
-first request.
+Every generation (its last answer) is judged by the endpoint's answer check (``llm/breaker.py``: the
+first ones decide whether the build goes on). ``agenerate`` is the coroutine of one request (the
+executor submits it and goes on); ``generate_batch`` runs many and waits. The endpoint is checked
+with ``GET /models`` before the first request.
 
 The ``usage`` property is cumulative over the generator's lifetime: ``requests`` (HTTP requests
 it sent, retries included; companion writers on the same endpoint count their own), ``cache_hits``,
 ``retries`` (transport retries), ``content_retries`` (re-asks after refusals/unparseable answers),
 ``input_tokens``, ``output_tokens`` (as reported by the server, cache hits excluded), ``cost_usd``
-(from ``prices``: USD per 1M ``input``/``output`` tokens), and row outcomes ``refused``,
-``unparseable``, ``errors``.
+(from ``prices``: USD per 1M ``input``/``output`` tokens), row outcomes ``refused``,
+``unparseable``, ``errors``, and the endpoint's concurrency (``AdaptiveLimit.usage``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class OpenAIGenerator(Generator):
             "refused": counts["refused"],
             "unparseable": counts["unparseable"],
             "errors": counts["errors"],
+            **self._endpoint.transport.concurrency.usage(),
         }
 
     def check(self) -> list[str] | None:
@@ -141,6 +143,14 @@ class OpenAIGenerator(Generator):
             async with self._check_lock:
                 if not self._checked:
                     await self._check()
+        async with self._endpoint.check.answer() as judge:  # the first answers decide (llm/breaker)
+            generation, status, text = await self._attempts(request)
+            if generation.error != "generator_error":  # a failed request is no answer
+                judge(None if status == "ok" else status, text)
+        return generation
+
+    async def _attempts(self, request: GenerationRequest) -> tuple[Generation, str, str]:
+        """The generation of one request, the parse status and the text of its last answer."""
         counts = self._counts
         usage = {"requests": 0, "cache_hits": 0, "retries": 0, "input_tokens": 0, "output_tokens": 0}
         parsed: ParsedOutput | None = None
@@ -156,13 +166,14 @@ class OpenAIGenerator(Generator):
                 counts["requests"] += exc.attempts
                 counts["retries"] += exc.attempts - 1
                 counts["errors"] += 1
-                return Generation(
+                failed = Generation(
                     category=request.category,
                     error="generator_error",
                     detail=failure_detail(exc),
                     usage=usage,
                     transient=exc.transient,
                 )
+                return failed, "error", ""
             if reply.cached:
                 usage["cache_hits"] += 1
                 counts["cache_hits"] += 1
@@ -174,19 +185,21 @@ class OpenAIGenerator(Generator):
                     into["output_tokens"] += reply.output_tokens
             parsed = parse_output(reply.text, request.part1, request.category, reply.finish_reason)
             if parsed.status == "ok":
-                return Generation(
+                generation = Generation(
                     steering=parsed.steering,
                     violation=parsed.violation,
                     category=parsed.category,
                     detail=parsed.detail,
                     usage=usage,
                 )
+                return generation, "ok", reply.text
         assert parsed is not None
         counts["refused" if parsed.status == "refused" else "unparseable"] += 1
         detail = f"{parsed.detail} (after {max_attempts} attempt(s))"
-        return Generation(
+        unusable = Generation(
             category=request.category, error=_ERROR_CODE[parsed.status], detail=detail, usage=usage
         )
+        return unusable, parsed.status, reply.text
 
     def close(self) -> None:
         """Close the engine this generator runs itself (a build's engine is closed by the build)."""

@@ -4,9 +4,10 @@ Methods that need free text rather than the injection protocol (BSAFE's safe con
 refusals, Reset's safe answers) describe it with a ``TextPrompt`` (a system message and the cache
 protocol) and ask a ``TextWriter`` for one answer per (user message, seed), on the generator's
 endpoint of the build's engine (the same limits, cache, retries and fatal errors as every request;
-keyed ``request_key(body, protocol)``). Each answer is a ``Written``: the text, or a reason code
-(``generator_error`` is transient unless the endpoint refused that very request, e.g. a prompt over
-its context length; ``generator_refused`` / ``generator_unparseable`` are not).
+keyed ``request_key(body, protocol)``; its answers count in the generator's answer check). Each
+answer is a ``Written``: the text, or a reason code (``generator_error`` is transient unless the
+endpoint refused that very request, e.g. a prompt over its context length; ``generator_refused`` /
+``generator_unparseable`` are not).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from bsafe_data.llm.cache import request_key
 from bsafe_data.llm.client import CHAT_PATH, parse_completion
 from bsafe_data.llm.endpoints import GENERATOR_ROLE, generator_endpoint
-from bsafe_data.llm.engine import Call, Engine
+from bsafe_data.llm.engine import Call, Engine, Reply
 from bsafe_data.llm.errors import RequestFailed, failure_detail
 from bsafe_data.recipe import GeneratorSpec
 from bsafe_data.stages.step import Remote
@@ -91,7 +92,10 @@ class TextWriter:
             CHAT_PATH, data, request_key(data, self.prompt.protocol), self.spec.model, parse_completion
         )
         try:
-            reply = await self._endpoint.ask(call)
+            async with self._endpoint.check.answer() as judge:
+                reply = await self._endpoint.ask(call)
+                unusable = _unusable(reply)
+                judge(unusable[0] if unusable else None, reply.text)
         except RequestFailed as exc:
             self.usage["errors"] += 1
             self.usage["requests"] += exc.attempts
@@ -100,10 +104,17 @@ class TextWriter:
         if reply.cached:
             self.usage["cache_hits"] += 1
         self.usage["requests"] += reply.attempts
-        if reply.finish_reason == "content_filter":
-            return Written(error="generator_refused", detail="generator: finish_reason=content_filter")
-        if reply.finish_reason == "length":
-            return Written(error="generator_unparseable", detail="generator: finish_reason=length")
-        if not reply.text.strip():
-            return Written(error="generator_unparseable", detail="generator: empty answer")
+        if unusable is not None:
+            return Written(error=unusable[1], detail=f"generator: {unusable[2]}")
         return Written(text=reply.text.strip())
+
+
+def _unusable(reply: Reply) -> tuple[str, str, str] | None:
+    """Why an answer cannot be used: (the answer check's reason, the row's reason code, detail)."""
+    if reply.finish_reason == "content_filter":
+        return "refused", "generator_refused", "finish_reason=content_filter"
+    if reply.finish_reason == "length":
+        return "truncated", "generator_unparseable", "finish_reason=length"
+    if not reply.text.strip():
+        return "unparseable", "generator_unparseable", "empty answer"
+    return None

@@ -1,6 +1,7 @@
 """The endpoints a recipe names, on a build's engine: the generator's and each classifier's.
 
-A spec is read by its fields (``base_url``, ``api_key_env``, ``max_concurrency``, ``timeout_s``,
+A spec is read by its fields (``base_url``, ``api_key_env``, ``max_concurrency``,
+``min_concurrency``, ``timeout_s``,
 ``max_retries``, ``max_retry_after_s`` and, for the generator, ``requests_per_minute`` /
 ``tokens_per_minute``), so this module needs no recipe model. The generator and the companion
 writers share the generator's endpoint, hence its limits. A spec with ``mode: batch`` (and every
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bsafe_data.llm.breaker import AnswerCheck
 from bsafe_data.llm.engine import Endpoint, Engine
 from bsafe_data.llm.transport import Transport, resolve_endpoint
 
@@ -24,9 +26,13 @@ def classifier_role(name: str) -> str:
 
 
 def generator_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
-    """The generator's endpoint (``recipe.generator``) on ``engine``."""
+    """The generator's endpoint (``recipe.generator``) on ``engine``, with its answer check."""
     limits = {"requests_per_minute": spec.requests_per_minute, "tokens_per_minute": spec.tokens_per_minute}
-    return endpoint_for(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
+    endpoint = endpoint_for(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
+    if spec.check_answers and not endpoint.check.answers:
+        where = f"{spec.model!r} at {endpoint.transport.public}"
+        endpoint.check = AnswerCheck(spec.check_answers, spec.max_unusable_fraction, where)
+    return endpoint
 
 
 def classifier_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
@@ -47,6 +53,7 @@ def endpoint_for(engine: Engine, role: str, spec: Any, **options: Any) -> Endpoi
             where.api_key,
             role=role,
             max_concurrency=spec.max_concurrency,
+            min_concurrency=spec.min_concurrency,
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
             max_retry_after_s=spec.max_retry_after_s,

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bsafe_data.llm.batch import BatchHub, BatchOptions, BatchQueue
+from bsafe_data.llm.breaker import AnswerCheck
 from bsafe_data.llm.cache import CachedResponse, ResponseCache
 from bsafe_data.llm.errors import RequestFailed
 from bsafe_data.llm.transport import PRIORITY, Transport
@@ -111,6 +112,7 @@ class Endpoint:
         self.engine = engine
         self.transport = transport
         self.counters = EndpointCounters()
+        self.check = AnswerCheck(0, 1.0)  # the generator's judges its first answers (llm/breaker.py)
         self._inflight: dict[str, asyncio.Task[Reply]] = {}
         self._batch: list[tuple[Call, asyncio.Future[tuple[Reply, int]]]] = []
         #: the Batch API queue of an endpoint in batch mode (``Engine.use_batch``)
@@ -376,7 +378,7 @@ class Engine:
                 "in_flight": transport.in_flight,
                 "queued": transport.queued,
                 "requests": transport.stats.requests,
-                "concurrency": transport.max_concurrency,
+                "concurrency": transport.limit,
                 "wait": transport.current_wait(),
             }
             if endpoint.batch is not None:

@@ -127,31 +127,28 @@ class RateLimiter:
         if seconds > 0:
             self._not_before = max(self._not_before, time.monotonic() + min(seconds, longest_s))
 
-    def observe(self, headers: Mapping[str, str], tokens: int = 0) -> None:
-        """Honour ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` response headers.
+    def observe(self, headers: Mapping[str, str], tokens: int = 0) -> bool:
+        """Honour ``x-ratelimit-remaining-*`` / ``x-ratelimit-reset-*`` response headers; True when
+        they say a budget is spent (new requests are paused until its reset).
 
         Servers that sent none in their first 20 responses (vLLM, llama.cpp) are not asked again.
         """
         if self._header_checks <= 0:
-            return
+            return False
         if "x-ratelimit-remaining-requests" not in headers and "x-ratelimit-remaining-tokens" not in headers:
             self._header_checks -= 1
-            return
+            return False
         self._header_checks = 1 << 62  # the server sends them: keep reading them
-        remaining = headers.get("x-ratelimit-remaining-requests")
-        if remaining is not None:
+        spent = False
+        for kind, need in (("requests", 1), ("tokens", max(1, tokens))):
+            remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             try:
-                if float(remaining) < 1:
-                    self.pause_for(parse_duration_s(headers.get("x-ratelimit-reset-requests")) or 1.0)
+                if remaining is not None and float(remaining) < need:
+                    self.pause_for(parse_duration_s(headers.get(f"x-ratelimit-reset-{kind}")) or 1.0)
+                    spent = True
             except ValueError:
                 pass
-        remaining = headers.get("x-ratelimit-remaining-tokens")
-        if remaining is not None:
-            try:
-                if float(remaining) < max(1, tokens):
-                    self.pause_for(parse_duration_s(headers.get("x-ratelimit-reset-tokens")) or 1.0)
-            except ValueError:
-                pass
+        return spent
 
     async def _sleep(self, seconds: float) -> None:
         self.waited_s += seconds

@@ -7,12 +7,13 @@ what a local vLLM server can deliver, so it is used only off the hot path (``che
 
 ``Transport.post(path, body, extract)`` sends one request with rate limiting (``RateLimiter``) and
 the package's one retry policy (``bsafe_data.llm.retry.RetryPolicy``): transient failures are
-retried, ``FatalEndpointError`` stops the run, ``RequestFailed`` fails that request only. A request
-holds one of ``max_concurrency`` slots from its first attempt to its last; waiting callers are
-served by ``PRIORITY`` (the engine sets it to the chunk's index: older chunks first), so at most
-``max_concurrency`` requests are in flight and the oldest work finishes first. A wait of a few
-seconds or more (a server's Retry-After, a backoff, a rate-limit pause) is noted in ``wait``, for
-progress displays.
+retried, ``FatalEndpointError`` stops the run, ``RequestFailed`` fails that request only. Each
+attempt holds a slot (not the waits between attempts); waiting callers are served by ``PRIORITY``
+(the engine sets it to the chunk's index: older chunks first), so the oldest work finishes first.
+The number of slots adapts to the server between ``min_concurrency`` and ``max_concurrency``
+(``llm/concurrency.py``: x0.75 on a 429, +1 after a run of successes); a 429 costs no retry while
+the limit can still go down. A wait of a few seconds or more (a server's Retry-After, a backoff, a
+rate-limit pause) is noted in ``wait``, for progress displays.
 
 Endpoints are resolved in one place (``resolve_endpoint``): ``base_url`` defaults to
 ``$OPENAI_BASE_URL`` (then OpenAI's), and the key is read from the environment variable the recipe
@@ -37,9 +38,10 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 from yarl import URL
 
+from bsafe_data.llm.concurrency import AdaptiveLimit
 from bsafe_data.llm.errors import FatalEndpointError, RequestFailed, redact
 from bsafe_data.llm.ratelimit import RateLimiter
-from bsafe_data.llm.retry import Fatal, Retry, RetryPolicy, retry_after_s
+from bsafe_data.llm.retry import Fatal, Retry, RetryPolicy, is_quota_exhausted, retry_after_s
 
 try:  # orjson is optional: about 2x faster than json on response bodies
     import orjson
@@ -65,12 +67,13 @@ NOTED_WAIT_S = 2.0
 
 
 class _Slots:
-    """A semaphore whose waiters are served by priority (lower first), then in arrival order."""
+    """A semaphore of resizable size (``limit.limit``) whose waiters are served by priority (lower
+    first), then in arrival order."""
 
-    def __init__(self, size: int):
-        self.size = size
-        self.free = size
-        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+    def __init__(self, limit: AdaptiveLimit):
+        self.limit = limit
+        self.held = 0
+        self._waiters: list[tuple[int, int, asyncio.Future[int]]] = []
         self._arrivals = itertools.count()
 
     @property
@@ -78,26 +81,32 @@ class _Slots:
         """Callers waiting for a slot."""
         return sum(1 for *_, waiter in self._waiters if not waiter.done())
 
-    async def acquire(self, priority: int) -> None:
-        if not self._waiters and self.free > 0:
-            self.free -= 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
+    async def acquire(self, priority: int) -> int:
+        """Wait for a slot; the limit's epoch when it was granted (a throttle signal for a request
+        sent on it is stale once the limit went down since)."""
+        if not self._waiters and self.held < self.limit.limit:
+            self.held += 1
+            return self.limit.epoch
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._arrivals), waiter))
         try:
-            await waiter
+            return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # the slot was handed over just as we were cancelled: pass it on
             raise
 
     def release(self) -> None:
-        while self._waiters:
+        self.held -= 1
+        self.fill()
+
+    def fill(self) -> None:
+        """Hand free slots (the limit may have grown) to waiters."""
+        while self._waiters and self.held < self.limit.limit:
             _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to the waiter
-                return
-        self.free += 1
+                self.held += 1
+                waiter.set_result(self.limit.epoch)  # the slot goes straight to the waiter
 
 
 class MalformedResponse(ValueError):
@@ -185,6 +194,7 @@ class Transport:
         *,
         role: str = "generator",
         max_concurrency: int = 64,
+        min_concurrency: int | None = None,
         timeout_s: float = 60.0,
         max_retries: int = 6,
         requests_per_minute: int | None = None,
@@ -206,6 +216,8 @@ class Transport:
             fail_long_hints=True,
         )
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        #: the adaptive concurrency limit (fixed when ``min_concurrency`` is None or the maximum)
+        self.concurrency = AdaptiveLimit(max_concurrency, min_concurrency)
         self.stats = TransportStats()
         #: the longest wait under way, for progress displays: (what, monotonic end), or None
         self.wait: tuple[str, float] | None = None
@@ -227,7 +239,12 @@ class Transport:
     def in_flight(self) -> int:
         """Requests holding a slot now (sent, waiting for an answer or a retry)."""
         slots = self._slots
-        return 0 if slots is None else slots.size - slots.free
+        return 0 if slots is None else slots.held
+
+    @property
+    def limit(self) -> int:
+        """The concurrency limit now (``max_concurrency`` until the server throttles)."""
+        return self.concurrency.limit
 
     @property
     def queued(self) -> int:
@@ -247,7 +264,7 @@ class Transport:
         """Create the HTTP session (inside the running loop)."""
         if self._session is not None and not self._session.closed:
             return
-        self._slots = _Slots(self.max_concurrency)
+        self._slots = _Slots(self.concurrency)
         connector = aiohttp.TCPConnector(limit=self.max_concurrency, limit_per_host=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -311,33 +328,25 @@ class Transport:
     async def send(
         self, path: str, body: bytes, extract: Callable[[bytes], T], est_tokens: int = 0
     ) -> tuple[T, int]:
-        """``post``, also returning the number of HTTP attempts it took. The request holds a slot
-        (served by ``PRIORITY``) from its first attempt to its last."""
+        """``post``, also returning the number of HTTP attempts it took. Each attempt holds a slot
+        (served by ``PRIORITY``); waits between attempts hold none. A throttled attempt (429) costs
+        no retry while the adaptive limit can still go down (``AdaptiveLimit.throttle``)."""
         await self.open()
-        slots = self._slots
-        assert slots is not None
-        await slots.acquire(PRIORITY.get())
-        try:
-            return await self._attempts(path, body, extract, est_tokens)
-        finally:
-            slots.release()
-
-    async def _attempts(
-        self, path: str, body: bytes, extract: Callable[[bytes], T], est_tokens: int
-    ) -> tuple[T, int]:
-        session = self._session
-        assert session is not None
+        session, slots = self._session, self._slots
+        assert session is not None and slots is not None
         url, endpoint = self.route(path)
-        limiter, stats, policy = self.limiter, self.stats, self.policy
-        attempt = 0
+        limiter, stats, policy, limit = self.limiter, self.stats, self.policy, self.concurrency
+        priority = PRIORITY.get()
+        attempt = free = 0
         while True:
             attempt += 1
-            if not limiter.idle():
-                self._note_wait("paused by the server's rate limit", limiter.paused_until)
-                await limiter.acquire(est_tokens)
-            stats.requests += 1
+            epoch = await slots.acquire(priority)
             status: int | None = None
             try:
+                if not limiter.idle():
+                    self._note_wait("paused by the server's rate limit", limiter.paused_until)
+                    await limiter.acquire(est_tokens)
+                stats.requests += 1
                 async with session.post(url, data=body) as resp:
                     status = resp.status
                     raw = await _read_capped(resp, MAX_BODY_BYTES)
@@ -349,21 +358,29 @@ class Transport:
                 reason = f"timeout after {self.timeout_s:g} s"
             except (aiohttp.ClientError, OSError) as exc:
                 reason = f"connection error ({type(exc).__name__})"
-            else:
-                if status == 200:
-                    try:
-                        value = extract(raw)
-                    except _MALFORMED as exc:
-                        status = None
-                        malformed = isinstance(exc, MalformedResponse)
-                        reason = str(exc) if malformed else f"malformed response ({type(exc).__name__})"
+            finally:
+                slots.release()
+            if status == 200:
+                try:
+                    value = extract(raw)
+                except _MALFORMED as exc:
+                    status = None
+                    malformed = isinstance(exc, MalformedResponse)
+                    reason = str(exc) if malformed else f"malformed response ({type(exc).__name__})"
+                else:
+                    if limiter.observe(headers, est_tokens):  # a spent budget throttles like a 429
+                        limit.throttle(epoch)
                     else:
-                        limiter.observe(headers, est_tokens)
-                        return value, attempt
+                        limit.succeeded(bool(slots._waiters))
+                        slots.fill()
+                    return value, attempt
             if status is None:
-                decision = policy.decide(None, reason, _NO_HEADERS, attempt)
+                decision = policy.decide(None, reason, _NO_HEADERS, attempt - free)
             else:
-                decision = policy.decide(status, self._error_message(raw), headers, attempt)
+                message = self._error_message(raw)
+                if status == 429 and not is_quota_exhausted(message) and limit.throttle(epoch):
+                    free += 1
+                decision = policy.decide(status, message, headers, attempt - free)
                 hint = retry_after_s(headers)
                 if status == 429 and not isinstance(decision, Fatal) and (hint or 0) <= policy.max_hint_s:
                     # the server throttles every request: hold all back (a longer hint fails instead)
