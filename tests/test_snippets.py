@@ -152,7 +152,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(lines) == 2, fence
     command = lines[1]
     assert "pip install -q torch==2.13.0 && " in command  # torch first: the CPU wheel, not a CUDA build
-    parts = ("torch==2.13.0", "'.[test,train]'", "install_browser", "pytest")
+    parts = ("torch==2.13.0", "'.[test,train,eval-small]'", "install_browser", "pytest")
     order = [command.index(part) for part in parts]
     assert order == sorted(order), command
     ci = (REPO / ".ci" / "run").read_text().strip().splitlines()

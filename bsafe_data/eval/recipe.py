@@ -64,6 +64,7 @@ class ModelSpec(Strict):
     top_k: int = Field(0, ge=0, description="0: no top-k cut")
     seed: int = 0
     max_concurrency: int = Field(16, ge=1)
+    min_concurrency: int = Field(1, ge=1, description="floor of the adaptive limit (see the build recipe)")
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0)
     max_retry_after_s: float = Field(120.0, ge=0)

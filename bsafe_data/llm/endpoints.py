@@ -26,10 +26,12 @@ def classifier_role(name: str) -> str:
 
 
 def generator_endpoint(engine: Engine, spec: Any, *, backoff_base_s: float = 0.5) -> Endpoint:
-    """The generator's endpoint (``recipe.generator``) on ``engine``, with its answer check."""
+    """The generator's endpoint (``recipe.generator``) on ``engine``, with its answer check (online
+    only: a batch round holds every call of the round, so calls held back for the verdict would
+    never let the round start)."""
     limits = {"requests_per_minute": spec.requests_per_minute, "tokens_per_minute": spec.tokens_per_minute}
     endpoint = endpoint_for(engine, GENERATOR_ROLE, spec, backoff_base_s=backoff_base_s, **limits)
-    if spec.check_answers and not endpoint.check.answers:
+    if spec.check_answers and not endpoint.check.answers and endpoint.batch is None:
         where = f"{spec.model!r} at {endpoint.transport.public}"
         endpoint.check = AnswerCheck(spec.check_answers, spec.max_unusable_fraction, where)
     return endpoint
